@@ -1,0 +1,58 @@
+"""The store side of a session: connect to the user's mail host and talk to it line by line.
+
+The protocol modules drive the dialogue (greeting, telling the store who the real client is,
+replaying the login); this module only knows sockets, deadlines and the failure taxonomy.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Optional
+
+from gevent import socket as gsocket
+
+from mmproxy.errors import BackendProtocolError, BackendUnavailable, ClientGone, ClientTooLong
+from mmproxy.wire import LineReader
+
+CONNECT_TIMEOUT = 10.0    # a store that does not accept in 10 s is down for this login
+REPLY_TIMEOUT = 30.0      # a store that accepted must greet and answer the login within this
+MAX_STORE_LINE = 65536    # capability lines can be long; anything longer is not a store we know
+
+
+class Store:
+    """A connected store: a socket and a bounded line reader; raises Backend* errors only."""
+
+    def __init__(self, host: str, port: int, source: Optional[str] = None) -> None:
+        self.host, self.port = host, port
+        try:
+            self.sock = gsocket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        except (OSError, gsocket.timeout) as e:
+            raise BackendUnavailable("cannot connect to %s:%d: %s" % (host, port, _why(e))) from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = LineReader(self.sock, MAX_STORE_LINE, REPLY_TIMEOUT)
+
+    def readline(self) -> bytes:
+        try:
+            return self.reader.readline()
+        except ClientTooLong:
+            raise BackendProtocolError("%s:%d sent an overlong line" % (self.host, self.port)) from None
+        except ClientGone as e:
+            raise BackendUnavailable("%s:%d: %s" % (self.host, self.port, e)) from None
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.settimeout(REPLY_TIMEOUT)
+            self.sock.sendall(data)
+        except OSError as e:
+            raise BackendUnavailable("%s:%d: write failed: %s" % (self.host, self.port, _why(e))) from None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    return getattr(e, "strerror", None) or str(e) or e.__class__.__name__

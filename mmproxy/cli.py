@@ -1,0 +1,184 @@
+"""The operator commands: start, stop, refresh, status, check-config, params."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, List, Optional
+
+import click
+
+from mmproxy import __version__
+
+DEFAULT_DIR = "/etc/mmproxy"
+
+config_dir_option = click.option(
+    "--config-dir", type=click.Path(file_okay=False), envvar="MMPROXY_CONFIG_DIR", default=DEFAULT_DIR,
+    show_default=True, show_envvar=True,
+    help="Directory holding AService.cfg and the service files (the legacy msg_svr_base/config).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mmproxy")
+def main() -> None:
+    """mmproxy: an IMAP4/POP3/SMTP proxy that routes each user to their mail store by LDAP.
+
+    It reads Messaging Multiplexor configuration files (AService.cfg, ImapProxyAService.cfg,
+    PopProxyAService.cfg, SmtpProxyAService.cfg) unchanged.
+    """
+
+
+def _check(config_dir: str, create_missing: bool) -> Any:
+    """Load the configuration and print its problems; the config, or exit 1 on errors."""
+    from mmproxy.aservice import runtime_problems
+    from mmproxy.config import load_config, summary
+    config = load_config(config_dir, create_missing=create_missing)
+    problems = list(config.problems)
+    if not config.errors:
+        problems += runtime_problems(config)
+    for p in problems:
+        click.echo(str(p), err=p.severity == "error")
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        click.echo("%s: %d error(s); fix them and run `mmproxy check-config --config-dir %s` again"
+                   % (config_dir, len(errors), config_dir), err=True)
+        sys.exit(1)
+    return config, summary(config)
+
+
+@main.command("check-config")
+@config_dir_option
+def check_config(config_dir: str) -> None:
+    """Report every configuration problem as file:line: message (exit 1 on errors)."""
+    _, line = _check(config_dir, create_missing=False)
+    click.echo(line)
+
+
+@main.command()
+@config_dir_option
+@click.option("--foreground", is_flag=True, help="Stay in the foreground and log to stderr too.")
+def start(config_dir: str, foreground: bool) -> None:
+    """Start the proxy (legacy: start-msg mmp). Refuses to start on configuration errors."""
+    from mmproxy.aservice import running_pid
+    pid = running_pid(config_dir)
+    if pid:
+        raise click.ClickException("already running with pid %d (%s)" % (pid, os.path.join(config_dir, "mmproxy.pid")))
+    if not os.path.isdir(config_dir):
+        raise click.ClickException("%s: no such configuration directory" % config_dir)
+    if not foreground:
+        _daemonize(config_dir)
+        return
+    config, line = _check(config_dir, create_missing=True)
+    from mmproxy.aservice import AService
+    from mmproxy.errors import ConfigError
+    daemon = AService(config, foreground=True)
+    try:
+        daemon.start()
+    except ConfigError as e:
+        raise click.ClickException(str(e))
+    click.echo(line, err=True)
+    daemon.serve_forever()
+
+
+def _daemonize(config_dir: str) -> None:
+    argv = [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", config_dir]
+    out = open(os.path.join(config_dir, "mmproxy.out"), "ab")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    from mmproxy.aservice import running_pid
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise click.ClickException("mmproxy exited with status %d; see %s" % (proc.returncode, out.name))
+        if running_pid(config_dir) == proc.pid:
+            click.echo("mmproxy started, pid %d (output in %s)" % (proc.pid, out.name))
+            return
+        time.sleep(0.1)
+    raise click.ClickException("mmproxy did not start within 30 s; see %s" % out.name)
+
+
+def _signal(config_dir: str, sig: int) -> int:
+    from mmproxy.aservice import running_pid
+    pid = running_pid(config_dir)
+    if not pid:
+        raise click.ClickException("not running (no live pid in %s)" % os.path.join(config_dir, "mmproxy.pid"))
+    os.kill(pid, sig)
+    return pid
+
+
+@main.command()
+@config_dir_option
+def stop(config_dir: str) -> None:
+    """Stop the proxy started with this configuration directory (legacy: stop-msg mmp)."""
+    from mmproxy.aservice import running_pid
+    pid = _signal(config_dir, signal.SIGTERM)
+    for _ in range(150):
+        if running_pid(config_dir) != pid:
+            click.echo("mmproxy (pid %d) stopped" % pid)
+            return
+        time.sleep(0.1)
+    raise click.ClickException("pid %d did not stop within 15 s" % pid)
+
+
+@main.command()
+@config_dir_option
+def refresh(config_dir: str) -> None:
+    """Re-read the configuration without dropping sessions (legacy: refresh mmp)."""
+    pid = _signal(config_dir, signal.SIGHUP)
+    click.echo("asked mmproxy (pid %d) to refresh; problems, if any, are in its AService log" % pid)
+
+
+@main.command()
+@config_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_dir: str, as_json: bool) -> None:
+    """Whether the proxy is running, and what it listens on."""
+    from mmproxy.aservice import running_pid
+    from mmproxy.config import load_config
+    pid = running_pid(config_dir)
+    config = load_config(config_dir)
+    services = [{"service": e.spec.kind, "instance": e.spec.instance,
+                 "listeners": ["%s:%d" % (l.host or "*", l.port) for l in e.spec.listeners]} for e in config.services]
+    info = {"config_dir": config_dir, "running": bool(pid), "pid": pid, "services": services}
+    if pid:
+        info["uptime_s"] = _uptime(pid)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        click.echo("mmproxy %s" % ("running, pid %d, up %ss" % (pid, info["uptime_s"]) if pid else "not running"))
+        for s in services:
+            click.echo("  %-5s %-22s %s" % (s["service"], s["instance"], " ".join(s["listeners"])))
+    if not pid:
+        sys.exit(3)
+
+
+def _uptime(pid: int) -> Optional[int]:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+        return int(up - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="The reference as Markdown (docs/parameters.md).")
+def params(markdown: bool) -> None:
+    """Print every configuration parameter with its files, default and meaning."""
+    from mmproxy.config.params import PARAMS
+    if markdown:
+        from mmproxy.config.generate import render_reference
+        click.echo(render_reference())
+        return
+    for p in PARAMS.values():
+        click.echo("%-28s %-8s %-24s %s" % (p.name, "".join(p.files), _short(p), p.doc))
+
+
+def _short(p: Any) -> str:
+    d = "" if p.default is None else str(p.default)
+    return (d[:21] + "...") if len(d) > 24 else d
+
+

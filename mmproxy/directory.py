@@ -1,0 +1,295 @@
+"""The directory: find a user's domain, entry and mail host in LDAP, and check the password (PreAuth).
+
+libldap is C and does its own socket I/O, which monkey-patching cannot reach: a python-ldap call made
+in a greenlet would freeze every session in the process.  So every call runs on a PRIVATE native
+thread pool (python-ldap releases the GIL inside libldap), each connection serves one job at a time,
+and a job that outlives its deadline costs its connection (it may still be inside libldap).  Results
+are cached in cachetools TTL caches that only greenlets touch, and concurrent lookups of one key
+share one request (single flight), so a reconnect storm does not become a search storm.
+
+This module is the only importer of ``ldap``.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import gevent
+import gevent.monkey
+from cachetools import TTLCache
+from gevent.event import AsyncResult
+from gevent.queue import Empty, Queue
+from gevent.threadpool import ThreadPool
+
+import ldap
+import ldap.dn
+
+from mmproxy.errors import AuthFailed, AuthTempFail
+from mmproxy.formats import LoginId, format_attrs, is_dns_name, search_filter
+
+# python-ldap guards each connection with threading.Lock as looked up at import time, i.e. gevent's
+# after patch_all(); the jobs run on native threads, so give them a native lock.
+ldap.LDAPLockBaseClass = gevent.monkey.get_original("threading", "Lock")
+_INIT_LOCK = gevent.monkey.get_original("threading", "Lock")()  # ldap.initialize() is not thread safe
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0     # OPT_NETWORK_TIMEOUT: a dead directory host
+OP_TIMEOUT = 10.0         # OPT_TIMEOUT: one search or bind
+JOB_DEADLINE = 15.0       # the greenlet stops waiting after this (connect + op, with slack)
+NEGATIVE_TTL = 60         # an unknown user is remembered this long, so a new account works soon
+POOL_SIZE = 8             # concurrent LDAP requests per kind (search, bind) and directory
+
+DOMAIN_ATTRS = ["inetDomainBaseDN", "mailAccessProxyPreAuth", "mailAccessProxyReplay",
+                "inetDomainSearchFilter", "objectClass"]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A hosted domain's node in the DC tree, with its per-domain overrides."""
+
+    name: str
+    dn: str
+    user_base: str
+    preauth: Optional[str] = None        # mailAccessProxyPreAuth (raw yes/no)
+    replay: Optional[str] = None         # mailAccessProxyReplay
+    search_filter: Optional[str] = None  # inetDomainSearchFilter
+
+    def overrides(self) -> Dict[str, str]:
+        """The per-domain values as legacy parameter names, for ServiceConfig.override()."""
+        out = {}
+        if self.preauth:
+            out["PreAuth"] = self.preauth
+        if self.replay:
+            out["ReplayFormat"] = self.replay
+        return out
+
+
+@dataclass(frozen=True)
+class User:
+    dn: str
+    attrs: Dict[str, List[str]] = field(default_factory=dict)   # lower-case names
+    mailhost: Optional[str] = None
+
+    def get(self, name: str) -> List[str]:
+        return self.attrs.get(name.lower(), [])
+
+
+class _Conns:
+    """Connections checked out of a gevent queue; each serves one job at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.free: Queue = Queue()
+        self.size = size
+        self.count = 0
+
+    def take(self) -> Optional[Any]:
+        try:
+            return self.free.get_nowait()
+        except Empty:
+            pass
+        if self.count < self.size:
+            self.count += 1
+            return None            # the job opens a new one
+        try:
+            return self.free.get(timeout=JOB_DEADLINE)
+        except Empty:
+            raise AuthTempFail("no free directory connection") from None
+
+    def give(self, conn: Any) -> None:
+        self.free.put(conn)
+
+    def lose(self) -> None:
+        self.count -= 1
+
+
+class Directory:
+    """Lookups for one service's settings (LdapURL, BindDN, caches, HostedDomains...)."""
+
+    def __init__(self, cfg: Any) -> None:
+        url = cfg.LdapURL
+        self.uris = " ".join(url.urls())
+        self.base = url.base
+        self.bind_dn = cfg.BindDN or ""
+        self.bind_pw = cfg.BindPass or ""
+        self.hosted = cfg.HostedDomains
+        self.mailhost_attrs = list(cfg.MailHostAttrs)
+        self.refresh = cfg.LdapRefreshInterval
+        self.cache: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=max(1, cfg.LdapCacheTTL))
+        self.negative: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=min(NEGATIVE_TTL, max(1, cfg.LdapCacheTTL)))
+        self.auth_cache: TTLCache = TTLCache(maxsize=max(1, cfg.AuthCacheSize), ttl=max(1, cfg.AuthCacheTTL))
+        self._auth_key = os.urandom(32)      # per process: cache keys are useless outside it
+        self.pool = ThreadPool(2 * POOL_SIZE)
+        self.searchers = _Conns(POOL_SIZE)
+        self.binders = _Conns(POOL_SIZE)
+        self._inflight: Dict[Any, AsyncResult] = {}
+
+    def close(self) -> None:
+        self.pool.kill()
+
+    # ------------------------------------------------------------------ the thread side
+    def _open(self, bind: bool) -> Any:
+        with _INIT_LOCK:
+            conn = ldap.initialize(self.uris)
+        conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
+        conn.set_option(ldap.OPT_REFERRALS, 0)
+        conn.set_option(ldap.OPT_NETWORK_TIMEOUT, CONNECT_TIMEOUT)
+        conn.set_option(ldap.OPT_TIMEOUT, OP_TIMEOUT)
+        conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+        if bind and self.bind_dn:
+            conn.simple_bind_s(self.bind_dn, self.bind_pw)
+        conn._mm_opened = time.monotonic()
+        return conn
+
+    def _job(self, conns: _Conns, service_bind: bool, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(conn) on the LDAP thread pool with a checked-out connection; greenlet side."""
+        conn = conns.take()
+        if conn is not None and time.monotonic() - conn._mm_opened > self.refresh:
+            self.pool.spawn(_unbind, conn)        # LdapRefreshInterval: reopen old connections
+            conn = None
+
+        def work(c: Any) -> Tuple[Any, Any]:
+            if c is None:
+                c = self._open(service_bind)
+            return c, fn(c)
+
+        try:
+            with gevent.Timeout(JOB_DEADLINE):
+                conn, result = self.pool.apply(work, (conn,))
+        except gevent.Timeout:
+            conns.lose()                           # it may still be inside libldap: never reuse it
+            raise AuthTempFail("directory did not answer in %ss" % JOB_DEADLINE) from None
+        except ldap.INVALID_CREDENTIALS:
+            if not service_bind:
+                conns.give(conn) if conn is not None else conns.lose()
+                raise
+            conns.lose()
+            raise AuthTempFail("BindDN was refused by the directory") from None
+        except ldap.LDAPError as e:
+            conns.lose()
+            if conn is not None:
+                self.pool.spawn(_unbind, conn)
+            raise AuthTempFail("directory error: %s" % _ldap_msg(e)) from None
+        except BaseException:
+            conns.lose()
+            raise
+        conns.give(conn)
+        return result
+
+    def _single(self, key: Any, fn: Callable[[], Any]) -> Any:
+        """Concurrent calls with the same key wait for the first one's answer."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return pending.get()
+        pending = self._inflight[key] = AsyncResult()
+        try:
+            value = fn()
+        except BaseException as e:
+            pending.set_exception(e)
+            raise
+        else:
+            pending.set(value)
+            return value
+        finally:
+            del self._inflight[key]
+
+    def _search(self, base: str, scope: int, flt: str, attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
+        def fn(conn: Any) -> Any:
+            try:
+                return conn.search_ext_s(base, scope, flt, attrs, timeout=OP_TIMEOUT, sizelimit=2)
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            except ldap.SIZELIMIT_EXCEEDED:
+                return [("", {}), ("", {})]    # more than one match: ambiguous
+        rows = self._job(self.searchers, True, fn)
+        return [(dn, {k.lower(): [v.decode("utf-8", "replace") for v in vs] for k, vs in a.items()})
+                for dn, a in rows if dn is not None]
+
+    def _cached(self, key: Any, fn: Callable[[], Any]) -> Any:
+        for cache in (self.cache, self.negative):
+            if key in cache:
+                return cache[key]
+
+        def load() -> Any:
+            value = fn()
+            (self.cache if value is not None else self.negative)[key] = value
+            return value
+        return self._single(key, load)
+
+    # ------------------------------------------------------------------ lookups
+    def find_domain(self, name: str) -> Optional[Domain]:
+        """The DC-tree node of a hosted domain (dc=example,dc=com,<base>); None when there is none."""
+        if not self.hosted:
+            return Domain(name, self.base, self.base)
+        if not is_dns_name(name):
+            return None            # never let a client-typed string shape a DN
+        dn = ",".join("dc=" + ldap.dn.escape_dn_chars(label) for label in name.split("."))
+        dn = dn + "," + self.base if self.base else dn
+
+        def load() -> Optional[Domain]:
+            rows = self._search(dn, ldap.SCOPE_BASE, "(objectClass=*)", DOMAIN_ATTRS)
+            if not rows:
+                return None
+            a = rows[0][1]
+            first = lambda k: (a.get(k.lower()) or [None])[0]  # noqa: E731
+            return Domain(name, dn, first("inetDomainBaseDN") or dn, first("mailAccessProxyPreAuth"),
+                          first("mailAccessProxyReplay"), first("inetDomainSearchFilter"))
+        return self._cached(("domain", dn), load)
+
+    def find_user(self, login: LoginId, search_format: str, extra_attrs: Sequence[str] = (),
+                  client_ip: str = "", server_ip: str = "") -> Tuple[Optional[Domain], Optional[User]]:
+        """Domain and user entry for a login; (domain, None) when the user does not exist."""
+        domain = self.find_domain(login.domain) if self.hosted else Domain(login.domain, self.base, self.base)
+        if domain is None:
+            return None, None
+        fmt = domain.search_filter or search_format
+        flt = search_filter(fmt, login, client_ip, server_ip)
+        attrs = sorted({"uid", *self.mailhost_attrs, *extra_attrs, *format_attrs(domain.replay or "")})
+
+        def load() -> Optional[User]:
+            rows = self._search(domain.user_base, ldap.SCOPE_SUBTREE, flt, attrs)
+            if len(rows) != 1:
+                if rows:
+                    log.warning("search %s under %s matched more than one entry; refusing", flt, domain.user_base)
+                return None
+            dn, a = rows[0]
+            host = next((a[h.lower()][0] for h in self.mailhost_attrs if a.get(h.lower())), None)
+            return User(dn, a, host)
+        return domain, self._cached(("user", domain.user_base, flt, tuple(attrs)), load)
+
+    def authenticate(self, user: User, password: str) -> None:
+        """PreAuth: bind as the user.  AuthFailed on a wrong password, AuthTempFail when unsure."""
+        if not password:
+            raise AuthFailed("empty password")      # an empty password would be an anonymous bind
+        key = hmac.new(self._auth_key, user.dn.encode() + b"\0" + password.encode("utf-8", "surrogateescape"),
+                       hashlib.sha256).digest()
+        if key in self.auth_cache:
+            return
+
+        def bind(conn: Any) -> None:
+            conn.simple_bind_s(user.dn, password)
+
+        try:
+            self._single(("bind", key), lambda: self._job(self.binders, False, bind))
+        except ldap.INVALID_CREDENTIALS:
+            raise AuthFailed("wrong password") from None
+        self.auth_cache[key] = True
+
+
+def _unbind(conn: Any) -> None:
+    try:
+        conn.unbind_s()
+    except Exception:
+        pass
+
+
+def _ldap_msg(e: Exception) -> str:
+    arg = e.args[0] if e.args else None
+    if isinstance(arg, dict):
+        return arg.get("desc", "") + ((": " + arg["info"]) if arg.get("info") else "")
+    return str(e)

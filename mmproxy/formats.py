@@ -1,0 +1,117 @@
+"""Pure helpers for login ids: splitting user and domain, and the legacy %-formats.
+
+Everything a client typed passes through here before it reaches LDAP or a store, so the rules that
+keep it harmless live in one place: single-pass expansion (a ``%`` the user typed is never expanded
+again), RFC 4515 escaping of every substituted value, and DNS-name validation of the domain before
+it is put into a DN.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class LoginId:
+    """A login id split as the legacy MMP did."""
+
+    original: str      # %o: as typed by the client
+    user: str          # %U: the user id part
+    domain: str        # %V: the (virtual) domain, lower case; "" when none
+    canonical: str     # %s: user + CanonicalVirtualDomainDelim + domain (or just user)
+
+
+def has_control_chars(s: str) -> bool:
+    return bool(_CONTROL.search(s))
+
+
+def is_dns_name(name: str) -> bool:
+    """True for a syntactically valid DNS host/domain name (RFC 1035 letters-digits-hyphen labels)."""
+    if not name or len(name) > 253:
+        return False
+    return all(_LABEL.match(label) for label in name.split("."))
+
+
+def split_login(login: str, delims: str, default_domain: Optional[str], canonical_delim: str) -> LoginId:
+    """Split at the LAST of any delimiter character (the MMP searches from the end); apply DefaultDomain."""
+    cut = max((login.rfind(c) for c in delims), default=-1) if delims else -1
+    if cut >= 0:
+        user, domain = login[:cut], login[cut + 1:]
+    else:
+        user, domain = login, default_domain or ""
+    domain = domain.lower()
+    canonical = user + canonical_delim + domain if domain else user
+    return LoginId(login, user, domain, canonical)
+
+
+def escape_filter_value(value: str) -> str:
+    """RFC 4515 section 3: escape the characters that carry meaning in a filter."""
+    out = []
+    for ch in value:
+        if ch in "\\*()\x00":
+            out.append("\\%02x" % ord(ch))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def expand(fmt: str, values: Mapping[str, str], escape: Callable[[str], str] = lambda s: s,
+           attr: Optional[Callable[[str], str]] = None) -> str:
+    """Expand %X escapes in ONE pass over ``fmt``; substituted text is never looked at again.
+
+    ``values`` maps the escape letter to its value; ``attr(name)`` answers %A[name].  Unknown escapes
+    were refused when the configuration was read, so here they are kept literally.
+    """
+    out = []
+    i, n = 0, len(fmt)
+    while i < n:
+        ch = fmt[i]
+        if ch != "%" or i + 1 >= n:
+            out.append(ch)
+            i += 1
+            continue
+        code = fmt[i + 1]
+        if code == "%":
+            out.append("%")
+            i += 2
+        elif code == "A" and attr is not None and fmt.startswith("[", i + 2) and "]" in fmt[i + 3:]:
+            end = fmt.index("]", i + 3)
+            out.append(escape(attr(fmt[i + 3:end])))
+            i = end + 1
+        elif code in values:
+            out.append(escape(values[code]))
+            i += 2
+        else:
+            out.append(fmt[i:i + 2])
+            i += 2
+    return "".join(out)
+
+
+def format_attrs(fmt: str) -> Sequence[str]:
+    """The attribute names a format reads with %A[attr]."""
+    return re.findall(r"%A\[([^\]]+)\]", fmt)
+
+
+def search_filter(fmt: str, login: LoginId, client_ip: str = "", server_ip: str = "", cert_dn: str = "") -> str:
+    """The user search filter from SearchFormat / inetDomainSearchFilter, escaped and parenthesised."""
+    values = {"o": login.original, "s": login.canonical, "U": login.user, "V": login.domain,
+              "C": client_ip, "S": server_ip, "D": cert_dn}
+    flt = expand(fmt.strip(), values, escape_filter_value)
+    # The default "uid=%U" is bare; Sun's samples write "(uid=%s)".  Both must work.
+    return flt if flt.startswith("(") else "(" + flt + ")"
+
+
+def replay_id(fmt: str, login: LoginId, attrs: Mapping[str, Sequence[str]]) -> str:
+    """The login id replayed to the store (ReplayFormat / mailAccessProxyReplay)."""
+    lower = {k.lower(): v for k, v in attrs.items()}
+
+    def attr(name: str) -> str:
+        vals = lower.get(name.lower())
+        return vals[0] if vals else ""
+
+    values = {"o": login.original, "s": login.canonical, "U": login.user, "V": login.domain}
+    return expand(fmt, values, attr=attr)

@@ -1,0 +1,85 @@
+"""LogDir / LogLevel: one daily file per service, named as the legacy MMP named them.
+
+``ImapProxy_20261125.log``, ``PopProxy_...``, ``SmtpProxy_...``, and ``AService_...`` for the daemon
+itself.  A LogDir that does not exist means no file (as the legacy product did), said once on stderr.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+FILE_PREFIX = {"imap": "ImapProxy", "pop": "PopProxy", "smtp": "SmtpProxy", "aservice": "AService"}
+FORMAT = "%(asctime)s %(levelname)s [%(ctx)s] %(message)s"
+
+
+def level_for(log_level: int) -> int:
+    """Legacy 0-10 verbosity to logging levels: 0 errors, 1-4 sessions and logins, 5+ everything."""
+    if log_level <= 0:
+        return logging.ERROR
+    if log_level < 5:
+        return logging.INFO
+    return logging.DEBUG
+
+
+class _Context(logging.Filter):
+    """Records from plain loggers get the session-context field the format expects."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "ctx"):
+            record.ctx = record.name.rsplit(".", 1)[-1]
+        return True
+
+
+class DailyFile(logging.Handler):
+    """Appends to <dir>/<prefix>_<yyyymmdd>.log, switching file when the date changes."""
+
+    def __init__(self, directory: str, prefix: str) -> None:
+        super().__init__()
+        self.directory, self.prefix = directory, prefix
+        self.day = ""
+        self.stream: Optional[object] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            day = time.strftime("%Y%m%d", time.localtime(record.created))
+            if day != self.day or self.stream is None:
+                self.close_stream()
+                self.stream = open(os.path.join(self.directory, "%s_%s.log" % (self.prefix, day)), "a", buffering=1)
+                self.day = day
+            self.stream.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def close(self) -> None:
+        self.close_stream()
+        super().close()
+
+
+def configure(kind: str, log_dir: Optional[str], log_level: int, foreground: bool) -> None:
+    """Attach the handlers for one service (kind: imap, pop, smtp or aservice)."""
+    logger = logging.getLogger("mmproxy" if kind == "aservice" else "mmproxy." + kind)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.setLevel(level_for(log_level))
+    fmt = logging.Formatter(FORMAT)
+    handlers: list = []
+    if log_dir and os.path.isdir(log_dir):
+        handlers.append(DailyFile(log_dir, FILE_PREFIX[kind]))
+    elif log_dir:
+        print("mmproxy: LogDir %s does not exist: no %s log file" % (log_dir, FILE_PREFIX[kind]), file=sys.stderr)
+    logger.propagate = kind == "aservice"      # a service's lines go to its own file only
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.addFilter(_Context())
+        logger.addHandler(h)

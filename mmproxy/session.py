@@ -1,0 +1,244 @@
+"""What every protocol session shares: reading commands within limits, TLS, finding the user's store,
+and handing the connection to the relay.
+
+A protocol module subclasses :class:`Session`: it writes the greeting, parses its own command syntax,
+implements ``cmd_<VERB>`` handlers in straight-line blocking style, and maps the failure taxonomy to
+its own replies in one place (``reply_for``).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import gevent
+
+from mmproxy import tls
+from mmproxy.backend import Store
+from mmproxy.directory import Directory, User
+from mmproxy.errors import AuthFailed, AuthTempFail, BackendUnavailable, ClientGone
+from mmproxy.formats import LoginId, has_control_chars, replay_id, split_login
+from mmproxy.relay import Relay
+from mmproxy.wire import LineReader
+
+
+PRELOGIN_TIMEOUT = 120.0   # idle seconds allowed before a login; Timeout applies after it
+MAX_BAD_COMMANDS = 10      # then the session is closed (nginx max_errors, aiosmtpd BOGUS_LIMIT)
+MAX_AUTH_FAILURES = 3      # failed logins per connection before it is closed
+SEND_TIMEOUT = 60.0        # a client that does not read its answers is dropped after this
+
+_ids = itertools.count(1)
+
+
+class Service:
+    """One ServiceList entry at run time: its settings, directory, TLS context and listeners."""
+
+    name = "service"
+    session_class: type
+
+    def __init__(self, entry: Any) -> None:
+        self.entry = entry
+        self.cfg = entry.cfg
+        self.directory = Directory(self.cfg)
+        self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self._needs_tls() else None
+        self.ssl_ports = {(e.host, e.port) for e in (self.cfg.SSLPorts or [])}
+        self.sessions: set = set()
+
+    def _needs_tls(self) -> bool:
+        return bool(self.cfg.SSLEnable)
+
+    def implicit_tls(self, host: str, port: int) -> bool:
+        return (host, port) in self.ssl_ports or ("", port) in self.ssl_ports
+
+    def handle(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
+        session = self.session_class(self, sock, addr)
+        self.sessions.add(session)
+        try:
+            session.run(implicit_tls)
+        finally:
+            self.sessions.discard(session)
+
+    def overrides_for(self, server_ip: str) -> Dict[str, Any]:
+        vd = getattr(self.entry, "vdomains", None)
+        return vd.for_address(server_ip) if vd is not None else {}
+
+    def close(self) -> None:
+        self.directory.close()
+
+
+@dataclass
+class Target:
+    """Where a verified (or to-be-verified) login goes."""
+
+    login: LoginId
+    user: User
+    cfg: Any
+    host: str
+    replay: str
+
+
+class Session:
+    proto = "?"
+    max_line = 8192
+
+    def __init__(self, service: Service, sock: socket.socket, addr: Tuple[str, int]) -> None:
+        self.service = service
+        self.sock = sock
+        self.client_ip, self.client_port = addr[0], addr[1]
+        local = sock.getsockname()
+        self.server_ip, self.server_port = local[0], local[1]
+        self.id = next(_ids)
+        self.greenlet = gevent.getcurrent()
+        self.log = logging.LoggerAdapter(logging.getLogger("mmproxy." + self.proto), {"ctx": "%s %s:%d #%d" % (self.proto, self.client_ip, self.client_port, self.id)})
+        self.cfg = service.cfg
+        over = service.overrides_for(self.server_ip)
+        if over:
+            self.cfg = self.cfg.override(over)
+        self.out: List[bytes] = []
+        self.reader = LineReader(sock, self.max_line, PRELOGIN_TIMEOUT, self.flush)
+        self.tls_active = False
+        self.bad = 0
+        self.auth_failures = 0
+        self.handed_off = False
+        self.user = ""
+
+    # ------------------------------------------------------------------ output
+    def send(self, line: str | bytes) -> None:
+        """Queue one reply line; it goes out before the next blocking read (or at flush)."""
+        self.out.append((line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line) + b"\r\n")
+
+    def flush(self) -> None:
+        if not self.out:
+            return
+        data = b"".join(self.out)
+        self.out.clear()
+        try:
+            self.sock.settimeout(SEND_TIMEOUT)
+            self.sock.sendall(data)
+        except (OSError, socket.timeout) as e:
+            raise ClientGone("write failed: %s" % e) from None
+
+    # ------------------------------------------------------------------ life cycle
+    def run(self, implicit_tls: bool) -> None:
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if implicit_tls:
+                self._wrap_tls()
+            self.greet()
+            self.loop()
+            self.flush()
+        except ClientGone as e:
+            self.log.debug("client gone: %s", e)
+        except gevent.GreenletExit:
+            try:
+                self.on_shutdown()
+                self.flush()
+            except Exception:
+                pass
+            raise
+        except Exception:
+            self.log.exception("session failed")
+        finally:
+            if not self.handed_off:
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+
+    def greet(self) -> None:
+        raise NotImplementedError
+
+    def loop(self) -> None:
+        raise NotImplementedError
+
+    def on_shutdown(self) -> None:
+        """The daemon is stopping: say goodbye in protocol terms."""
+
+    def count_bad(self) -> bool:
+        """One more bad command; True when the budget is spent and the session must end."""
+        self.bad += 1
+        return self.bad >= MAX_BAD_COMMANDS
+
+    # ------------------------------------------------------------------ TLS
+    def _wrap_tls(self) -> None:
+        ctx = self.service.tls
+        if ctx is None:
+            raise ClientGone("TLS requested but not configured")
+        self.sock.settimeout(tls.HANDSHAKE_TIMEOUT)   # a client that never sends ClientHello
+        try:
+            self.sock = ctx.wrap_socket(self.sock, server_side=True)
+        except (OSError, ssl.SSLError, socket.timeout) as e:
+            raise ClientGone("TLS handshake failed: %s" % e) from None
+        self.tls_active = True
+        self.reader = LineReader(self.sock, self.max_line, PRELOGIN_TIMEOUT, self.flush)
+
+    def starttls(self) -> None:
+        """After the protocol's go-ahead: drop anything pipelined in plaintext, then handshake."""
+        self.flush()
+        dropped = self.reader.take_pending()
+        if dropped:
+            self.log.warning("discarded %d bytes pipelined after STARTTLS", len(dropped))
+        self._wrap_tls()
+
+    @property
+    def plaintext_refused(self) -> bool:
+        return bool(self.cfg.RestrictPlainPasswords) and not self.tls_active
+
+    # ------------------------------------------------------------------ finding the user
+    def locate(self, login: str, password: str) -> Target:
+        """Split the login id, find the domain and user, PreAuth if asked: the shared login path.
+
+        Raises AuthFailed (bad credentials or unknown user), AuthTempFail (directory trouble) or
+        BackendUnavailable (the user has no store).
+        """
+        if not login or has_control_chars(login) or has_control_chars(password):
+            raise AuthFailed("control characters or empty user name")
+        cfg = self.cfg
+        lid = split_login(login, cfg.VirtualDomainDelim or "", cfg.DefaultDomain, cfg.CanonicalVirtualDomainDelim or "@")
+        if cfg.HostedDomains and not lid.domain:
+            raise AuthFailed("%r has no domain and DefaultDomain is not set" % login)
+        extra = [cfg.TCPAccessAttr] if cfg.TCPAccessAttr else []
+        domain, user = self.service.directory.find_user(lid, cfg.SearchFormat, extra, self.client_ip, self.server_ip)
+        if domain is None:
+            raise AuthFailed("unknown domain %r" % lid.domain)
+        if user is None:
+            raise AuthFailed("unknown user %r" % lid.canonical)
+        over = domain.overrides()
+        if over:
+            try:
+                cfg = cfg.override(over)
+            except ValueError as e:
+                self.log.warning("ignoring a per-domain setting of %s: %s", domain.dn, e)
+        if cfg.PreAuth:
+            self.service.directory.authenticate(user, password)
+        if not user.mailhost:
+            raise BackendUnavailable("%s has none of %s" % (user.dn, " ".join(cfg.MailHostAttrs)))
+        return Target(lid, user, cfg, user.mailhost, replay_id(cfg.ReplayFormat, lid, user.attrs))
+
+    def connect_store(self, target: Target) -> Store:
+        return Store(target.host, target.cfg.BacksidePort)
+
+    # ------------------------------------------------------------------ relay
+    def hand_off(self, store: Store, target: Target) -> None:
+        """Login done: the client and store sockets now belong to the relay; this greenlet ends."""
+        self.flush()
+        to_store = self.reader.take_pending()
+        to_client = store.reader.take_pending()
+        self.handed_off = True
+        started = gevent.get_hub().loop.now()
+        user = target.login.canonical
+        lg = self.log
+
+        def closed(r: Relay) -> None:
+            lg.info("logout user=%s: %s (%ds, client->store %d B, store->client %d B)", user, r.reason or "closed",
+                    gevent.get_hub().loop.now() - started, r.bytes_up, r.bytes_down)
+        Relay(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client)
+
+
+def failure_kind(e: BaseException) -> str:
+    """A word for logs: why a login did not go through."""
+    return {AuthFailed: "auth failed", AuthTempFail: "directory unavailable",
+            BackendUnavailable: "store unavailable"}.get(type(e), type(e).__name__)
