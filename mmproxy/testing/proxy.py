@@ -1,0 +1,163 @@
+"""Run mmproxy as operators do: a legacy configuration tree and ``mmproxy start --foreground``.
+
+Used by the end-to-end tests, the demo and the benchmark.  The tree looks like one migrated from a
+Sun install (ServiceList naming /opt/SUNWmsgsr/lib/ImapProxyAService, ``default:Key value`` lines).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from .base import free_port, make_tempdir, tail
+
+LIBDIR = "/opt/SUNWmsgsr/lib"     # only the basename selects the service, as in the legacy product
+
+
+def write_cfg(path: str, items: Dict[str, object], header: str = "") -> None:
+    """A legacy file: ``default:Key value``, values with blanks double-quoted."""
+    with open(path, "w") as f:
+        f.write("# %s\n" % (header or os.path.basename(path)))
+        for key, value in items.items():
+            if value is None:
+                continue
+            v = "yes" if value is True else "no" if value is False else str(value)
+            if not v or any(c in v for c in " \t#"):
+                v = '"%s"' % v
+            f.write("default:%s %s\n" % (key, v))
+
+
+class Proxy:
+    """An mmproxy subprocess over a config tree written for a MailStack's info().
+
+    imap: extra ImapProxyAService.cfg settings (they override the defaults written here);
+    aservice: extra AService.cfg settings; tls: (cert, key) PEM paths to enable STARTTLS and an
+    implicit-TLS port.  Listens on 127.0.0.1 at ``imap_port`` (and ``imaps_port``).
+    """
+
+    def __init__(self, info: dict, imap: Optional[Dict[str, object]] = None, aservice: Optional[Dict[str, object]] = None,
+                 tls: Optional[tuple] = None, workdir: Optional[str] = None, host: str = "127.0.0.1") -> None:
+        self.info = info
+        self.host = host
+        self.dir = workdir or make_tempdir("mmproxy-proxy-")
+        self.config_dir = os.path.join(self.dir, "config")
+        self.log_dir = os.path.join(self.dir, "log")
+        os.makedirs(self.config_dir, exist_ok=True)
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.imap_port = free_port(host)
+        self.imaps_port = free_port(host) if tls else None
+        self.tls = tls
+        self.imap_settings = imap or {}
+        self.aservice_settings = aservice or {}
+        self.proc: Optional[subprocess.Popen] = None
+        self.out_file = os.path.join(self.dir, "mmproxy.out")
+
+    # ------------------------------------------------------------------ config tree
+    def write_config(self) -> None:
+        ldap = self.info["ldap"]
+        listeners = "%s:%d" % (self.host, self.imap_port)
+        if self.imaps_port:
+            listeners += "|%s:%d" % (self.host, self.imaps_port)
+        write_cfg(os.path.join(self.config_dir, "AService.cfg"), {
+            "ServiceList": "%s/ImapProxyAService@%s" % (LIBDIR, listeners),
+            "LogDir": self.log_dir, "LogLevel": 5, **self.aservice_settings})
+        imap: Dict[str, object] = {
+            "LdapURL": "%s/o=internet" % ldap["url"],
+            "BindDN": ldap["bind_dn"], "BindPass": ldap["bind_pw"],
+            "HostedDomains": True, "DefaultDomain": "example.com",
+            "PreAuth": True, "BacksidePort": self.info["imap_port"],
+            "LogDir": self.log_dir, "LogLevel": 5,
+            "ServerDownAlert": "Your IMAP server appears to be temporarily out of service.",
+        }
+        if self.tls:
+            cert, key = self.tls
+            imap.update({"SSLEnable": True, "SSLPorts": "%s:%d" % (self.host, self.imaps_port),
+                         "SSLCertFile": cert, "SSLKeyFile": key})
+        imap.update(self.imap_settings)
+        write_cfg(os.path.join(self.config_dir, "ImapProxyAService.cfg"), imap)
+
+    # ------------------------------------------------------------------ process
+    def command(self) -> List[str]:
+        return [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", self.config_dir]
+
+    def start(self, timeout: float = 20.0) -> "Proxy":
+        self.write_config()
+        out = open(self.out_file, "ab")
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout
+        ports = [p for p in (self.imap_port, self.imaps_port) if p]
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("mmproxy exited with %s:\n%s" % (self.proc.returncode, self.output()))
+            if all(_listening(self.host, p) for p in ports):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("mmproxy did not listen within %ss:\n%s" % (timeout, self.output()))
+
+    def output(self) -> str:
+        return tail(self.out_file, 20000)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def __enter__(self) -> "Proxy":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+    s = socket.socket()
+    s.settimeout(0.5)
+    try:
+        s.connect((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def make_cert(directory: str, name: str = "localhost") -> tuple:
+    """A self-signed RSA-2048 certificate and key (PEM files) for TLS tests and the demo."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    os.makedirs(directory, exist_ok=True)
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
