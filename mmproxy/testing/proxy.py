@@ -39,7 +39,8 @@ class Proxy:
     """
 
     def __init__(self, info: dict, imap: Optional[Dict[str, object]] = None, aservice: Optional[Dict[str, object]] = None,
-                 tls: Optional[tuple] = None, workdir: Optional[str] = None, host: str = "127.0.0.1") -> None:
+                 tls: Optional[tuple] = None, workdir: Optional[str] = None, host: str = "127.0.0.1",
+                 imap_port: int = 0, imaps_port: int = 0) -> None:
         self.info = info
         self.host = host
         self.dir = workdir or make_tempdir("mmproxy-proxy-")
@@ -47,8 +48,8 @@ class Proxy:
         self.log_dir = os.path.join(self.dir, "log")
         os.makedirs(self.config_dir, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
-        self.imap_port = free_port(host)
-        self.imaps_port = free_port(host) if tls else None
+        self.imap_port = imap_port or free_port(host)
+        self.imaps_port = (imaps_port or free_port(host)) if tls else None
         self.tls = tls
         self.imap_settings = imap or {}
         self.aservice_settings = aservice or {}

@@ -1,0 +1,81 @@
+"""The README's first command: a working local stack with mmproxy in front, and how to use it.
+
+slapd with two hosted domains, two Dovecot stores, and mmproxy started from a legacy configuration
+tree, all on loopback.  ``--check`` logs in once through the proxy and exits (a smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from .base import port_open
+from .proxy import Proxy, make_cert
+from .stack import MailStack
+
+
+def _port(preferred: int) -> int:
+    return 0 if port_open("127.0.0.1", preferred) else preferred
+
+
+def main(argv: list | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
+    ap.add_argument("--check", action="store_true", help="log in once through the proxy, then stop")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args(argv)
+    with MailStack(users=4, keep=args.keep) as stack:
+        info = stack.info()
+        cert = make_cert(os.path.join(stack.dir, "tls"))
+        with Proxy(info, tls=cert, workdir=os.path.join(stack.dir, "mmproxy"),
+                   imap_port=_port(1143), imaps_port=_port(1993)) as proxy:
+            alice, carol = info["users"]["alice"], info["users"]["carol"]
+            print(f"""
+mmproxy is running in front of a local directory and two mail stores.
+
+  IMAP   127.0.0.1:{proxy.imap_port}  (STARTTLS)     IMAPS  127.0.0.1:{proxy.imaps_port}  (self-signed certificate)
+  LDAP   {info['ldap']['url']}  (o=internet; hosted domains example.com, example.org)
+  stores 127.0.0.2:{info['imap_port']} and 127.0.0.3:{info['imap_port']} (Dovecot)
+
+  configuration  {proxy.config_dir}   (legacy AService.cfg + ImapProxyAService.cfg)
+  logs           {proxy.log_dir}
+
+Users (the proxy finds each one's store by mailHost):
+""")
+            for u in info["users"].values():
+                if u["mailhost"] and not u["uid"].startswith("user"):
+                    print("  %-22s password %-14r store %s" % (u["uid"] + "@" + u["domain"], u["password"], u["mailhost"]))
+            print(f"""
+Try:
+  curl -u alice:{alice['password']} imap://127.0.0.1:{proxy.imap_port}/INBOX
+  curl -u alice:{alice['password']} 'imap://127.0.0.1:{proxy.imap_port}/INBOX;UID=1'
+  curl -k -u 'carol@example.org:{carol['password']}' 'imaps://127.0.0.1:{proxy.imaps_port}/INBOX;UID=1'
+  openssl s_client -quiet -starttls imap -connect 127.0.0.1:{proxy.imap_port}
+  .venv/bin/mmproxy check-config --config-dir {proxy.config_dir}
+""", flush=True)
+            if args.check:
+                out = subprocess.run(["curl", "-sS", "--max-time", "10", "-u", "alice:" + alice["password"],
+                                      "imap://127.0.0.1:%d/INBOX;UID=1" % proxy.imap_port],
+                                     capture_output=True, text=True)
+                ok = out.returncode == 0 and "Welcome alice on 127.0.0.2" in out.stdout
+                print("check: %s" % ("OK, alice's message came from 127.0.0.2 through mmproxy" if ok
+                                     else "FAILED: %s%s" % (out.stderr, proxy.output()[-2000:])))
+                return 0 if ok else 1
+            print("Press Ctrl-C to stop everything.", flush=True)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                while not stop.wait(0.5):
+                    if proxy.proc.poll() is not None:
+                        print("mmproxy exited:\n" + proxy.output()[-3000:], file=sys.stderr)
+                        return 1
+            except KeyboardInterrupt:
+                pass
+            print("\nstopping...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

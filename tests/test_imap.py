@@ -1,0 +1,363 @@
+"""IMAP end to end: real slapd, real Dovecot stores, mmproxy started as operators start it, real clients."""
+import base64
+import imaplib
+import os
+import socket
+import ssl
+import subprocess
+import time
+
+import gevent
+import pytest
+
+from mmproxy.testing.delayproxy import DelayProxy
+from mmproxy.testing.proxy import Proxy, make_cert
+
+from helpers import ImapFrom, RawClient, unused_port
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_cert(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="module")
+def proxy(mail_stack, certs):
+    """PreAuth yes, STARTTLS and an implicit-TLS port."""
+    with Proxy(mail_stack.info(), tls=certs) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def proxy_nopreauth(mail_stack):
+    with Proxy(mail_stack.info(), imap={"PreAuth": False}) as p:
+        yield p
+
+
+def users(stack):
+    return stack.info()["users"]
+
+
+def login(proxy, user, password, source="127.0.0.1"):
+    c = ImapFrom(proxy.host, proxy.imap_port, source)
+    c.login(user, password)
+    return c
+
+
+def inbox_subjects(c):
+    typ, _ = c.select("INBOX", readonly=True)
+    assert typ == "OK"
+    typ, data = c.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    return b"".join(part[1] for part in data if isinstance(part, tuple)).decode()
+
+
+# ---------------------------------------------------------------------- routing and login
+def test_routing_by_mailhost_to_the_right_store(proxy, mail_stack):
+    u = users(mail_stack)
+    for uid in ("alice", "bob", "user1", "user2"):
+        c = login(proxy, uid + "@example.com", u[uid]["password"])
+        assert "Welcome %s on %s" % (u[uid]["store_login"], u[uid]["mailhost"]) in inbox_subjects(c)
+        c.logout()
+
+
+def test_unqualified_user_gets_default_domain(proxy, mail_stack):
+    c = login(proxy, "alice", users(mail_stack)["alice"]["password"])
+    assert "on 127.0.0.2" in inbox_subjects(c)
+    c.logout()
+
+
+def test_domain_without_base_dn_and_per_domain_replay(proxy, mail_stack):
+    """example.org's DC node holds its users itself and says mailAccessProxyReplay %U@%V."""
+    c = login(proxy, "carol@example.org", users(mail_stack)["carol"]["password"])
+    assert "Welcome carol@example.org on 127.0.0.3" in inbox_subjects(c)
+    c.logout()
+
+
+def test_post_login_capabilities_come_from_the_store(proxy, mail_stack):
+    c = ImapFrom(proxy.host, proxy.imap_port)
+    assert "STARTTLS" in c.capabilities and "LITERAL-" in c.capabilities
+    typ, data = c.login("alice", users(mail_stack)["alice"]["password"])
+    assert typ == "OK" and b"[CAPABILITY" in data[0] and b"IDLE" in data[0]
+    c.logout()
+
+
+@pytest.mark.parametrize("preauth", [True, False])
+def test_wrong_password_and_unknown_user(preauth, proxy, proxy_nopreauth, mail_stack):
+    p = proxy if preauth else proxy_nopreauth
+    for user, pw in (("alice", "wrong"), ("nosuchuser", "x"), ("alice@nosuch.example", "x")):
+        c = ImapFrom(p.host, p.imap_port)
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.login(user, pw)
+        c.shutdown()
+    c = login(p, "bob", users(mail_stack)["bob"]["password"])
+    assert "on 127.0.0.3" in inbox_subjects(c)
+    c.logout()
+
+
+def test_preauth_keeps_wrong_passwords_away_from_the_store(proxy, mail_stack):
+    store = mail_stack.stores["127.0.0.2"]
+    before = store.read_log().count("user1")
+    c = ImapFrom(proxy.host, proxy.imap_port)
+    with pytest.raises(imaplib.IMAP4.error):
+        c.login("user1", "not-the-password")
+    c.shutdown()
+    time.sleep(0.3)
+    assert store.read_log().count("user1") == before
+
+
+def test_store_log_shows_the_real_client_address(proxy, mail_stack):
+    c = login(proxy, "erin", users(mail_stack)["erin"]["password"], source="127.0.0.9")
+    c.logout()
+    deadline = time.time() + 5
+    while time.time() < deadline and "user=<erin>" not in mail_stack.stores["127.0.0.2"].read_log():
+        time.sleep(0.1)
+    lines = [l for l in mail_stack.stores["127.0.0.2"].read_log().splitlines() if "user=<erin>" in l and "Login" in l]
+    assert lines and all("rip=127.0.0.9" in l for l in lines), lines
+
+
+def test_user_without_mailhost_is_a_temporary_failure(proxy, mail_stack):
+    c = ImapFrom(proxy.host, proxy.imap_port)
+    with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+        c.login("frank", users(mail_stack)["frank"]["password"])
+
+
+def test_filter_injection_in_user_name(proxy, mail_stack):
+    pw = users(mail_stack)["alice"]["password"]
+    for user in ("*", "alice)(uid=*", "a*", "alice)(|(uid=*"):
+        c = ImapFrom(proxy.host, proxy.imap_port)
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.login(user, pw)
+        c.shutdown()
+
+
+def test_control_characters_are_refused(proxy, mail_stack):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a LOGIN {7}\r\n")
+    r.expect(b"+ ")
+    r.send(b"ali\x00ce {8}\r\n")
+    r.expect(b"+ ")
+    r.send(b"alice-pw\r\n")
+    assert r.expect(b"a ").startswith(b"a NO [AUTHENTICATIONFAILED]")
+
+
+# ---------------------------------------------------------------------- syntax: literals, SASL
+def test_literals_synchronizing_and_not(proxy, mail_stack):
+    pw = users(mail_stack)["bob"]["password"].encode()
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a1 LOGIN {3}\r\n")
+    assert r.expect(b"+").startswith(b"+")
+    r.send(b"bob {%d+}\r\n%s\r\n" % (len(pw), pw))
+    reply = r.expect(b"a1 ")
+    assert reply.startswith(b"a1 OK"), reply
+    r.send(b"a2 SELECT INBOX\r\n")
+    assert b"a2 OK" in r.expect(b"a2 ")
+
+
+def test_authenticate_plain_with_and_without_initial_response(proxy, mail_stack):
+    pw = users(mail_stack)["alice"]["password"]
+    c = ImapFrom(proxy.host, proxy.imap_port)        # imaplib sends no initial response: "+ " first
+    typ, _ = c.authenticate("PLAIN", lambda _: "\0alice\0%s" % pw)
+    assert typ == "OK" and "127.0.0.2" in inbox_subjects(c)
+    c.logout()
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a AUTHENTICATE PLAIN " + base64.b64encode(b"alice\0alice\0" + pw.encode()) + b"\r\n")
+    assert r.expect(b"a ").startswith(b"a OK")
+
+
+def test_authenticate_refuses_other_authzid_and_cancels(proxy, mail_stack):
+    pw = users(mail_stack)["alice"]["password"].encode()
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a AUTHENTICATE PLAIN " + base64.b64encode(b"bob\0alice\0" + pw) + b"\r\n")
+    assert r.expect(b"a ").startswith(b"a NO [AUTHORIZATIONFAILED]")
+    r.send(b"b AUTHENTICATE PLAIN\r\n")
+    r.expect(b"+")
+    r.send(b"*\r\n")
+    assert r.expect(b"b ").startswith(b"b BAD")
+    r.send(b"c NOOP\r\n")
+    assert r.expect(b"c ").startswith(b"c OK")
+
+
+# ---------------------------------------------------------------------- hostile input
+def test_oversize_line_is_refused_and_closed(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a NOOP " + b"x" * 20000 + b"\r\n")
+    data = r.read_all()
+    assert b"BAD" in data and b"* BYE" in data
+
+
+def test_oversize_sync_literal_gets_no_continuation(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a LOGIN {100000}\r\n")
+    line = r.expect(b"a ")
+    assert line.startswith(b"a BAD [TOOBIG]")
+    r.send(b"b NOOP\r\n")                          # the session survives
+    assert r.expect(b"b ").startswith(b"b OK")
+
+
+def test_oversize_nonsync_literal_is_never_parsed(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a LOGIN {100000+}\r\n" + b"z LOGOUT\r\n" * 10)
+    data = r.read_all()
+    assert b"a BAD [TOOBIG]" in data and b"* BYE" in data and b"z OK" not in data
+
+
+def test_half_close_after_partial_command_is_closed_at_once(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a LOGIN alice")
+    r.sock.shutdown(socket.SHUT_WR)
+    t0 = time.monotonic()
+    r.read_all(timeout=5)
+    assert time.monotonic() - t0 < 2
+
+
+def test_thousands_of_pipelined_commands_all_answered_in_order(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    n = 5000
+    gevent.spawn(r.sock.sendall, b"".join(b"t%d NOOP\r\n" % i for i in range(n)))
+    got = []
+    while len(got) < n:
+        line = r.readline()
+        assert line, "connection closed after %d answers" % len(got)
+        got.append(line)
+    assert [l.split()[0] for l in got] == [b"t%d" % i for i in range(n)]
+
+
+def test_bad_command_budget_then_bye(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"".join(b"x%d FROB\r\n" % i for i in range(20)))
+    data = r.read_all()
+    assert data.count(b"BAD") == 10 and b"* BYE" in data
+
+
+def test_commands_needing_login_are_refused_without_closing(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a SELECT INBOX\r\nb ID NIL\r\nc CAPABILITY\r\n")
+    assert r.expect(b"a ").startswith(b"a BAD")
+    assert r.expect(b"b ").startswith(b"b OK")
+    assert r.expect(b"c ").startswith(b"c OK")
+
+
+# ---------------------------------------------------------------------- TLS
+def test_starttls_then_login(proxy, mail_stack):
+    c = ImapFrom(proxy.host, proxy.imap_port)
+    c.starttls(ssl_context=_client_ctx())
+    assert "STARTTLS" not in c.capabilities
+    c.login("alice", users(mail_stack)["alice"]["password"])
+    assert "on 127.0.0.2" in inbox_subjects(c)
+    c.logout()
+
+
+def test_starttls_discards_pipelined_plaintext(proxy):
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    r.send(b"a STARTTLS\r\nb CAPABILITY\r\n")
+    assert r.expect(b"a ").startswith(b"a OK")
+    tls = _client_ctx().wrap_socket(r.sock, server_hostname="localhost")
+    tls.settimeout(5)
+    tls.sendall(b"c NOOP\r\n")
+    data = b""
+    while b"c OK" not in data:
+        chunk = tls.recv(4096)
+        assert chunk
+        data += chunk
+    assert b"b OK" not in data and b"* CAPABILITY" not in data
+
+
+def test_implicit_tls_port(proxy, mail_stack):
+    c = imaplib.IMAP4_SSL(proxy.host, proxy.imaps_port, ssl_context=_client_ctx())
+    c.login("bob", users(mail_stack)["bob"]["password"])
+    assert "on 127.0.0.3" in inbox_subjects(c)
+    c.logout()
+
+
+def _client_ctx():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# ---------------------------------------------------------------------- curl
+def test_curl_fetches_a_message(proxy, mail_stack):
+    pw = users(mail_stack)["alice"]["password"]
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", "-u", "alice:%s" % pw,
+                          "imap://%s:%d/INBOX;UID=1" % (proxy.host, proxy.imap_port)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert "Welcome alice on 127.0.0.2" in out.stdout
+
+
+# ---------------------------------------------------------------------- things that are down
+def test_store_down_shows_the_alert(mail_stack, tmp_path):
+    info = mail_stack.info()
+    with Proxy(info, imap={"BacksidePort": unused_port("127.0.0.2", "127.0.0.3"),
+                           "ServerDownAlert": "Store on holiday, back soon"}) as p:
+        r = RawClient(p.host, p.imap_port)
+        r.expect(b"* OK")
+        pw = users(mail_stack)["alice"]["password"].encode()
+        r.send(b'a LOGIN alice "%s"\r\n' % pw)
+        alert = r.readline()
+        assert alert == b"* OK [ALERT] Store on holiday, back soon\r\n"
+        assert r.expect(b"a ").startswith(b"a NO [UNAVAILABLE]")
+
+
+def test_directory_down_is_unavailable_not_a_bad_password(mail_stack):
+    info = dict(mail_stack.info())
+    info["ldap"] = dict(info["ldap"], url="ldap://127.0.0.1:%d" % unused_port("127.0.0.1"))
+    with Proxy(info) as p:
+        c = ImapFrom(p.host, p.imap_port)
+        with pytest.raises(imaplib.IMAP4.error) as e:
+            c.login("alice", "alice-pw")
+        assert "UNAVAILABLE" in str(e.value) and "ldap" not in str(e.value).lower()
+
+
+def test_slow_directory_does_not_stall_logged_in_sessions(mail_stack):
+    """With every LDAP answer 2 s late, a session already relaying keeps answering at once."""
+    info = mail_stack.info()
+    ldap = info["ldap"]
+    with DelayProxy(ldap["host"], ldap["port"]) as slow:
+        info = dict(info, ldap=dict(ldap, url=slow.url))
+        with Proxy(info, imap={"LdapCacheTTL": 1, "AuthCacheTTL": 1}) as p:
+            u = users(mail_stack)
+            a = login(p, "alice", u["alice"]["password"])
+            a.select("INBOX")
+            slow.delay = 2.0
+            logins = [gevent.spawn(_try_login, p, "user%d" % k, u["user%d" % k]["password"]) for k in range(1, 5)]
+            gevent.sleep(0.3)                       # the logins are now waiting on the directory
+            worst = 0.0
+            for _ in range(10):
+                t0 = time.monotonic()
+                assert a.noop()[0] == "OK"
+                assert a.fetch("1", "(FLAGS)")[0] == "OK"
+                worst = max(worst, time.monotonic() - t0)
+                gevent.sleep(0.1)
+            assert worst < 0.5, "a relayed session waited %.2fs while the directory was slow" % worst
+            results = [g.get(timeout=30) for g in logins]
+            assert results == ["OK"] * 4
+            a.logout()
+
+
+def _try_login(p, user, pw):
+    c = ImapFrom(p.host, p.imap_port, timeout=30)
+    typ, _ = c.login(user, pw)
+    c.logout()
+    return typ
+
+
+def test_log_has_no_passwords(proxy, mail_stack):
+    text = "".join(open(os.path.join(proxy.log_dir, f), errors="replace").read() for f in os.listdir(proxy.log_dir))
+    text += proxy.output()
+    assert "login user=alice@example.com" in text
+    for u in users(mail_stack).values():
+        assert u["password"] not in text
