@@ -1,0 +1,240 @@
+"""The one registry of every legacy MMP parameter.
+
+Parsing, typing, defaults, which file a key belongs in, ``check-config``, the ``*-def.cfg``
+templates and ``docs/parameters.md`` all come from ``PARAMS``; nothing else knows a parameter by
+name.  ``files`` is where the legacy product documents the key; ``honoured_in`` lists other files
+where mmproxy still uses it (real legacy trees carry keys in more files than the manual lists).
+Turning a feature on is a single ``supported=True`` flip here.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from mmproxy.config import types as t
+
+FILE_CODES = ("A", "I", "P", "S")
+FILE_NAMES = {"A": "AService", "I": t.SERVICE_NAMES["imap"], "P": t.SERVICE_NAMES["pop"],
+              "S": t.SERVICE_NAMES["smtp"]}
+KIND_CODES = {"imap": "I", "pop": "P", "smtp": "S"}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str                         # legacy spelling, e.g. "LdapURL"
+    type: t.Type
+    default: Any                      # typed value, None (unset) or a types.Deferred
+    files: Tuple[str, ...]            # legacy files: "A", "I", "P", "S"
+    doc: str                          # one line
+    per_domain: bool = False          # may be set per virtual domain (vdmap.cfg)
+    supported: bool = False           # implemented by mmproxy now
+    security: bool = False            # an access control: set while unsupported is an error
+    obsolete: Optional[str] = None    # the name that replaces it
+    reload: bool = True               # a refresh applies it (False: restart needed)
+    honoured_in: Tuple[str, ...] = ()  # files beyond ``files`` where mmproxy uses it
+    group: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    def honoured(self, code: str) -> bool:
+        return code in self.files or code in self.honoured_in
+
+
+_ALL: list = []
+
+
+def _group(group: str, *rows: Tuple[Any, ...]) -> None:
+    """Register rows (name, type, default, files, doc[, options]); text defaults are converted here,
+    so each default is written as the legacy manual gives it and proven to parse."""
+    for name, type_, default, files, doc, *rest in rows:
+        opts = dict(rest[0]) if rest else {}
+        opts["honoured_in"] = tuple(opts.get("honoured_in", "").split())
+        if isinstance(default, str):
+            default = type_.convert(default, t.Ctx())
+        _ALL.append(Param(name, type_, default, tuple(files.split()), doc, group=group, **opts))
+
+
+SUP = {"supported": True}
+IPS = "I P S"
+
+_group(
+    "Services and process",
+    ("ServiceList", t.ServiceList(),
+     "msg_svr_base/lib/ImapProxyAService@143|993 msg_svr_base/lib/PopProxyAService@110", "A",
+     "services to start: DLLPATH[|INSTANCE]@[IP:]PORT|[IP:]PORT..., blank separated; the basename of "
+     "DLLPATH picks the service, INSTANCE.cfg holds its settings", dict(SUP, reload=False)),
+    ("NumThreads", t.Int(min=1), 1, "A",
+     "worker count (one per processor is optimal); mmproxy runs one process for now", dict(SUP, reload=False)),
+    ("BeTheUser", t.Str(), None, "A", "user to run as once the ports are bound", {"reload": False}),
+    ("BeTheGroup", t.Str(), None, "A", "group to run as once the ports are bound", {"reload": False}),
+)
+_group(
+    "Logging",
+    ("LogDir", t.Path(), t.InstallPath("data/log"), "A I P S",
+     "directory for the log files (ImapProxy_yyyymmdd.log...); default msg_svr_base/data/log", SUP),
+    ("LogLevel", t.Int(0, 10), 1, "A I P S", "log verbosity, 0 (least) to 10 (most)", SUP),
+)
+_group(
+    "Greeting and session",
+    ("Banner", t.Str(), None, IPS, "greeting text (default: product name and version)", SUP),
+    ("Capability", t.Capability(), None, "I",
+     "CAPABILITY string shown to IMAP clients before login (default: mmproxy's own list); "
+     "list only what every store supports", SUP),
+    ("ServerDownAlert", t.Str(), "Your IMAP server appears to be temporarily out of service.", "I",
+     "[ALERT] text sent to IMAP clients when their store cannot be reached", SUP),
+    ("Timeout", t.Timeout(), 1800, IPS,
+     "idle seconds after login before the session is closed (RFCs: IMAP 1800, POP/SMTP 600 at least)", SUP),
+)
+_group(
+    "Directory (LDAP)",
+    ("LdapURL", t.LdapURLType(), "ldap://localhost/o=internet", "I P",
+     "directory URL: ldap[s]://host[:port][ host2[:port]...]/BASE, several hosts for failover; quote it "
+     "when it holds a blank", dict(SUP, per_domain=True, honoured_in="S")),
+    ("BindDN", t.DN(), None, "I P", "DN to bind as for searches",
+     dict(SUP, per_domain=True, honoured_in="S")),
+    ("BindPass", t.Str(), None, "I P", "password of BindDN", dict(SUP, per_domain=True, honoured_in="S")),
+    ("LdapCacheSize", t.Int(min=0), 10000, "I P", "entries in the user lookup cache", SUP),
+    ("LdapCacheTTL", t.Int(min=0), 900, "I P", "seconds a user lookup stays cached", SUP),
+    ("LdapRefreshInterval", t.Int(min=0), 2100, "I P", "seconds before an LDAP connection is reopened", SUP),
+)
+_group(
+    "Users and domains",
+    ("HostedDomains", t.Bool(), "yes", "I P",
+     "yes: hosted domains in a DC tree; no: one flat user tree under LdapURL", dict(SUP, per_domain=True)),
+    ("DefaultDomain", t.Str(), None, "I P", "domain appended to user ids given without one",
+     dict(SUP, per_domain=True)),
+    ("VirtualDomainDelim", t.Str(), "@", "I P",
+     "characters accepted between user id and domain (searched from the end)", SUP),
+    ("CanonicalVirtualDomainDelim", t.Str(length=1), "@", "I P",
+     "delimiter used towards LDAP and the store", SUP),
+    ("SearchFormat", t.Format("osUVCSD", filter=True), t.IfParam("HostedDomains", "uid=%U", "uid=%s"), "I P",
+     "user search filter: %o login as typed, %s user+domain, %U user, %V domain, %C client IP, "
+     "%S server IP, %D client certificate DN", dict(SUP, per_domain=True)),
+    ("MailHostAttrs", t.Words(), "mailHost", "I P",
+     "attributes naming the user's store, tried in order", SUP),
+    ("UserGroupDN", t.DN(), None, "I P",
+     "base DN for Schema v2 searches and for certificate mapping"),
+    ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN", {"obsolete": "UserGroupDN"}),
+    ("VirtualDomainFile", t.Path(must_exist="file"), None, IPS,
+     "vdmap.cfg: per-server-address settings (`vdmap NAME IP`, then `NAME:Param value` lines)", SUP),
+)
+_group(
+    "Authentication",
+    ("PreAuth", t.Bool(), "no", "I P", "authenticate against LDAP before contacting the store",
+     dict(SUP, per_domain=True)),
+    ("AuthCacheSize", t.Int(min=0), 10000, "I P", "entries in the PreAuth result cache", SUP),
+    ("AuthCacheTTL", t.Int(min=0), 900, "I P", "seconds a PreAuth result stays cached", SUP),
+    ("RestrictPlainPasswords", t.Bool(), "no", IPS, "refuse plaintext passwords until TLS is active",
+     dict(SUP, per_domain=True, security=True)),
+    ("CRAMs", t.Bool(), "no", "I P", "APOP and CRAM-MD5 (needs clear-text userPassword readable by BindDN)"),
+    ("AuthenticationServer", t.HostPort(), None, "I P",
+     "host:port of a third-party authentication server (needs PreAuth)"),
+    ("AuthenticationLdapAttributes", t.Words(), "", "I P",
+     "extra user attributes sent to the authentication server"),
+    ("CertmapFile", t.Path(must_exist="file"), None, IPS,
+     "certificate-to-user mapping for client certificate logins", {"security": True}),
+)
+_group(
+    "Store",
+    ("BacksidePort", t.PORT, t.PerService(imap=143, pop=110), "I P", "store port", SUP),
+    ("ReplayFormat", t.Format("UVso", attr=True), "%U", "I P",
+     "login id replayed to the store: %U user, %V domain, %A[attr] user attribute, %s user+domain, "
+     "%o login as typed", dict(SUP, per_domain=True)),
+    ("StoreAdmin", t.Str(), None, "I P", "store administrator for proxy authorization"),
+    ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin"),
+    ("SpoofEmptyMailbox", t.Bool(), "off", "P", "store down: show an empty POP mailbox"),
+    ("SpoofMessageFile", t.Path(must_exist="file"), None, "P",
+     "store down: show a POP mailbox holding this one RFC 822 message"),
+)
+_group(
+    "Access control and limits",
+    ("TCPAccess", t.Str(), None, IPS, "wrapper-style access filter applied to every client",
+     {"per_domain": True, "security": True}),
+    ("TCPAccessAttr", t.Str(), "mailAllowedServiceAccess", "I P",
+     "user attribute holding a per-user access filter"),
+    ("ClientLookup", t.Bool(), "no", IPS, "reverse DNS lookup of every client", {"per_domain": True}),
+    ("ConnLimits", t.ConnLimits(), "0.0.0.0|0.0.0.0:20", IPS,
+     "simultaneous connections per client address: IP|MASK:NUM,... or a file, most specific first"),
+    ("BGMax", t.Int(min=0), 10000, "I P", "BadGuys: how many failing client addresses are tracked"),
+    ("BGPenalty", t.Int(min=0), 2, "I P", "BadGuys: seconds added per authentication failure"),
+    ("BGMaxBadness", t.Int(min=0), 60, "I P", "BadGuys: longest delay in seconds"),
+    ("BGDecay", t.Int(min=0), 900, "I P", "BadGuys: seconds until a penalty is forgiven"),
+    ("BGLinear", t.Bool(), "no", "I P", "BadGuys: penalties decay linearly (no: all at once on expiry)"),
+    ("BGExcluded", t.Networks(), "", "I P", "BadGuys: client IP|MASK pairs never penalised, or a file of them"),
+)
+_group(
+    "POP before SMTP",
+    ("AuthService", t.Bool(), "no", "P",
+     "answer XQUERYAUTH about logged-in clients; enable it per virtual domain, not globally",
+     {"per_domain": True, "honoured_in": "I"}),
+    ("AuthServiceTTL", t.Int(min=-1), -1, "P",
+     "seconds a verified POP login is remembered for POP before SMTP (-1: off)", {"honoured_in": "I"}),
+    ("PopBeforeSmtpKludgeChannel", t.Str(), None, "S", "MTA channel for POP-before-SMTP clients"),
+)
+_group(
+    "SMTP relay",
+    ("SmtpRelays", t.HostPorts(25), "", "S",
+     "relays used round robin: host[:port] ... (mandatory when ServiceList names SMTP)"),
+    ("SmtpProxyPassword", t.Str(), None, "S",
+     "PROXY_PASSWORD of the Messaging Server MTA (mandatory when ServiceList names SMTP)"),
+    ("EhloKeywords", t.Words(), "", "S", "EHLO keywords to pass through besides the built-in set"),
+    ("FailoverTimeout", t.Int(min=0), 10, "S",
+     "seconds to wait for a relay; a failed relay is then avoided as many minutes"),
+)
+_group(
+    "TLS",
+    ("SSLEnable", t.Bool(), "no", IPS, "offer STARTTLS/STLS; required for SSLPorts", dict(SUP, security=True)),
+    ("SSLPorts", t.Endpoints(), (), IPS, "[IP:]PORT|... where TLS starts on accept (must also be in ServiceList)",
+     dict(SUP, security=True)),
+    ("SSLCacheDir", t.Path(must_exist="dir"), None, IPS,
+     "directory holding the certificate files <SSLCertPrefix><nickname>.pem or .p12", dict(SUP, security=True)),
+    ("SSLCertPrefix", t.Str(), "", IPS, "file-name prefix of the certificate files in SSLCacheDir",
+     dict(SUP, security=True)),
+    ("SSLCertNicknames", t.Words(), "", IPS, "certificate name(s) to present (legacy value: Server-Cert)",
+     dict(SUP, security=True)),
+    ("SSLCertFile", t.Path(must_exist="file", nss_check=True), None, IPS,
+     "a PEM or PKCS#12 certificate file (superseded by SSLCertPrefix)",
+     dict(SUP, security=True, obsolete="SSLCertPrefix")),
+    ("SSLKeyFile", t.Path(must_exist="file", nss_check=True), None, IPS,
+     "private key file, when not in the certificate file", dict(SUP, security=True)),
+    ("SSLKeyPasswdFile", t.Path(must_exist="file"), t.InstallPath("config/sslpassword.conf"), IPS,
+     "key password(s), lines `Internal (Software) Token:secret`; the default file may be absent",
+     dict(SUP, security=True)),
+    ("SSLCipherSpecs", t.Ciphers(), "all", IPS, "all (a modern default) or an OpenSSL cipher string",
+     dict(SUP, security=True)),
+    ("SSLSecmodFile", t.NotUsed("hardware crypto modules are an NSS feature; mmproxy uses OpenSSL"), None,
+     IPS, "NSS security module list (accepted, not used)", dict(SUP, security=True)),
+    ("SSLBacksidePort", t.PORT, None, "I P", "store port to reach over TLS (unset: plaintext to the store)",
+     {"security": True}),
+)
+
+PARAMS: Dict[str, Param] = {p.key: p for p in _ALL}
+del _ALL
+
+
+def lookup(name: str) -> Optional[Param]:
+    """The parameter called ``name`` in any case, or None."""
+    return PARAMS.get(name.strip().lower())
+
+
+def suggest(name: str) -> Optional[str]:
+    """The closest known name, for "did you mean" hints."""
+    close = difflib.get_close_matches(name.lower(), PARAMS, n=1, cutoff=0.75)
+    return PARAMS[close[0]].name if close else None
+
+
+def support_problem(p: Param, value: Any) -> Optional[Tuple[str, str]]:
+    """(severity, message) for an explicitly set parameter mmproxy does not implement yet.
+
+    An access control that would be dropped is an error: a migrated security setting never
+    silently stops working.  Setting it to its (inactive) default is harmless.
+    """
+    if p.supported:
+        return None
+    if p.security and value != p.default:
+        return ("error", "%s is recognised, not supported yet; mmproxy refuses to start rather than drop "
+                         "this access control" % p.name)
+    return ("warning", "%s is recognised, not supported yet: ignored" % p.name)
