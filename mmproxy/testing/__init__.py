@@ -1,0 +1,85 @@
+"""Real-server test fixtures: a private slapd, Dovecot stores and Postfix on loopback.
+
+Used by tests/conftest.py and bench/. Standard library and python-ldap only; works in a plain
+process and in a gevent-monkey-patched one. This package imports nothing else from mmproxy.
+Every daemon runs in the foreground in its own process group inside a temp dir, binds only
+127.0.0.0/8, and is stopped by pid (SIGTERM, then SIGKILL of its group). A missing binary
+raises MissingBinary with the apt install hint.
+
+    from mmproxy.testing import MailStack
+    with MailStack() as st:
+        info = st.info()          # ldap url/bind dn/pw, store ports, users with passwords
+        alice = info["users"]["alice"]   # password, mailhost, store_login, dn, ...
+
+    python -m mmproxy.testing up [--keep] [--users N]     # the same stack, for manual work
+
+API
+    free_port(*hosts)                 port free on all the addresses (default 127.0.0.1)
+    Slapd(directory=None, host=, port=, workdir=, loglevel="stats", keep=)
+        .start() .stop() .restart() .close(), context manager; .url .host .port .log_file
+        .read_log() .connect("proxy"|"root"|"anonymous"|(dn, pw)) -> python-ldap object
+        .ldapmodify(ldif) .add(ldif) .delete(*dns)  (as the root DN)
+    DovecotStore(ip, port_imap, port_pop3, users, port_lmtp=None, workdir=, mail_root=,
+                 large_bytes=0, extra_conf="", keep=)
+        same lifecycle; .log_file .read_log() .add_user(login, pw) .home(login)
+    MailStack(users=10, directory=None, store_ips=("127.0.0.2", "127.0.0.3"), workdir=,
+              keep=False, large_bytes=0, lmtp=True, slapd_loglevel="stats", store_conf="")
+        .start() .stop() context manager .info() .user(name) .slapd .stores[ip]
+        .imap_port .pop3_port .lmtp_port .ldap_url .directory
+    DelayProxy(target_host, target_port, listen_host="127.0.0.1", delay=0.0)
+        .start() .stop() context manager .port .url; .delay may change at any time
+    default_directory(n_users=10) -> Directory; welcome_subject(login, ip); ssha(pw)
+
+Directory (LDAP, suffix o=internet)
+    cn=Manager,o=internet / rootsecret      root DN (not an entry)
+    cn=mmproxy,o=internet / proxysecret     the proxy's bind DN; only it and the user itself
+                                            read userPassword; anonymous may bind
+    The sunms.schema attributes are Sun's names under a documentation OID arc (not Sun's OIDs).
+
+Default data model: default_directory(n_users=10)
+    dc=com,o=internet                    objectClass domain
+    dc=example,dc=com,o=internet         domain inetDomain mailDomain;
+                                         inetDomainBaseDN: o=example.com,o=internet;
+                                         inetDomainStatus: active; NO proxy overrides
+      users under ou=People,o=example.com,o=internet, replayed to the store as the bare uid:
+        alice   mailHost 127.0.0.2   password  alice-pw
+        bob     mailHost 127.0.0.3   password  b"o b\\pw   (a quote, a space, a backslash)
+        erin    mailHost 127.0.0.2   password  erin-pw   mailAlternateAddress: erin@alias.example.com
+        frank   NO mailHost          password  frank-pw  (in no store)
+        user1..userN  odd k on 127.0.0.2, even k on 127.0.0.3, password pw-userK
+    dc=org,o=internet                    objectClass domain
+    dc=example,dc=org,o=internet         domain inetDomain mailDomain; inetDomainStatus: active;
+                                         NO inetDomainBaseDN: users directly below the DC node;
+                                         mailAccessProxyReplay: %U@%V; mailAccessProxyPreAuth: yes
+      users uid=<uid>,dc=example,dc=org,o=internet, replayed as uid@example.org:
+        carol   mailHost 127.0.0.3   password  carol pw     (store login carol@example.org)
+        dave    mailHost 127.0.0.2   password  dave-pw      (store login dave@example.org)
+    Every user: objectClass top person organizationalPerson inetOrgPerson inetUser mailUser;
+    uid, cn, sn, mail (uid@domain), userPassword ({SSHA}), mailHost, inetUserStatus active,
+    mailUserStatus active, mailDeliveryOption mailbox.
+
+Stores
+    Each store's passwd-file holds only its own users' store logins ({SSHA}); a login on the
+    wrong store fails. Every INBOX holds a message with Subject "Welcome <store login> on <ip>"
+    (e.g. "Welcome carol@example.org on 127.0.0.3"). login_trusted_networks = 127.0.0.0/8, so an
+    IMAP ID ("x-originating-ip" ...) or POP3 XCLIENT from loopback sets rip= in the store log.
+
+MailStack.info() keys
+    workdir; ldap {url host port suffix bind_dn bind_pw root_dn root_pw log};
+    imap_port pop3_port lmtp_port; stores {ip: {ip imap pop3 lmtp log users}};
+    domains {name: {dn org_dn people_dn status attrs}};
+    users {uid: {uid domain login password mailhost store_login dn mail attrs}}
+"""
+from .base import DaemonError, MissingBinary, free_port, ssha
+from .delayproxy import DelayProxy
+from .directory import (PROXY_DN, PROXY_PW, ROOT_DN, ROOT_PW, STORE_IPS, SUFFIX, Directory, Domain, User,
+                        default_directory)
+from .dovecot import DovecotStore, welcome_subject
+from .slapd import Slapd
+from .stack import MailStack
+
+__all__ = [
+    "DaemonError", "MissingBinary", "free_port", "ssha", "DelayProxy", "Directory", "Domain", "User",
+    "default_directory", "DovecotStore", "welcome_subject", "Slapd", "MailStack",
+    "PROXY_DN", "PROXY_PW", "ROOT_DN", "ROOT_PW", "STORE_IPS", "SUFFIX",
+]

@@ -1,0 +1,193 @@
+"""The test directory's data model (hosted domains in a Sun "schema 1" DC tree, and users).
+
+`default_directory()` is what `Slapd` and `MailStack` load unless told otherwise; the tests rely
+on it, so it is described in full in the package docstring (mmproxy/testing/__init__.py).
+A `Directory` renders itself as LDIF (`ldif()`) and tells each store which logins it holds
+(`store_users(ip)`).
+"""
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .base import ssha
+
+SUFFIX = "o=internet"
+ROOT_DN, ROOT_PW = "cn=Manager,o=internet", "rootsecret"
+PROXY_DN, PROXY_PW = "cn=mmproxy,o=internet", "proxysecret"
+STORE_IPS = ("127.0.0.2", "127.0.0.3")
+
+Attrs = Dict[str, List[str]]
+
+
+@dataclass
+class Domain:
+    """A hosted domain: a node `dc=<label>,...,o=internet` of the DC tree.
+
+    org_dn: the value of inetDomainBaseDN (the organization that holds the users, which then
+    live under `ou=People,<org_dn>`), or None: the users sit directly below the DC node.
+    attrs: further attributes of the DC node, e.g. the proxy overrides
+    {"mailAccessProxyReplay": ["%U@%V"]}.
+    """
+    name: str
+    org_dn: Optional[str] = None
+    status: Optional[str] = "active"
+    attrs: Attrs = field(default_factory=dict)
+    suffix: str = SUFFIX
+
+    @property
+    def dn(self) -> str:
+        return ",".join(["dc=" + label for label in self.name.split(".")] + [self.suffix])
+
+    @property
+    def people_dn(self) -> str:
+        """Where this domain's users are."""
+        return "ou=People," + self.org_dn if self.org_dn else self.dn
+
+
+@dataclass
+class User:
+    """A mail user. `store_login` is the name the store knows (what a proxy must replay);
+    `mailhost` None means: no mailHost attribute (and no mailbox on any store)."""
+    uid: str
+    domain: str
+    password: str
+    mailhost: Optional[str]
+    store_login: str
+    attrs: Attrs = field(default_factory=dict)
+    dn: str = ""
+
+    @property
+    def login(self) -> str:
+        """The fully qualified login name, uid@domain."""
+        return "%s@%s" % (self.uid, self.domain)
+
+    @property
+    def mail(self) -> str:
+        return self.login
+
+    def as_dict(self) -> dict:
+        return {"uid": self.uid, "domain": self.domain, "login": self.login, "password": self.password,
+                "mailhost": self.mailhost, "store_login": self.store_login, "dn": self.dn,
+                "mail": self.mail, "attrs": {k: list(v) for k, v in self.attrs.items()}}
+
+
+class Directory:
+    """Domains and users, with the DNs filled in. uids are unique across domains (so the
+    users can be looked up by uid); add a same-uid user with Slapd.add() when a test needs one."""
+
+    def __init__(self, domains: List[Domain], users: List[User], suffix: str = SUFFIX) -> None:
+        self.suffix = suffix
+        self.domains: Dict[str, Domain] = {d.name: d for d in domains}
+        self.users: Dict[str, User] = {}
+        for u in users:
+            if u.uid in self.users:
+                raise ValueError("duplicate uid %r in the test directory" % u.uid)
+            if u.domain not in self.domains:
+                raise ValueError("user %r: unknown domain %r" % (u.uid, u.domain))
+            u.dn = u.dn or "uid=%s,%s" % (u.uid, self.domains[u.domain].people_dn)
+            self.users[u.uid] = u
+
+    def user(self, name: str) -> User:
+        """A user by uid or by uid@domain."""
+        uid, _, dom = name.partition("@")
+        u = self.users[uid]
+        if dom and dom.lower() != u.domain:
+            raise KeyError(name)
+        return u
+
+    def store_users(self, ip: str) -> Dict[str, str]:
+        """{store_login: password} of the users whose mailHost is `ip`."""
+        return {u.store_login: u.password for u in self.users.values() if u.mailhost == ip}
+
+    def ldif(self) -> str:
+        """The whole tree as LDIF, parents first (for slapadd or ldapadd)."""
+        entries: List[tuple] = []
+        seen = set()
+
+        def add(dn: str, attrs: list) -> None:
+            if dn.lower() not in seen:
+                seen.add(dn.lower())
+                entries.append((dn, attrs))
+
+        add(self.suffix, [("objectClass", "top"), ("objectClass", "organization"),
+                          ("o", self.suffix.split("=", 1)[1])])
+        add(PROXY_DN, [("objectClass", "organizationalRole"), ("objectClass", "simpleSecurityObject"),
+                       ("cn", "mmproxy"), ("description", "the proxy's bind DN"),
+                       ("userPassword", ssha(PROXY_PW))])
+        for d in self.domains.values():
+            labels = d.name.split(".")
+            for i in range(len(labels) - 1, 0, -1):      # dc=com, then dc=example,dc=com ...
+                dn = ",".join("dc=" + x for x in labels[i:]) + "," + self.suffix
+                add(dn, [("objectClass", "top"), ("objectClass", "domain"), ("dc", labels[i])])
+            attrs = [("objectClass", oc) for oc in ("top", "domain", "inetDomain", "mailDomain")]
+            attrs.append(("dc", labels[0]))
+            if d.org_dn:
+                attrs.append(("inetDomainBaseDN", d.org_dn))
+            if d.status:
+                attrs.append(("inetDomainStatus", d.status))
+            attrs += [(k, v) for k, vals in d.attrs.items() for v in vals]
+            add(d.dn, attrs)
+            if d.org_dn:
+                add(d.org_dn, [("objectClass", "top"), ("objectClass", "organization"),
+                               ("o", d.org_dn.split(",")[0].split("=", 1)[1])])
+                add(d.people_dn, [("objectClass", "top"), ("objectClass", "organizationalUnit"),
+                                  ("ou", "People")])
+        for u in self.users.values():
+            attrs = [("objectClass", oc) for oc in ("top", "person", "organizationalPerson", "inetOrgPerson",
+                                                    "inetUser", "mailUser")]
+            attrs += [("uid", u.uid), ("cn", u.uid.capitalize() + " Tester"), ("sn", "Tester"),
+                      ("mail", u.mail), ("userPassword", ssha(u.password))]
+            if u.mailhost:
+                attrs.append(("mailHost", u.mailhost))
+            attrs += [("inetUserStatus", "active"), ("mailUserStatus", "active"),
+                      ("mailDeliveryOption", "mailbox")]
+            overridden = {k.lower() for k in u.attrs}
+            attrs = [a for a in attrs if a[0].lower() not in overridden or a[0] == "objectClass"]
+            attrs += [(k, v) for k, vals in u.attrs.items() for v in vals]
+            add(u.dn, attrs)
+        return "".join(ldif_entry(dn, attrs) for dn, attrs in entries)
+
+
+_SAFE = re.compile(r"^[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*$")
+
+
+def ldif_line(attr: str, value: str) -> str:
+    """`attr: value`, or `attr:: base64` when LDIF requires it (RFC 2849 SAFE-STRING)."""
+    if value == "" or (_SAFE.match(value) and not value.endswith(" ")):
+        return "%s: %s\n" % (attr, value)
+    return "%s:: %s\n" % (attr, base64.b64encode(value.encode("utf-8")).decode("ascii"))
+
+
+def ldif_entry(dn: str, attrs: list) -> str:
+    """One LDIF entry (content record) with a trailing blank line."""
+    return ldif_line("dn", dn) + "".join(ldif_line(k, v) for k, v in attrs) + "\n"
+
+
+def default_password(uid: str) -> str:
+    """The password of a numbered user (user1 -> 'pw-user1')."""
+    return "pw-" + uid
+
+
+def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Directory:
+    """The default data model (see the package docstring). user1..user<n_users> alternate between
+    the two stores: odd k on store_ips[0], even k on store_ips[1]."""
+    a, b = store_ips
+    com = Domain("example.com", org_dn="o=example.com,o=internet")
+    org = Domain("example.org", org_dn=None,
+                 attrs={"mailAccessProxyReplay": ["%U@%V"], "mailAccessProxyPreAuth": ["yes"]})
+    users = [
+        User("alice", "example.com", "alice-pw", a, "alice"),
+        User("bob", "example.com", 'b"o b\\pw', b, "bob"),
+        User("erin", "example.com", "erin-pw", a, "erin",
+             attrs={"mailAlternateAddress": ["erin@alias.example.com"]}),
+        User("frank", "example.com", "frank-pw", None, "frank"),
+        User("carol", "example.org", "carol pw", b, "carol@example.org"),
+        User("dave", "example.org", "dave-pw", a, "dave@example.org"),
+    ]
+    for k in range(1, n_users + 1):
+        uid = "user%d" % k
+        users.append(User(uid, "example.com", default_password(uid), a if k % 2 else b, uid))
+    return Directory([com, org], users)

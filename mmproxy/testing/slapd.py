@@ -1,0 +1,148 @@
+"""A private OpenLDAP slapd on loopback, seeded with the test directory."""
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Optional
+
+from .base import Daemon, find_binary, free_port, port_open, run
+from .directory import PROXY_DN, PROXY_PW, ROOT_DN, ROOT_PW, SUFFIX, Directory, default_directory
+
+SCHEMA_DIR = "/etc/ldap/schema"
+SCHEMAS = ("core", "cosine", "inetorgperson", "nis", "misc")   # misc.schema defines mailHost
+SUNMS_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sunms.schema")
+
+
+class Slapd(Daemon):
+    """slapd with an mdb database for `o=internet`, listening on ldap://127.0.0.1:<free port>.
+
+    Seeded with slapadd before the first start (from `directory`, default `default_directory()`).
+    ACL: userPassword is readable only by the proxy DN (cn=mmproxy,o=internet / proxysecret) and
+    by the user itself, anonymous may bind (auth); everything else is readable by everyone.
+    The root DN cn=Manager,o=internet / rootsecret changes data (`ldapmodify`, `add`, `delete`).
+    slapd's own log (`-d <loglevel>`, default "stats": one line per connection/operation) is
+    `log_file`.
+    """
+
+    name = "slapd"
+
+    suffix = SUFFIX
+    root_dn, root_pw = ROOT_DN, ROOT_PW
+    bind_dn, bind_pw = PROXY_DN, PROXY_PW
+
+    def __init__(self, directory: Optional[Directory] = None, *, host: str = "127.0.0.1",
+                 port: Optional[int] = None, workdir: Optional[str] = None, loglevel: str = "stats",
+                 keep: bool = False) -> None:
+        self.slapd = find_binary("slapd")
+        self.slapadd = find_binary("slapadd")
+        self.directory = directory if directory is not None else default_directory()
+        self.host = host
+        self.port = port or free_port(host)
+        self.loglevel = loglevel
+        super().__init__(workdir, keep)
+        self.conf = os.path.join(self.dir, "slapd.conf")
+
+    @property
+    def url(self) -> str:
+        return "ldap://%s:%d" % (self.host, self.port)
+
+    @property
+    def log_file(self) -> str:
+        return self.out_file
+
+    def read_log(self) -> str:
+        with open(self.log_file, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def _prepare(self) -> None:
+        db = os.path.join(self.dir, "db")
+        os.makedirs(db, exist_ok=True)
+        includes = "".join("include %s/%s.schema\n" % (SCHEMA_DIR, s) for s in SCHEMAS)
+        with open(self.conf, "w") as f:
+            f.write(f"""# private slapd for mmproxy tests (written by mmproxy.testing.slapd)
+{includes}include {SUNMS_SCHEMA}
+pidfile {self.dir}/slapd.pid
+argsfile {self.dir}/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+sizelimit unlimited
+threads 4
+
+database mdb
+suffix "{self.suffix}"
+rootdn "{self.root_dn}"
+rootpw {self.root_pw}
+directory {db}
+maxsize 268435456
+index objectClass eq
+index uid eq,sub
+index mail eq
+index mailHost eq
+index mailAlternateAddress eq
+index dc eq
+access to attrs=userPassword
+  by dn.exact="{PROXY_DN}" read
+  by self read
+  by anonymous auth
+  by * none
+access to *
+  by * read
+""")
+        ldif = os.path.join(self.dir, "seed.ldif")
+        with open(ldif, "w") as f:
+            f.write(self.directory.ldif())
+        run([self.slapadd, "-q", "-f", self.conf, "-l", ldif])
+
+    def _argv(self) -> list:
+        return [self.slapd, "-d", self.loglevel, "-f", self.conf, "-h", "ldap://%s:%d/" % (self.host, self.port)]
+
+    def _ready(self) -> bool:
+        if not port_open(self.host, self.port):
+            return False
+        conn = self.connect("root")
+        try:
+            return bool(conn.whoami_s())
+        finally:
+            conn.unbind_s()
+
+    # -- clients -----------------------------------------------------------------------------
+    def connect(self, who: str = "proxy", timeout: float = 5.0):
+        """A python-ldap connection bound as 'proxy', 'root', 'anonymous' or as a (dn, password)."""
+        import ldap   # python-ldap; imported late so `python -m mmproxy.testing --help` works without it
+
+        conn = ldap.initialize(self.url)
+        conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
+        conn.set_option(ldap.OPT_NETWORK_TIMEOUT, timeout)
+        conn.set_option(ldap.OPT_TIMEOUT, timeout)
+        conn.set_option(ldap.OPT_REFERRALS, 0)
+        if who == "proxy":
+            conn.simple_bind_s(self.bind_dn, self.bind_pw)
+        elif who == "root":
+            conn.simple_bind_s(self.root_dn, self.root_pw)
+        elif who != "anonymous":
+            dn, pw = who
+            conn.simple_bind_s(dn, pw)
+        return conn
+
+    def ldapmodify(self, ldif: str, add: bool = False) -> str:
+        """Apply LDIF change records (changetype: add/modify/delete/modrdn) as the root DN."""
+        argv = [find_binary("ldapmodify"), "-x", "-H", self.url, "-D", self.root_dn, "-w", self.root_pw]
+        if add:
+            argv.append("-a")
+        r = subprocess.run(argv, input=ldif, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("ldapmodify failed (rc=%s): %s\n--- ldif ---\n%s" % (r.returncode,
+                                                                                 r.stderr.strip(), ldif))
+        return r.stdout
+
+    def add(self, ldif: str) -> str:
+        """Add the entries in `ldif` (content records, no changetype needed) as the root DN."""
+        return self.ldapmodify(ldif, add=True)
+
+    def delete(self, *dns: str) -> str:
+        return self.ldapmodify("".join("dn: %s\nchangetype: delete\n\n" % dn for dn in dns))
+
+    def info(self) -> dict:
+        return {"url": self.url, "host": self.host, "port": self.port, "suffix": self.suffix,
+                "bind_dn": self.bind_dn, "bind_pw": self.bind_pw, "root_dn": self.root_dn,
+                "root_pw": self.root_pw, "log": self.log_file}

@@ -1,0 +1,126 @@
+"""MailStack: slapd + two Dovecot stores (+ optionally Postfix) on loopback, in one temp dir."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, Optional
+
+from .base import free_port, make_tempdir
+from .directory import STORE_IPS, Directory, default_directory
+from .dovecot import DovecotStore
+from .slapd import Slapd
+
+
+def _ports(n: int, *hosts: str) -> list:
+    """n distinct ports, each free on all `hosts`."""
+    out: list = []
+    while len(out) < n:
+        p = free_port(*hosts)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+class MailStack:
+    """slapd (ldap://127.0.0.1:<port>) and one DovecotStore per address in store_ips
+    (default 127.0.0.2 and 127.0.0.3), all stores on the SAME IMAP, POP3 and LMTP ports, as an
+    MMP has one BacksidePort for all stores. Users live on the store their mailHost names.
+
+    users: how many numbered users (user1..userN) the default directory gets; or pass your own
+    `directory`. large_bytes > 0 adds a message of about that size to every INBOX.
+    `stop()` stops everything and removes the temp dir unless keep=True; use
+    `stack.slapd.restart()` / `stack.stores[ip].restart()` to bounce one part.
+    """
+
+    def __init__(self, users: int = 10, directory: Optional[Directory] = None, *,
+                 store_ips: tuple = STORE_IPS, workdir: Optional[str] = None, keep: bool = False,
+                 large_bytes: int = 0, lmtp: bool = True, slapd_loglevel: str = "stats",
+                 store_conf: str = "") -> None:
+        self.store_ips = tuple(store_ips)
+        self.directory = directory if directory is not None else default_directory(users, self.store_ips)
+        self.keep = keep
+        self.large_bytes = large_bytes
+        self.lmtp = lmtp
+        self.slapd_loglevel = slapd_loglevel
+        self.store_conf = store_conf
+        self._own_dir = workdir is None
+        self.dir: Optional[str] = workdir
+        self.slapd: Optional[Slapd] = None
+        self.stores: Dict[str, DovecotStore] = {}
+        self.imap_port = self.pop3_port = 0
+        self.lmtp_port: Optional[int] = None
+
+    def __enter__(self) -> "MailStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "MailStack":
+        if self.dir is None:
+            self.dir = make_tempdir("mmproxy-stack-")
+        os.makedirs(self.dir, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        try:
+            self.slapd = Slapd(self.directory, workdir=os.path.join(self.dir, "ldap"),
+                               loglevel=self.slapd_loglevel)
+            ports = _ports(3 if self.lmtp else 2, *self.store_ips)
+            self.imap_port, self.pop3_port = ports[0], ports[1]
+            self.lmtp_port = ports[2] if self.lmtp else None
+            for ip in self.store_ips:
+                self.stores[ip] = DovecotStore(
+                    ip, self.imap_port, self.pop3_port, self.directory.store_users(ip),
+                    port_lmtp=self.lmtp_port, workdir=os.path.join(self.dir, "store-" + ip),
+                    mail_root=os.path.join(self.dir, "mail"), large_bytes=self.large_bytes,
+                    extra_conf=self.store_conf)
+            daemons = [self.slapd, *self.stores.values()]
+            for d in daemons:          # start all, then wait: the daemons boot in parallel
+                d.start(wait=False)
+            for d in daemons:
+                d.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        daemons = [d for d in [*self.stores.values(), self.slapd] if d is not None]
+        for d in daemons:          # SIGTERM to all first: they shut down in parallel
+            d.terminate()
+        for d in daemons:
+            d.stop()
+        if self.dir and self._own_dir and not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def ldap_url(self) -> str:
+        assert self.slapd is not None
+        return self.slapd.url
+
+    def user(self, name: str) -> dict:
+        """A user's info() entry, by uid or uid@domain."""
+        return self.directory.user(name).as_dict()
+
+    def info(self) -> dict:
+        """Everything a test or a human needs to connect (plain data, JSON-serialisable):
+
+        workdir; ldap {url host port suffix bind_dn bind_pw root_dn root_pw log};
+        imap_port pop3_port lmtp_port (the same on every store);
+        stores {ip: {ip imap pop3 lmtp log users}};
+        domains {name: {dn org_dn people_dn status attrs}};
+        users {uid: {uid domain login password mailhost store_login dn mail attrs}}.
+        """
+        assert self.slapd is not None
+        return {
+            "workdir": self.dir,
+            "ldap": self.slapd.info(),
+            "imap_port": self.imap_port,
+            "pop3_port": self.pop3_port,
+            "lmtp_port": self.lmtp_port,
+            "stores": {ip: s.info() for ip, s in self.stores.items()},
+            "domains": {d.name: {"dn": d.dn, "org_dn": d.org_dn, "people_dn": d.people_dn,
+                                 "status": d.status, "attrs": {k: list(v) for k, v in d.attrs.items()}}
+                        for d in self.directory.domains.values()},
+            "users": {uid: u.as_dict() for uid, u in self.directory.users.items()},
+        }

@@ -1,0 +1,16 @@
+from gevent import monkey; monkey.patch_all()  # noqa: E702 -- first, before any other import (STYLE §3.1)
+
+"""Session fixtures over the real servers; the logic lives in mmproxy.testing."""
+import pytest  # noqa: E402
+
+from mmproxy.testing import MailStack  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mail_stack():
+    """slapd + Dovecot stores on 127.0.0.2 and 127.0.0.3 with the default data model
+    (see mmproxy/testing/__init__.py), shared by the whole session."""
+    stack = MailStack()
+    stack.start()
+    yield stack
+    stack.stop()
