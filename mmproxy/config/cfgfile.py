@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-_LINE = re.compile(r"(?:(?P<section>[^\s:#\"]+)\s*:)?\s*(?P<key>[^\s:#\"]+)(?:\s+(?P<value>.*))?")
+_LINE = re.compile(r"(?:(?P<section>[^\s:#\"]+)\s*:)?\s*(?P<key>[A-Za-z0-9_.-]+)(?:\s+(?P<value>.*))?")
 
 
 @dataclass(frozen=True)

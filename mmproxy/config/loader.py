@@ -142,9 +142,9 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
     problems += found
     if entries is None:
         return Config(config_dir, ServiceConfig(None, {}, config_dir), [], problems)
-    aservice = _settings(entries, "default", "A", None, config_dir, problems)
+    aservice, failed = _settings(entries, "default", "A", None, config_dir, problems)
     _unused_sections(entries, {"default"}, problems)
-    specs = aservice.ServiceList
+    specs = () if "servicelist" in failed else aservice.ServiceList   # not the default instead of a bad one
     sl_where = _location(aservice, "ServiceList") or (path, None)
     _check_listeners(specs, sl_where, problems)
 
@@ -167,7 +167,7 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
                 (e.section or "").lower() == spec.section.lower() for e in entries):
             problems.append(warning(file, None, "no %s: lines for ServiceList's %s|%s:%s: defaults apply"
                                     % (spec.section, spec.library, spec.instance, spec.section)))
-        cfg = _settings(entries, spec.section, KIND_CODES[spec.kind], spec.kind, config_dir, problems)
+        cfg, _ = _settings(entries, spec.section, KIND_CODES[spec.kind], spec.kind, config_dir, problems)
         _check_service(spec, file, cfg, sl_where, problems)
         vdomains = None
         if cfg.VirtualDomainFile:
@@ -192,12 +192,14 @@ def summary(config: Config) -> str:
 # --- building one file's settings -------------------------------------------------------------------
 
 def _settings(entries: List[Entry], section: str, code: str, kind: Optional[str], config_dir: str,
-              problems: List[Problem]) -> ServiceConfig:
-    """Convert one section of a file into a ServiceConfig, reporting what is wrong or unusual."""
+              problems: List[Problem]) -> Tuple[ServiceConfig, Set[str]]:
+    """Convert one section of a file into a ServiceConfig, reporting what is wrong or unusual;
+    also the keys whose value could not be used."""
     chosen, found = cfgfile.select(entries, section)
     problems += found
-    legacy_file = FILE_NAMES[code] + ".cfg"
+    legacy_file = ("an " if FILE_NAMES[code][0] in "AEIOU" else "a ") + FILE_NAMES[code] + ".cfg"
     explicit: Dict[str, Tuple[Any, Optional[Where]]] = {}
+    failed: Set[str] = set()
     for e in chosen.values():
         p = lookup(e.key)
         if p is None:
@@ -206,7 +208,7 @@ def _settings(entries: List[Entry], section: str, code: str, kind: Optional[str]
                                   % (e.key, ' (did you mean "%s"?)' % hint if hint else "")))
             continue
         if not p.honoured(code):
-            problems.append(warning(e.file, e.line, "%s is not a %s parameter in the legacy product; ignored"
+            problems.append(warning(e.file, e.line, "%s is not %s parameter in the legacy product; ignored"
                                     % (p.name, legacy_file)))
             continue
         if e.value == "":
@@ -216,23 +218,24 @@ def _settings(entries: List[Entry], section: str, code: str, kind: Optional[str]
             value = p.type.convert(e.value, ctx)
         except ValueError as ex:
             problems.append(error(e.file, e.line, "%s: %s" % (p.name, ex)))
+            failed.add(p.key)
             continue
         problems += [warning(e.file, e.line, w) for w in ctx.warnings]
         explicit[p.key] = (value, (e.file, e.line))
         status = support_problem(p, value)
         if code not in p.files:
             if status is None:
-                status = ("warning", "%s is not a %s parameter in the legacy product; it is honoured"
+                status = ("warning", "%s is not %s parameter in the legacy product; it is honoured"
                           % (p.name, legacy_file))
             elif status[0] == "warning":
-                status = ("warning", "%s is not a %s parameter in the legacy product and is not supported "
+                status = ("warning", "%s is not %s parameter in the legacy product and is not supported "
                                      "yet: ignored" % (p.name, legacy_file))
         if status:
             problems.append(Problem(e.file, e.line, *status))
         if p.obsolete:
             problems.append(warning(e.file, e.line, "%s is obsolete, superseded by %s%s" % (
                 p.name, p.obsolete, "; its value is still used" if p.supported else "")))
-    return ServiceConfig(kind, explicit, config_dir)
+    return ServiceConfig(kind, explicit, config_dir), failed
 
 
 def _unused_sections(entries: Iterable[Entry], used: Set[str], problems: List[Problem]) -> None:
