@@ -13,7 +13,7 @@ def conv(name, raw, **ctx):
 
 # --- registry -----------------------------------------------------------------------------------------
 
-DESIGN_TABLE = """SSLEnable SSLPorts SSLBacksidePort SSLCacheDir SSLCertPrefix SSLCertFile SSLCipherSpecs
+LEGACY_NAMES = """SSLEnable SSLPorts SSLBacksidePort SSLCacheDir SSLCertPrefix SSLCertFile SSLCipherSpecs
 SSLCertNicknames SSLKeyFile SSLKeyPasswdFile SSLSecmodFile AuthCacheSize AuthCacheTTL AuthenticationLdapAttributes
 AuthenticationServer AuthService AuthServiceTTL BacksidePort Banner BeTheUser BeTheGroup BGMax BGPenalty BGMaxBadness
 BGDecay BGLinear BGExcluded BindDN BindPass CanonicalVirtualDomainDelim Capability CertMapDN CertmapFile ClientLookup
@@ -30,10 +30,10 @@ SSLEnable SSLPorts SSLCacheDir SSLCertPrefix SSLCertFile SSLCertNicknames SSLKey
 SSLSecmodFile RestrictPlainPasswords VirtualDomainFile""".split()
 
 
-def test_registry_covers_the_design_table_with_its_spelling():
-    for name in DESIGN_TABLE:
+def test_registry_knows_every_legacy_name_with_its_spelling():
+    for name in LEGACY_NAMES:
         assert lookup(name) is not None and lookup(name).name == name, name
-    assert set(DESIGN_TABLE) <= {p.name for p in PARAMS.values()}
+    assert set(LEGACY_NAMES) <= {p.name for p in PARAMS.values()}
 
 
 def test_lookup_is_case_insensitive_and_suggests():

@@ -113,6 +113,8 @@ class ServiceEntry:
 
 @dataclass
 class Config:
+    """A configuration directory as loaded: AService.cfg, each ServiceList entry, every problem."""
+
     dir: str
     aservice: ServiceConfig
     services: List[ServiceEntry] = field(default_factory=list)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from mmproxy.config import types as t
 
@@ -43,7 +43,7 @@ class Param:
         return code in self.files or code in self.honoured_in
 
 
-_ALL: list = []
+_ALL: List[Param] = []   # in declaration order: templates and docs follow it
 
 
 def _group(group: str, *rows: Tuple[Any, ...]) -> None:
@@ -57,92 +57,91 @@ def _group(group: str, *rows: Tuple[Any, ...]) -> None:
         _ALL.append(Param(name, type_, default, tuple(files.split()), doc, group=group, **opts))
 
 
-SUP = {"supported": True}
-IPS = "I P S"
+_SUP = {"supported": True}
+_IPS = "I P S"
 
 _group(
     "Services and process",
     ("ServiceList", t.ServiceList(),
      "msg_svr_base/lib/ImapProxyAService@143|993 msg_svr_base/lib/PopProxyAService@110", "A",
      "services to start: DLLPATH[|INSTANCE]@[IP:]PORT|[IP:]PORT..., blank separated; the basename of "
-     "DLLPATH picks the service, INSTANCE.cfg holds its settings", dict(SUP, reload=False)),
+     "DLLPATH picks the service, INSTANCE.cfg holds its settings", dict(_SUP, reload=False)),
     ("NumThreads", t.Int(min=1), 1, "A",
-     "worker count (one per processor is optimal); mmproxy runs one process for now", dict(SUP, reload=False)),
+     "worker count (one per processor is optimal); mmproxy runs one process for now", dict(_SUP, reload=False)),
     ("BeTheUser", t.Str(), None, "A", "user to run as once the ports are bound", {"reload": False}),
     ("BeTheGroup", t.Str(), None, "A", "group to run as once the ports are bound", {"reload": False}),
 )
 _group(
     "Logging",
     ("LogDir", t.Path(), t.InstallPath("data/log"), "A I P S",
-     "directory for the log files (ImapProxy_yyyymmdd.log...); default msg_svr_base/data/log", SUP),
-    ("LogLevel", t.Int(0, 10), 1, "A I P S", "log verbosity, 0 (least) to 10 (most)", SUP),
+     "directory for the log files (ImapProxy_yyyymmdd.log...); default msg_svr_base/data/log", _SUP),
+    ("LogLevel", t.Int(0, 10), 1, "A I P S", "log verbosity, 0 (least) to 10 (most)", _SUP),
 )
 _group(
     "Greeting and session",
-    ("Banner", t.Str(), None, IPS, "greeting text (default: product name and version)", SUP),
+    ("Banner", t.Str(), None, _IPS, "greeting text (default: product name and version)", _SUP),
     ("Capability", t.Capability(), None, "I",
      "CAPABILITY string shown to IMAP clients before login (default: mmproxy's own list); "
-     "list only what every store supports", SUP),
+     "list only what every store supports", _SUP),
     ("ServerDownAlert", t.Str(), "Your IMAP server appears to be temporarily out of service.", "I",
-     "[ALERT] text sent to IMAP clients when their store cannot be reached", SUP),
-    ("Timeout", t.Timeout(), 1800, IPS,
-     "idle seconds after login before the session is closed (RFCs: IMAP 1800, POP/SMTP 600 at least)", SUP),
+     "[ALERT] text sent to IMAP clients when their store cannot be reached", _SUP),
+    ("Timeout", t.Timeout(), 1800, _IPS,
+     "idle seconds after login before the session is closed (RFCs: IMAP 1800, POP/SMTP 600 at least)", _SUP),
 )
 _group(
     "Directory (LDAP)",
     ("LdapURL", t.LdapURLType(), "ldap://localhost/o=internet", "I P",
      "directory URL: ldap[s]://host[:port][ host2[:port]...]/BASE, several hosts for failover; quote it "
-     "when it holds a blank", dict(SUP, per_domain=True, honoured_in="S")),
-    ("BindDN", t.DN(), None, "I P", "DN to bind as for searches",
-     dict(SUP, per_domain=True, honoured_in="S")),
-    ("BindPass", t.Str(), None, "I P", "password of BindDN", dict(SUP, per_domain=True, honoured_in="S")),
-    ("LdapCacheSize", t.Int(min=0), 10000, "I P", "entries in the user lookup cache", SUP),
-    ("LdapCacheTTL", t.Int(min=0), 900, "I P", "seconds a user lookup stays cached", SUP),
-    ("LdapRefreshInterval", t.Int(min=0), 2100, "I P", "seconds before an LDAP connection is reopened", SUP),
+     "when it holds a blank", dict(_SUP, per_domain=True, honoured_in="S")),
+    ("BindDN", t.DN(), None, "I P", "DN to bind as for searches", dict(_SUP, honoured_in="S")),
+    ("BindPass", t.Str(), None, "I P", "password of BindDN", dict(_SUP, honoured_in="S")),
+    ("LdapCacheSize", t.Int(min=0), 10000, "I P", "entries in the user lookup cache", _SUP),
+    ("LdapCacheTTL", t.Int(min=0), 900, "I P", "seconds a user lookup stays cached", _SUP),
+    ("LdapRefreshInterval", t.Int(min=0), 2100, "I P", "seconds before an LDAP connection is reopened", _SUP),
 )
 _group(
     "Users and domains",
     ("HostedDomains", t.Bool(), "yes", "I P",
-     "yes: hosted domains in a DC tree; no: one flat user tree under LdapURL", dict(SUP, per_domain=True)),
+     "yes: hosted domains in a DC tree; no: one flat user tree under LdapURL", _SUP),
     ("DefaultDomain", t.Str(), None, "I P", "domain appended to user ids given without one",
-     dict(SUP, per_domain=True)),
+     dict(_SUP, per_domain=True)),
     ("VirtualDomainDelim", t.Str(), "@", "I P",
-     "characters accepted between user id and domain (searched from the end)", SUP),
+     "characters accepted between user id and domain (searched from the end)", _SUP),
     ("CanonicalVirtualDomainDelim", t.Str(length=1), "@", "I P",
-     "delimiter used towards LDAP and the store", SUP),
+     "delimiter used towards LDAP and the store", _SUP),
     ("SearchFormat", t.Format("osUVCSD", filter=True), t.IfParam("HostedDomains", "uid=%U", "uid=%s"), "I P",
      "user search filter: %o login as typed, %s user+domain, %U user, %V domain, %C client IP, "
-     "%S server IP, %D client certificate DN", dict(SUP, per_domain=True)),
+     "%S server IP, %D client certificate DN", dict(_SUP, per_domain=True)),
     ("MailHostAttrs", t.Words(), "mailHost", "I P",
-     "attributes naming the user's store, tried in order", SUP),
+     "attributes naming the user's store, tried in order", _SUP),
     ("UserGroupDN", t.DN(), None, "I P",
      "base DN for Schema v2 searches and for certificate mapping"),
     ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN", {"obsolete": "UserGroupDN"}),
-    ("VirtualDomainFile", t.Path(must_exist="file"), None, IPS,
-     "vdmap.cfg: per-server-address settings (`vdmap NAME IP`, then `NAME:Param value` lines)", SUP),
+    ("VirtualDomainFile", t.Path(must_exist="file"), None, _IPS,
+     "vdmap.cfg: per-server-address settings (`vdmap NAME IP`, then `NAME:Param value` lines)", _SUP),
 )
 _group(
     "Authentication",
     ("PreAuth", t.Bool(), "no", "I P", "authenticate against LDAP before contacting the store",
-     dict(SUP, per_domain=True)),
-    ("AuthCacheSize", t.Int(min=0), 10000, "I P", "entries in the PreAuth result cache", SUP),
-    ("AuthCacheTTL", t.Int(min=0), 900, "I P", "seconds a PreAuth result stays cached", SUP),
-    ("RestrictPlainPasswords", t.Bool(), "no", IPS, "refuse plaintext passwords until TLS is active",
-     dict(SUP, per_domain=True, security=True)),
+     dict(_SUP, per_domain=True)),
+    ("AuthCacheSize", t.Int(min=0), 10000, "I P", "entries in the PreAuth result cache", _SUP),
+    ("AuthCacheTTL", t.Int(min=0), 900, "I P", "seconds a PreAuth result stays cached", _SUP),
+    ("RestrictPlainPasswords", t.Bool(), "no", _IPS, "refuse plaintext passwords until TLS is active",
+     dict(_SUP, per_domain=True, security=True)),
     ("CRAMs", t.Bool(), "no", "I P", "APOP and CRAM-MD5 (needs clear-text userPassword readable by BindDN)"),
     ("AuthenticationServer", t.HostPort(), None, "I P",
      "host:port of a third-party authentication server (needs PreAuth)"),
     ("AuthenticationLdapAttributes", t.Words(), "", "I P",
      "extra user attributes sent to the authentication server"),
-    ("CertmapFile", t.Path(must_exist="file"), None, IPS,
+    ("CertmapFile", t.Path(must_exist="file"), None, _IPS,
      "certificate-to-user mapping for client certificate logins", {"security": True}),
 )
 _group(
     "Store",
-    ("BacksidePort", t.PORT, t.PerService(imap=143, pop=110), "I P", "store port", SUP),
+    ("BacksidePort", t.PORT, t.PerService(imap=143, pop=110), "I P", "store port", _SUP),
     ("ReplayFormat", t.Format("UVso", attr=True), "%U", "I P",
      "login id replayed to the store: %U user, %V domain, %A[attr] user attribute, %s user+domain, "
-     "%o login as typed", dict(SUP, per_domain=True)),
+     "%o login as typed", dict(_SUP, per_domain=True)),
     ("StoreAdmin", t.Str(), None, "I P", "store administrator for proxy authorization"),
     ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin"),
     ("SpoofEmptyMailbox", t.Bool(), "off", "P", "store down: show an empty POP mailbox"),
@@ -151,12 +150,12 @@ _group(
 )
 _group(
     "Access control and limits",
-    ("TCPAccess", t.Str(), None, IPS, "wrapper-style access filter applied to every client",
+    ("TCPAccess", t.Str(), None, _IPS, "wrapper-style access filter applied to every client",
      {"per_domain": True, "security": True}),
     ("TCPAccessAttr", t.Str(), "mailAllowedServiceAccess", "I P",
      "user attribute holding a per-user access filter"),
-    ("ClientLookup", t.Bool(), "no", IPS, "reverse DNS lookup of every client", {"per_domain": True}),
-    ("ConnLimits", t.ConnLimits(), "0.0.0.0|0.0.0.0:20", IPS,
+    ("ClientLookup", t.Bool(), "no", _IPS, "reverse DNS lookup of every client", {"per_domain": True}),
+    ("ConnLimits", t.ConnLimits(), "0.0.0.0|0.0.0.0:20", _IPS,
      "simultaneous connections per client address: IP|MASK:NUM,... or a file, most specific first"),
     ("BGMax", t.Int(min=0), 10000, "I P", "BadGuys: how many failing client addresses are tracked"),
     ("BGPenalty", t.Int(min=0), 2, "I P", "BadGuys: seconds added per authentication failure"),
@@ -186,33 +185,32 @@ _group(
 )
 _group(
     "TLS",
-    ("SSLEnable", t.Bool(), "no", IPS, "offer STARTTLS/STLS; required for SSLPorts", dict(SUP, security=True)),
-    ("SSLPorts", t.Endpoints(), (), IPS, "[IP:]PORT|... where TLS starts on accept (must also be in ServiceList)",
-     dict(SUP, security=True)),
-    ("SSLCacheDir", t.Path(must_exist="dir"), None, IPS,
-     "directory holding the certificate files <SSLCertPrefix><nickname>.pem or .p12", dict(SUP, security=True)),
-    ("SSLCertPrefix", t.Str(), "", IPS, "file-name prefix of the certificate files in SSLCacheDir",
-     dict(SUP, security=True)),
-    ("SSLCertNicknames", t.Words(), "", IPS, "certificate name(s) to present (legacy value: Server-Cert)",
-     dict(SUP, security=True)),
-    ("SSLCertFile", t.Path(must_exist="file", nss_check=True), None, IPS,
+    ("SSLEnable", t.Bool(), "no", _IPS, "offer STARTTLS/STLS; required for SSLPorts", dict(_SUP, security=True)),
+    ("SSLPorts", t.Endpoints(), (), _IPS, "[IP:]PORT|... where TLS starts on accept (must also be in ServiceList)",
+     dict(_SUP, security=True)),
+    ("SSLCacheDir", t.Path(must_exist="dir"), None, _IPS,
+     "directory holding the certificate files <SSLCertPrefix><nickname>.pem or .p12", dict(_SUP, security=True)),
+    ("SSLCertPrefix", t.Str(), "", _IPS, "file-name prefix of the certificate files in SSLCacheDir",
+     dict(_SUP, security=True)),
+    ("SSLCertNicknames", t.Words(), "", _IPS, "certificate name(s) to present (legacy value: Server-Cert)",
+     dict(_SUP, security=True)),
+    ("SSLCertFile", t.Path(must_exist="file", nss_check=True), None, _IPS,
      "a PEM or PKCS#12 certificate file (superseded by SSLCertPrefix)",
-     dict(SUP, security=True, obsolete="SSLCertPrefix")),
-    ("SSLKeyFile", t.Path(must_exist="file", nss_check=True), None, IPS,
-     "private key file, when not in the certificate file", dict(SUP, security=True)),
-    ("SSLKeyPasswdFile", t.Path(must_exist="file"), t.InstallPath("config/sslpassword.conf"), IPS,
+     dict(_SUP, security=True, obsolete="SSLCertPrefix")),
+    ("SSLKeyFile", t.Path(must_exist="file", nss_check=True), None, _IPS,
+     "private key file, when not in the certificate file", dict(_SUP, security=True)),
+    ("SSLKeyPasswdFile", t.Path(must_exist="file"), t.InstallPath("config/sslpassword.conf"), _IPS,
      "key password(s), lines `Internal (Software) Token:secret`; the default file may be absent",
-     dict(SUP, security=True)),
-    ("SSLCipherSpecs", t.Ciphers(), "all", IPS, "all (a modern default) or an OpenSSL cipher string",
-     dict(SUP, security=True)),
+     dict(_SUP, security=True)),
+    ("SSLCipherSpecs", t.Ciphers(), "all", _IPS, "all (a modern default) or an OpenSSL cipher string",
+     dict(_SUP, security=True)),
     ("SSLSecmodFile", t.NotUsed("hardware crypto modules are an NSS feature; mmproxy uses OpenSSL"), None,
-     IPS, "NSS security module list (accepted, not used)", dict(SUP, security=True)),
+     _IPS, "NSS security module list (accepted, not used)", dict(_SUP, security=True)),
     ("SSLBacksidePort", t.PORT, None, "I P", "store port to reach over TLS (unset: plaintext to the store)",
      {"security": True}),
 )
 
 PARAMS: Dict[str, Param] = {p.key: p for p in _ALL}
-del _ALL
 
 
 def lookup(name: str) -> Optional[Param]:
