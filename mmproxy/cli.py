@@ -40,7 +40,7 @@ def _check(config_dir: str, create_missing: bool) -> Any:
     if not config.errors:
         problems += runtime_problems(config)
     for p in problems:
-        click.echo(str(p), err=p.severity == "error")
+        click.echo(str(p))
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         click.echo("%s: %d error(s); fix them and run `mmproxy check-config --config-dir %s` again"

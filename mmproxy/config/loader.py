@@ -16,7 +16,7 @@ from mmproxy.config import cfgfile
 from mmproxy.config.cfgfile import Entry, Problem, error, warning
 from mmproxy.config.params import (FILE_NAMES, KIND_CODES, PARAMS, Param, lookup, suggest,
                                    support_problem)
-from mmproxy.config.types import Ctx, Deferred, Endpoint, Endpoints, ServiceSpec
+from mmproxy.config.types import Ctx, Deferred, Endpoint, Endpoints, ServiceList, ServiceSpec
 from mmproxy.config.vdmap import VirtualDomains, read_vdmap
 
 IMPLICIT_TLS_PORTS = {993: "IMAPS", 995: "POP3S", 465: "SMTPS"}
@@ -146,7 +146,8 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
         return Config(config_dir, ServiceConfig(None, {}, config_dir), [], problems)
     aservice, failed = _settings(entries, "default", "A", None, config_dir, problems)
     _unused_sections(entries, {"default"}, problems)
-    specs = () if "servicelist" in failed else aservice.ServiceList   # not the default instead of a bad one
+    # A bad entry is reported; the good ones are still loaded and checked (never the default instead).
+    specs = _good_services(entries) if "servicelist" in failed else aservice.ServiceList
     sl_where = _location(aservice, "ServiceList") or (path, None)
     _check_listeners(specs, sl_where, problems)
 
@@ -179,6 +180,17 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
     for instance, used in sections.items():
         _unused_sections(files[instance] or [], used, problems)
     return Config(config_dir, aservice, services, list(dict.fromkeys(problems)))
+
+
+def _good_services(entries: List[Entry]) -> Tuple[ServiceSpec, ...]:
+    raw = [e.value for e in entries if (e.section or "default").lower() == "default" and e.key.lower() == "servicelist"]
+    good = []
+    for text in (raw[-1].split() if raw else []):
+        try:
+            good.append(ServiceList._entry(text))
+        except ValueError:
+            pass
+    return tuple(good)
 
 
 def summary(config: Config) -> str:
