@@ -18,13 +18,26 @@ from gevent.server import StreamServer
 from mmproxy import logs, relay
 from mmproxy.config import Problem, load_config
 from mmproxy.errors import ConfigError
-from mmproxy.imap import ImapService
 from mmproxy.session import Service
 
 log = logging.getLogger("mmproxy.aservice")
 
-SERVICES = {"imap": ImapService}
+# kind -> (module, class): one line per protocol module.
+SERVICES = {"imap": ("mmproxy.imap", "ImapService"), "pop": ("mmproxy.pop", "PopService"),
+            "smtp": ("mmproxy.smtp", "SmtpService")}
 NOT_YET = {"pop": "POP3", "smtp": "SMTP"}
+
+
+def service_class(kind: str) -> Optional[type]:
+    """The Service class for a ServiceList kind, or None while that protocol is not implemented."""
+    import importlib
+    module, name = SERVICES[kind]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
 BACKLOG = 1024
 
 
@@ -60,7 +73,7 @@ def runtime_problems(config: Any) -> List[Problem]:
     from mmproxy import tls
     out = []
     for entry in config.services:
-        if entry.spec.kind in SERVICES and entry.cfg.SSLEnable:
+        if service_class(entry.spec.kind) is not None and entry.cfg.SSLEnable:
             try:
                 tls.server_context(entry.cfg)
             except ConfigError as e:
@@ -83,12 +96,13 @@ class AService:
         try:
             for entry in self.config.services:
                 kind = entry.spec.kind
-                if kind not in SERVICES:
+                cls = service_class(kind)
+                if cls is None:
                     log.warning("%s service (%s) is not implemented yet: its listeners %s are not opened",
                                 NOT_YET.get(kind, kind), entry.spec.instance, _eps(entry.spec.listeners))
                     continue
                 logs.configure(kind, entry.cfg.LogDir, entry.cfg.LogLevel, self.foreground)
-                service = SERVICES[kind](entry)
+                service = cls(entry)
                 self.services[(kind, entry.spec.instance)] = service
                 for ep in entry.spec.listeners:
                     self._listen(service, ep.host, ep.port)

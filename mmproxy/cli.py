@@ -31,7 +31,7 @@ def main() -> None:
     """
 
 
-def _check(config_dir: str, create_missing: bool) -> Any:
+def _check(config_dir: str, create_missing: bool, err: bool = False) -> Any:
     """Load the configuration and print its problems; the config, or exit 1 on errors."""
     from mmproxy.aservice import runtime_problems
     from mmproxy.config import load_config, summary
@@ -40,7 +40,7 @@ def _check(config_dir: str, create_missing: bool) -> Any:
     if not config.errors:
         problems += runtime_problems(config)
     for p in problems:
-        click.echo(str(p))
+        click.echo(str(p), err=err)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         click.echo("%s: %d error(s); fix them and run `mmproxy check-config --config-dir %s` again"
@@ -71,7 +71,7 @@ def start(config_dir: str, foreground: bool) -> None:
     if not foreground:
         _daemonize(config_dir)
         return
-    config, line = _check(config_dir, create_missing=True)
+    config, line = _check(config_dir, create_missing=True, err=True)
     from mmproxy.aservice import AService
     from mmproxy.errors import ConfigError
     daemon = AService(config, foreground=True)

@@ -278,7 +278,7 @@ class ImapSession(Session):
             self.log.info("login refused by store user=%r", user)
             return self._count_auth_failure(True)
         self.log.info("login user=%s store=%s:%d", target.login.canonical, target.host, target.cfg.BacksidePort)
-        self.hand_off(store, target)
+        self.hand_off(store, target.login.canonical, target.cfg.Timeout)
         return False
 
     def _count_auth_failure(self, bad_credentials: bool) -> Optional[bool]:

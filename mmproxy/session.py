@@ -38,11 +38,12 @@ class Service:
 
     name = "service"
     session_class: type
+    uses_directory = True          # SMTP finds no users: it has relays, not stores
 
     def __init__(self, entry: Any) -> None:
         self.entry = entry
         self.cfg = entry.cfg
-        self.directory = Directory(self.cfg)
+        self.directory: Optional[Directory] = Directory(self.cfg) if self.uses_directory else None
         self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self._needs_tls() else None
         self.ssl_ports = {(e.host, e.port) for e in (self.cfg.SSLPorts or [])}
         self.sessions: set = set()
@@ -66,7 +67,8 @@ class Service:
         return vd.for_address(server_ip) if vd is not None else {}
 
     def close(self) -> None:
-        self.directory.close()
+        if self.directory is not None:
+            self.directory.close()
 
 
 @dataclass
@@ -222,20 +224,23 @@ class Session:
         return Store(target.host, target.cfg.BacksidePort)
 
     # ------------------------------------------------------------------ relay
-    def hand_off(self, store: Store, target: Target) -> None:
-        """Login done: the client and store sockets now belong to the relay; this greenlet ends."""
+    def hand_off(self, store: Store, user: str, idle: float) -> None:
+        """Login done: the client and store sockets now belong to the relay; this greenlet ends.
+
+        Bytes either side already sent past the login go first: the client's to the store, the
+        store's to the client.
+        """
         self.flush()
         to_store = self.reader.take_pending()
         to_client = store.reader.take_pending()
         self.handed_off = True
         started = gevent.get_hub().loop.now()
-        user = target.login.canonical
         lg = self.log
 
         def closed(r: Relay) -> None:
             lg.info("logout user=%s: %s (%ds, client->store %d B, store->client %d B)", user, r.reason or "closed",
                     gevent.get_hub().loop.now() - started, r.bytes_up, r.bytes_down)
-        Relay(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client)
+        Relay(self.sock, store.sock, float(idle), closed, to_store, to_client)
 
 
 def failure_kind(e: BaseException) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from mmproxy.testing import (DelayProxy, DovecotStore, MissingBinary, Slapd, default_directory, free_port,
                              welcome_subject)
-from mmproxy.testing.base import find_binary
+from mmproxy.testing.base import _proc_table, find_binary
 
 imaplib.Commands.setdefault("ID", ("NONAUTH", "AUTH", "SELECTED"))
 
@@ -222,8 +222,8 @@ def test_standalone_store_cleans_up():
         assert int(data[0].split()[-1].rstrip(b")")) > 190_000
         m.logout()
     assert not os.path.exists(store.dir)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)                        # nothing left in the daemon's process group
+    left = [p for p, (_ppid, pgrp, state, _t) in _proc_table().items() if pgrp == pid and state != "Z"]
+    assert left == []                            # nothing left of the daemon's process group
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -272,3 +272,41 @@ def test_delay_proxy_slows_ldap_answers(mail_stack):
         proxy.delay = 0
         assert timed_search() < 0.5
         conn.unbind_s()
+
+
+# -- Postfix ---------------------------------------------------------------------------------
+
+def test_postfix_delivers_users_to_their_store_by_lmtp(mail_stack):
+    import smtplib
+    smtp = mail_stack.info()["smtp"]
+    carol = mail_stack.user("carol")
+    with smtplib.SMTP(smtp["host"], smtp["port"], timeout=10) as s:
+        assert "xclient" in s.ehlo()[1].decode().lower()
+        s.sendmail("someone@example.net", ["carol@example.org"], "Subject: via postfix to carol\r\n\r\nhi\r\n")
+    deadline = time.monotonic() + 10
+    while True:
+        subjects = imap_subjects("127.0.0.3", mail_stack.imap_port, "carol@example.org", carol["password"])
+        if "via postfix to carol" in subjects or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert subjects[0] == "Welcome carol@example.org on 127.0.0.3"
+    assert "via postfix to carol" in subjects, mail_stack.postfix.read_log()[-2000:]
+
+
+def test_postfix_sinks_everything_else_and_honours_xclient(mail_stack):
+    import smtplib
+    pf = mail_stack.postfix
+    before = len(pf.messages())
+    with smtplib.SMTP(pf.host, pf.port, timeout=10) as s:
+        s.sendmail("a@example.net", ["nobody@example.com", "x@elsewhere.test"], "Subject: to the sink\r\n\r\nhi\r\n")
+    msgs = pf.wait_for_messages(before + 2)
+    assert sorted(m["X-Original-To"] for m in msgs[before:]) == ["nobody@example.com", "x@elsewhere.test"]
+    with smtplib.SMTP(pf.host, pf.port, timeout=10) as s:
+        s.ehlo()
+        code, _ = s.docmd("XCLIENT", "ADDR=192.0.2.9 NAME=[UNAVAILABLE]")
+        assert code == 220                       # a new session as seen from 192.0.2.9
+        s.ehlo()
+        s.mail("a@example.net")
+        code, msg = s.rcpt("x@elsewhere.test")  # not in mynetworks: no relaying
+        assert code == 554 and b"Relay access denied" in msg
+        assert s.rcpt("bob@example.com")[0] == 250

@@ -19,13 +19,20 @@ API
         .start() .stop() .restart() .close(), context manager; .url .host .port .log_file
         .read_log() .connect("proxy"|"root"|"anonymous"|(dn, pw)) -> python-ldap object
         .ldapmodify(ldif) .add(ldif) .delete(*dns)  (as the root DN)
-    DovecotStore(ip, port_imap, port_pop3, users, port_lmtp=None, workdir=, mail_root=,
-                 large_bytes=0, extra_conf="", keep=)
-        same lifecycle; .log_file .read_log() .add_user(login, pw) .home(login)
+    DovecotStore(ip, port_imap, port_pop3, users, port_lmtp=None, aliases=None, workdir=,
+                 mail_root=, large_bytes=0, auth_failure_delay=0, auth_penalty=False,
+                 extra_conf="", keep=)
+        same lifecycle; .log_file .read_log() .add_user(login, pw) .add_alias(addr, login)
+        .home(login)
+    Postfix(host="127.0.0.1", port=None, mynetworks="127.0.0.0/8", xclient_hosts="127.0.0.0/8",
+            relay_domains=("example.com", "example.org"), transports=None, main_cf=None, workdir=, keep=)
+        same lifecycle; .host .port .log_file .read_log() .sink_file .messages()
+        .wait_for_messages(n, timeout) .flush()
     MailStack(users=10, directory=None, store_ips=("127.0.0.2", "127.0.0.3"), workdir=,
-              keep=False, large_bytes=0, lmtp=True, slapd_loglevel="stats", store_conf="")
-        .start() .stop() context manager .info() .user(name) .slapd .stores[ip]
-        .imap_port .pop3_port .lmtp_port .ldap_url .directory
+              keep=False, large_bytes=0, lmtp=True, slapd_loglevel="stats", store_conf="",
+              postfix=False, postfix_options=None)
+        .start() .stop() context manager .info() .user(name) .transports() .slapd .stores[ip]
+        .postfix .imap_port .pop3_port .lmtp_port .ldap_url .directory
     DelayProxy(target_host, target_port, listen_host="127.0.0.1", delay=0.0)
         .start() .stop() context manager .port .url; .delay may change at any time
     default_directory(n_users=10) -> Directory; welcome_subject(login, ip); ssha(pw)
@@ -61,12 +68,23 @@ Default data model: default_directory(n_users=10)
 Stores
     Each store's passwd-file holds only its own users' store logins ({SSHA}); a login on the
     wrong store fails. Every INBOX holds a message with Subject "Welcome <store login> on <ip>"
-    (e.g. "Welcome carol@example.org on 127.0.0.3"). login_trusted_networks = 127.0.0.0/8, so an
-    IMAP ID ("x-originating-ip" ...) or POP3 XCLIENT from loopback sets rip= in the store log.
+    (e.g. "Welcome carol@example.org on 127.0.0.3"), as UID 1. login_trusted_networks =
+    127.0.0.0/8, so an IMAP ID ("x-originating-ip" ...) or POP3 XCLIENT from loopback sets rip= in
+    the store log. LMTP (same port on both stores) also accepts each user's mail address and
+    mailAlternateAddress (userdb-only aliases: they cannot log in).
+    Failed logins take about 0.5 s (auth_failure_delay 0) and Dovecot's per-IP auth penalty is
+    off, so wrong-password tests do not slow later logins.
+
+Postfix (MailStack(postfix=True), the session fixture has it)
+    smtpd on 127.0.0.1:<free port>; relays for mynetworks 127.0.0.0/8 and to example.com /
+    example.org; XCLIENT/XFORWARD from 127.0.0.0/8. Every user's address goes by LMTP to the
+    user's store (so it shows up over IMAP); any other recipient, bounces too, lands in the sink
+    mbox (postfix.messages()). Nothing is ever delivered off the machine.
 
 MailStack.info() keys
     workdir; ldap {url host port suffix bind_dn bind_pw root_dn root_pw log};
     imap_port pop3_port lmtp_port; stores {ip: {ip imap pop3 lmtp log users}};
+    smtp: None, or {host port mynetworks xclient_hosts relay_domains sink log};
     domains {name: {dn org_dn people_dn status attrs}};
     users {uid: {uid domain login password mailhost store_login dn mail attrs}}
 """
@@ -75,11 +93,12 @@ from .delayproxy import DelayProxy
 from .directory import (PROXY_DN, PROXY_PW, ROOT_DN, ROOT_PW, STORE_IPS, SUFFIX, Directory, Domain, User,
                         default_directory)
 from .dovecot import DovecotStore, welcome_subject
+from .postfix import Postfix
 from .slapd import Slapd
 from .stack import MailStack
 
 __all__ = [
     "DaemonError", "MissingBinary", "free_port", "ssha", "DelayProxy", "Directory", "Domain", "User",
-    "default_directory", "DovecotStore", "welcome_subject", "Slapd", "MailStack",
+    "default_directory", "DovecotStore", "welcome_subject", "Slapd", "MailStack", "Postfix",
     "PROXY_DN", "PROXY_PW", "ROOT_DN", "ROOT_PW", "STORE_IPS", "SUFFIX",
 ]

@@ -34,6 +34,10 @@ def describe(info: dict) -> str:
         out.append("  %-10s imap %s:%d  pop3 %s:%d  log %s" % (ip, ip, st["imap"], ip, st["pop3"], st["log"]))
         out.append("             e.g. curl 'imap://%s:%d/INBOX;UID=1' -u '<store login>:<password>'"
                    % (ip, st["imap"]))
+    if info.get("smtp"):
+        sm = info["smtp"]
+        out += ["", "SMTP      Postfix %s:%d (mynetworks %s; users' mail goes by LMTP to their store, the rest to %s)"
+                % (sm["host"], sm["port"], sm["mynetworks"], sm["sink"])]
     out += ["", "Domains"]
     for name, d in info["domains"].items():
         extra = ", ".join("%s: %s" % (k, " ".join(v)) for k, v in d["attrs"].items())
@@ -52,6 +56,7 @@ def main(argv: list = None) -> int:
     up.add_argument("--keep", action="store_true", help="keep the temp dir (logs, mailboxes) afterwards")
     up.add_argument("--users", type=int, default=10, help="numbered users user1..userN (default 10)")
     up.add_argument("--large-bytes", type=int, default=0, help="add a message of about this size to every INBOX")
+    up.add_argument("--postfix", action="store_true", help="also start a Postfix relay (delivers to the stores)")
     up.add_argument("--info-file", help="also write info() as JSON to this file")
     args = ap.parse_args(argv)
 
@@ -59,7 +64,7 @@ def main(argv: list = None) -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
-    stack = MailStack(users=args.users, keep=args.keep, large_bytes=args.large_bytes)
+    stack = MailStack(users=args.users, keep=args.keep, large_bytes=args.large_bytes, postfix=args.postfix)
     try:
         stack.start()
     except MissingBinary as e:

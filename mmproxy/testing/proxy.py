@@ -30,17 +30,23 @@ def write_cfg(path: str, items: Dict[str, object], header: str = "") -> None:
             f.write("default:%s %s\n" % (key, v))
 
 
+SERVICE_FILES = {"imap": "ImapProxyAService", "pop": "PopProxyAService", "smtp": "SmtpProxyAService"}
+
+
 class Proxy:
     """An mmproxy subprocess over a config tree written for a MailStack's info().
 
-    imap: extra ImapProxyAService.cfg settings (they override the defaults written here);
-    aservice: extra AService.cfg settings; tls: (cert, key) PEM paths to enable STARTTLS and an
-    implicit-TLS port.  Listens on 127.0.0.1 at ``imap_port`` (and ``imaps_port``).
+    imap / pop / smtp: extra settings for that service's file (they override the defaults written
+    here); None leaves the service out of ServiceList (IMAP is in unless imap=False).
+    aservice: extra AService.cfg settings.  tls: (cert, key) PEM paths: STARTTLS and one implicit-TLS
+    port per service.  Ports: ``ports[kind]`` and ``tls_ports[kind]`` on 127.0.0.1 (``imap_port``,
+    ``imaps_port``, ``pop_port``, ... as shortcuts).
     """
 
-    def __init__(self, info: dict, imap: Optional[Dict[str, object]] = None, aservice: Optional[Dict[str, object]] = None,
+    def __init__(self, info: dict, imap: object = None, aservice: Optional[Dict[str, object]] = None,
                  tls: Optional[tuple] = None, workdir: Optional[str] = None, host: str = "127.0.0.1",
-                 imap_port: int = 0, imaps_port: int = 0) -> None:
+                 imap_port: int = 0, imaps_port: int = 0, pop: Optional[Dict[str, object]] = None,
+                 smtp: Optional[Dict[str, object]] = None) -> None:
         self.info = info
         self.host = host
         self.dir = workdir or make_tempdir("mmproxy-proxy-")
@@ -48,37 +54,57 @@ class Proxy:
         self.log_dir = os.path.join(self.dir, "log")
         os.makedirs(self.config_dir, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
-        self.imap_port = imap_port or free_port(host)
-        self.imaps_port = (imaps_port or free_port(host)) if tls else None
+        self.settings: Dict[str, Dict[str, object]] = {}
+        if imap is not False:
+            self.settings["imap"] = dict(imap or {})
+        if pop is not None:
+            self.settings["pop"] = dict(pop)
+        if smtp is not None:
+            self.settings["smtp"] = dict(smtp)
+        fixed = {"imap": (imap_port, imaps_port)}
+        self.ports = {k: fixed.get(k, (0, 0))[0] or free_port(host) for k in self.settings}
+        self.tls_ports = {k: fixed.get(k, (0, 0))[1] or free_port(host) for k in self.settings} if tls else {}
         self.tls = tls
-        self.imap_settings = imap or {}
         self.aservice_settings = aservice or {}
         self.proc: Optional[subprocess.Popen] = None
         self.out_file = os.path.join(self.dir, "mmproxy.out")
 
+    imap_port = property(lambda self: self.ports.get("imap"))
+    imaps_port = property(lambda self: self.tls_ports.get("imap"))
+    pop_port = property(lambda self: self.ports.get("pop"))
+    pops_port = property(lambda self: self.tls_ports.get("pop"))
+    smtp_port = property(lambda self: self.ports.get("smtp"))
+    smtps_port = property(lambda self: self.tls_ports.get("smtp"))
+
     # ------------------------------------------------------------------ config tree
-    def write_config(self) -> None:
+    def defaults(self, kind: str) -> Dict[str, object]:
+        """What this harness writes into a service file before the caller's settings."""
         ldap = self.info["ldap"]
-        listeners = "%s:%d" % (self.host, self.imap_port)
-        if self.imaps_port:
-            listeners += "|%s:%d" % (self.host, self.imaps_port)
-        write_cfg(os.path.join(self.config_dir, "AService.cfg"), {
-            "ServiceList": "%s/ImapProxyAService@%s" % (LIBDIR, listeners),
-            "LogDir": self.log_dir, "LogLevel": 5, **self.aservice_settings})
-        imap: Dict[str, object] = {
-            "LdapURL": "%s/o=internet" % ldap["url"],
-            "BindDN": ldap["bind_dn"], "BindPass": ldap["bind_pw"],
-            "HostedDomains": True, "DefaultDomain": "example.com",
-            "PreAuth": True, "BacksidePort": self.info["imap_port"],
-            "LogDir": self.log_dir, "LogLevel": 5,
-            "ServerDownAlert": "Your IMAP server appears to be temporarily out of service.",
-        }
+        out: Dict[str, object] = {"LogDir": self.log_dir, "LogLevel": 5}
+        if kind in ("imap", "pop"):
+            out.update({
+                "LdapURL": "%s/o=internet" % ldap["url"], "BindDN": ldap["bind_dn"], "BindPass": ldap["bind_pw"],
+                "HostedDomains": True, "DefaultDomain": "example.com", "PreAuth": True,
+                "BacksidePort": self.info["imap_port" if kind == "imap" else "pop3_port"],
+            })
+        if kind == "imap":
+            out["ServerDownAlert"] = "Your IMAP server appears to be temporarily out of service."
         if self.tls:
             cert, key = self.tls
-            imap.update({"SSLEnable": True, "SSLPorts": "%s:%d" % (self.host, self.imaps_port),
-                         "SSLCertFile": cert, "SSLKeyFile": key})
-        imap.update(self.imap_settings)
-        write_cfg(os.path.join(self.config_dir, "ImapProxyAService.cfg"), imap)
+            out.update({"SSLEnable": True, "SSLPorts": "%s:%d" % (self.host, self.tls_ports[kind]),
+                        "SSLCertFile": cert, "SSLKeyFile": key})
+        return out
+
+    def write_config(self) -> None:
+        entries = []
+        for kind, settings in self.settings.items():
+            listeners = "%s:%d" % (self.host, self.ports[kind])
+            if self.tls:
+                listeners += "|%s:%d" % (self.host, self.tls_ports[kind])
+            entries.append("%s/%s@%s" % (LIBDIR, SERVICE_FILES[kind], listeners))
+            write_cfg(os.path.join(self.config_dir, SERVICE_FILES[kind] + ".cfg"), {**self.defaults(kind), **settings})
+        write_cfg(os.path.join(self.config_dir, "AService.cfg"), {
+            "ServiceList": " ".join(entries), "LogDir": self.log_dir, "LogLevel": 5, **self.aservice_settings})
 
     # ------------------------------------------------------------------ process
     def command(self) -> List[str]:
@@ -94,7 +120,7 @@ class Proxy:
                                      env=env, start_new_session=True)
         out.close()
         deadline = time.monotonic() + timeout
-        ports = [p for p in (self.imap_port, self.imaps_port) if p]
+        ports = list(self.ports.values()) + list(self.tls_ports.values())
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("mmproxy exited with %s:\n%s" % (self.proc.returncode, self.output()))
