@@ -153,9 +153,9 @@ def run(argv: Sequence[str], input: Optional[str] = None, env: Optional[dict] = 
     return r.stdout
 
 
-def _pids_in_group(pgid: int) -> list:
-    """Live pids (zombies excluded) whose process group is `pgid` (read from /proc)."""
-    pids = []
+def _proc_table() -> dict:
+    """{pid: (ppid, pgrp, state, starttime)} of every process, from /proc."""
+    table = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -164,10 +164,33 @@ def _pids_in_group(pgid: int) -> list:
                 st = f.read()
         except OSError:
             continue
-        fields = st[st.rindex(")") + 2:].split()   # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(d))
-    return pids
+        fields = st[st.rindex(")") + 2:].split()     # state ppid pgrp session ... starttime(20th)
+        table[int(d)] = (int(fields[1]), int(fields[2]), fields[0], int(fields[19]))
+    return table
+
+
+def _family(root: int, table: dict) -> set:
+    """(pid, starttime) of `root`, its descendants, and the members of any process group one of
+    them leads (Postfix's master calls setsid(): its children are in its own group)."""
+    kids: dict = {}
+    for pid, (ppid, _pg, _st, _t) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in found or pid not in table:
+            continue
+        found.add(pid)
+        todo.extend(kids.get(pid, []))
+    leaders = {pid for pid in found if table[pid][1] == pid}
+    found |= {pid for pid, row in table.items() if row[1] in leaders}
+    return {(pid, table[pid][3]) for pid in found}
+
+
+def _alive(members: set) -> list:
+    """The pids in `members` that still run (same start time, so not a reused pid; no zombies)."""
+    table = _proc_table()
+    return [pid for pid, t in members if pid in table and table[pid][3] == t and table[pid][2] != "Z"]
 
 
 class Daemon:
@@ -175,8 +198,8 @@ class Daemon:
 
     Subclasses set `name` and implement `_prepare()` (write config, once), `_argv()` and
     `_ready()` (True once the daemon answers). `stop()` signals only what we started: SIGTERM to
-    the process, then SIGKILL to its process group after `stop_timeout` seconds, and SIGKILL to
-    any child left over in that group.
+    the process, then SIGKILL to what is left of its family (descendants, and the process groups
+    they lead) after `stop_timeout` seconds.
     """
 
     name = "daemon"
@@ -191,6 +214,7 @@ class Daemon:
         self.proc: Optional[subprocess.Popen] = None
         self._prepared = False
         self._terminated = False
+        self._family: set = set()      # (pid, starttime) of what we started, see stop()
 
     # -- to override -------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -263,48 +287,46 @@ class Daemon:
         return "\n".join(parts) or "(no log output)"
 
     def terminate(self) -> None:
-        """Send SIGTERM and return at once (stop() then waits); lets several daemons shut
-        down in parallel."""
+        """Ask the daemon to stop (SIGTERM) and return at once; stop() then waits. Lets several
+        daemons shut down in parallel."""
         if self.proc is not None and self.proc.poll() is None:
+            self._family |= _family(self.proc.pid, _proc_table())
             try:
                 self.proc.send_signal(signal.SIGTERM)
-                self._terminated = True
             except ProcessLookupError:
                 pass
+            self._terminated = True
 
     def stop(self) -> None:
-        """Stop the process (and its children); keeps the directory so start() works again."""
-        p, self.proc = self.proc, None
-        if p is None:
+        """Stop the process and everything it started; keeps the directory so start() works
+        again. Only processes descended from the one we started are signalled: SIGTERM (see
+        terminate()), then after `stop_timeout` SIGKILL to whatever of that family is left."""
+        if self.proc is None:
             return
-        pgid = p.pid          # start_new_session: the process leads its own group
-        if p.poll() is None:
-            if not self._terminated:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            try:
-                p.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                # not reaped yet, so the group id is still ours
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(timeout=self.stop_timeout)
-        # children that outlived the leader (e.g. a Dovecot imap process): they keep the group
-        # id alive, so it cannot have been reused by someone else
-        left = _pids_in_group(pgid)
+        if not self._terminated:
+            self.terminate()
+        p, self.proc = self.proc, None
+        family, self._family = self._family | _family(p.pid, _proc_table()), set()
+        try:
+            p.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 0.5
+        left = _alive(family)
+        while left and time.monotonic() < deadline:     # a short grace for children on their way out
+            time.sleep(0.02)
+            left = _alive(family)
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if p.poll() is None:
+            p.wait(timeout=self.stop_timeout)
         deadline = time.monotonic() + self.stop_timeout
-        while left and time.monotonic() < deadline:     # until they are gone (and reaped)
+        while left and time.monotonic() < deadline:
             time.sleep(0.02)
-            left = _pids_in_group(pgid)
+            left = _alive(family)
 
     def restart(self) -> None:
         self.stop()

@@ -102,6 +102,18 @@ class Directory:
         """{store_login: password} of the users whose mailHost is `ip`."""
         return {u.store_login: u.password for u in self.users.values() if u.mailhost == ip}
 
+    def store_aliases(self, ip: str) -> Dict[str, str]:
+        """{address: store_login} for LMTP delivery on store `ip`: each user's mail address
+        and mailAlternateAddress values, where they differ from the store login."""
+        out = {}
+        for u in self.users.values():
+            if u.mailhost != ip:
+                continue
+            for addr in [u.mail, *u.attrs.get("mailAlternateAddress", [])]:
+                if addr.lower() != u.store_login.lower():
+                    out[addr] = u.store_login
+        return out
+
     def ldif(self) -> str:
         """The whole tree as LDIF, parents first (for slapadd or ldapadd)."""
         entries: List[tuple] = []

@@ -22,7 +22,7 @@ class DovecotStore(Daemon):
     """`dovecot -F -c <tmp>/dovecot.conf` listening on `ip` only.
 
     users: {login: password} (or (login, password) pairs): the ONLY logins this store accepts
-    (passwd-file, {SSHA}), so a login routed to the wrong store fails. Logins are kept as given,
+    (passdb passwd-file, {SSHA}), so a login routed to the wrong store fails. Logins are kept as given,
     lower-cased (auth_username_format = %Lu): 'carol@example.org' stays 'carol@example.org'.
     Each INBOX (maildir, home <mail_root>/<ip>/<login>, owned by nobody:nogroup) holds a message
     with Subject `Welcome <login> on <ip>`, and, when large_bytes > 0, a second message
@@ -30,6 +30,10 @@ class DovecotStore(Daemon):
     login_trusted_networks = 127.0.0.0/8: the IMAP ID x-originating-ip/-port and POP3 XCLIENT
     of a proxy on loopback are honoured, so the login lines in `log_file` show the real client
     as rip=. `extra_conf` is appended to the generated configuration.
+
+    aliases: {address: login}: further names that reach a login's mailbox by LMTP only (e.g.
+    'alice@example.com' -> 'alice'); they are userdb entries, not passdb ones, so they cannot
+    log in over IMAP or POP3.
 
     Speed: Dovecot delays a failed login by auth_failure_delay (default here 0; Dovecot's own
     default is 2 s, and a failure still takes about 0.5 s) and, unless auth_penalty=True, its
@@ -43,6 +47,7 @@ class DovecotStore(Daemon):
     def __init__(self, ip: str, port_imap: int, port_pop3: int,
                  users: Union[Dict[str, str], Iterable[Tuple[str, str]]] = (), *,
                  port_lmtp: Optional[int] = None, workdir: Optional[str] = None,
+                 aliases: Optional[Dict[str, str]] = None,
                  mail_root: Optional[str] = None, large_bytes: int = 0,
                  auth_failure_delay: float = 0, auth_penalty: bool = False, extra_conf: str = "",
                  keep: bool = False) -> None:
@@ -56,6 +61,7 @@ class DovecotStore(Daemon):
         self.port_pop3 = port_pop3
         self.port_lmtp = port_lmtp
         self.users: Dict[str, str] = dict(users.items() if isinstance(users, dict) else users)
+        self.aliases: Dict[str, str] = dict(aliases or {})
         self.large_bytes = int(large_bytes)
         self.extra_conf = extra_conf
         self.auth_failure_delay = auth_failure_delay
@@ -64,6 +70,7 @@ class DovecotStore(Daemon):
         self.mail_root = mail_root or os.path.join(self.dir, "mail")
         self.conf = os.path.join(self.dir, "dovecot.conf")
         self.passwd = os.path.join(self.dir, "passwd")
+        self.userdb = os.path.join(self.dir, "userdb")
         # unique per process and store, so it never clashes with the system's or another test's
         self.instance_name = "mmproxy-test-%d-%s-%d" % (os.getpid(), ip, port_imap)
 
@@ -95,9 +102,29 @@ class DovecotStore(Daemon):
         self.users[login] = password
         self._make_mailbox(login)
         with open(self.passwd, "a") as f:
-            f.write("%s:%s\n" % (login.lower(), ssha(password)))
+            f.write(self._passwd_line(login, password))
+        with open(self.userdb, "a") as f:
+            f.write(self._userdb_line(login, login))
         if self.running:
             time.sleep(1.02 - time.time() % 1)
+
+    def add_alias(self, address: str, login: str) -> None:
+        """Let LMTP deliver `address` into `login`'s INBOX (same timing rule as add_user)."""
+        self.aliases[address] = login
+        with open(self.userdb, "a") as f:
+            f.write(self._userdb_line(address, login))
+        if self.running:
+            time.sleep(1.02 - time.time() % 1)
+
+    @staticmethod
+    def _passwd_line(login: str, password: str) -> str:
+        return "%s:%s\n" % (login.lower(), ssha(password))
+
+    def _userdb_line(self, name: str, login: str) -> str:
+        # user:password:uid:gid:gecos:home:shell:extra fields; user= renames an alias to its login
+        nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+        extra = "user=%s" % login.lower() if name.lower() != login.lower() else ""
+        return "%s::%d:%d::%s::%s\n" % (name.lower(), nobody, nogroup, self.home(login), extra)
 
     def _make_mailbox(self, login: str) -> None:
         nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
@@ -109,13 +136,20 @@ class DovecotStore(Daemon):
         if self.large_bytes > 0:
             msgs.append(self._large(login))
         t0 = int(time.time())
+        uidlist = []
         for i, data in enumerate(msgs):
             # CRLF on disk and S=/W= in the name: the sizes Dovecot reports need no recount
-            name = "%d.M%dP%d.mmproxy-test,S=%d,W=%d:2," % (t0, i + 1, os.getpid(), len(data), len(data))
-            path = os.path.join(md, "cur", name)
+            base = "%d.M%dP%d.mmproxy-test,S=%d,W=%d" % (t0, i + 1, os.getpid(), len(data), len(data))
+            path = os.path.join(md, "cur", base + ":2,")
             with open(path, "wb") as f:
                 f.write(data)
             os.chown(path, nobody, nogroup)
+            uidlist.append("%d :%s\n" % (i + 1, base))
+        # fix the UIDs (welcome = UID 1) even if LMTP delivers before the first IMAP/POP3 login
+        path = os.path.join(md, "dovecot-uidlist")
+        with open(path, "w") as f:
+            f.write("3 V%d N%d\n" % (t0, len(msgs) + 1) + "".join(uidlist))
+        os.chown(path, nobody, nogroup)
         for d in (os.path.join(self.mail_root, self.ip), home, md, md + "/cur", md + "/new", md + "/tmp"):
             os.chown(d, nobody, nogroup)
 
@@ -143,8 +177,10 @@ class DovecotStore(Daemon):
         for parent in (self.mail_root,):
             os.chmod(parent, 0o755)
         with open(self.passwd, "w") as f:
-            for login, pw in self.users.items():
-                f.write("%s:%s\n" % (login.lower(), ssha(pw)))
+            f.writelines(self._passwd_line(login, pw) for login, pw in self.users.items())
+        with open(self.userdb, "w") as f:
+            f.writelines(self._userdb_line(login, login) for login in self.users)
+            f.writelines(self._userdb_line(addr, login) for addr, login in self.aliases.items())
         for login in self.users:
             self._make_mailbox(login)
         protocols = "imap pop3" + (" lmtp" if self.port_lmtp else "")
@@ -189,9 +225,10 @@ passdb {{
   driver = passwd-file
   args = scheme=SSHA {self.passwd}
 }}
+# home <mail_root>/<ip>/<login>, uid nobody; LMTP-only aliases map to their login (user=)
 userdb {{
-  driver = static
-  args = uid=nobody gid=nogroup home={self.mail_root}/{self.ip}/%u
+  driver = passwd-file
+  args = {self.userdb}
 }}
 service imap-login {{
   inet_listener imap {{

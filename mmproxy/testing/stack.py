@@ -8,6 +8,7 @@ from typing import Dict, Optional
 from .base import free_port, make_tempdir
 from .directory import STORE_IPS, Directory, default_directory
 from .dovecot import DovecotStore
+from .postfix import Postfix
 from .slapd import Slapd
 
 
@@ -25,6 +26,9 @@ class MailStack:
     """slapd (ldap://127.0.0.1:<port>) and one DovecotStore per address in store_ips
     (default 127.0.0.2 and 127.0.0.3), all stores on the SAME IMAP, POP3 and LMTP ports, as an
     MMP has one BacksidePort for all stores. Users live on the store their mailHost names.
+    postfix=True adds a Postfix relay on 127.0.0.1 (`stack.postfix`) that delivers every user's
+    address (and mailAlternateAddress) by LMTP into the user's store and everything else into
+    its sink file; `postfix_options` go to Postfix() (mynetworks, xclient_hosts, main_cf, ...).
 
     users: how many numbered users (user1..userN) the default directory gets; or pass your own
     `directory`. large_bytes > 0 adds a message of about that size to every INBOX.
@@ -35,7 +39,8 @@ class MailStack:
     def __init__(self, users: int = 10, directory: Optional[Directory] = None, *,
                  store_ips: tuple = STORE_IPS, workdir: Optional[str] = None, keep: bool = False,
                  large_bytes: int = 0, lmtp: bool = True, slapd_loglevel: str = "stats",
-                 store_conf: str = "") -> None:
+                 store_conf: str = "", postfix: bool = False,
+                 postfix_options: Optional[dict] = None) -> None:
         self.store_ips = tuple(store_ips)
         self.directory = directory if directory is not None else default_directory(users, self.store_ips)
         self.keep = keep
@@ -43,6 +48,9 @@ class MailStack:
         self.lmtp = lmtp
         self.slapd_loglevel = slapd_loglevel
         self.store_conf = store_conf
+        self.with_postfix = postfix
+        self.postfix_options = dict(postfix_options or {})
+        self.postfix: Optional[Postfix] = None
         self._own_dir = workdir is None
         self.dir: Optional[str] = workdir
         self.slapd: Optional[Slapd] = None
@@ -70,10 +78,17 @@ class MailStack:
             for ip in self.store_ips:
                 self.stores[ip] = DovecotStore(
                     ip, self.imap_port, self.pop3_port, self.directory.store_users(ip),
+                    aliases=self.directory.store_aliases(ip),
                     port_lmtp=self.lmtp_port, workdir=os.path.join(self.dir, "store-" + ip),
                     mail_root=os.path.join(self.dir, "mail"), large_bytes=self.large_bytes,
                     extra_conf=self.store_conf)
             daemons = [self.slapd, *self.stores.values()]
+            if self.with_postfix:
+                opts = dict(self.postfix_options)
+                opts.setdefault("relay_domains", sorted(self.directory.domains))
+                opts.setdefault("transports", self.transports())
+                self.postfix = Postfix(workdir=os.path.join(self.dir, "postfix"), **opts)
+                daemons.append(self.postfix)
             for d in daemons:          # start all, then wait: the daemons boot in parallel
                 d.start(wait=False)
             for d in daemons:
@@ -84,7 +99,7 @@ class MailStack:
         return self
 
     def stop(self) -> None:
-        daemons = [d for d in [*self.stores.values(), self.slapd] if d is not None]
+        daemons = [d for d in [self.postfix, *self.stores.values(), self.slapd] if d is not None]
         for d in daemons:          # SIGTERM to all first: they shut down in parallel
             d.terminate()
         for d in daemons:
@@ -98,6 +113,17 @@ class MailStack:
         assert self.slapd is not None
         return self.slapd.url
 
+    def transports(self) -> Dict[str, str]:
+        """Postfix transport map: each user's address and alternate addresses -> its store's LMTP."""
+        if not self.lmtp_port:
+            return {}
+        out = {}
+        for ip in self.store_ips:
+            for addr in [*self.directory.store_aliases(ip), *self.directory.store_users(ip)]:
+                if "@" in addr:
+                    out[addr] = "lmtp:[%s]:%d" % (ip, self.lmtp_port)
+        return out
+
     def user(self, name: str) -> dict:
         """A user's info() entry, by uid or uid@domain."""
         return self.directory.user(name).as_dict()
@@ -108,6 +134,7 @@ class MailStack:
         workdir; ldap {url host port suffix bind_dn bind_pw root_dn root_pw log};
         imap_port pop3_port lmtp_port (the same on every store);
         stores {ip: {ip imap pop3 lmtp log users}};
+        smtp (None without postfix) {host port mynetworks xclient_hosts relay_domains sink log};
         domains {name: {dn org_dn people_dn status attrs}};
         users {uid: {uid domain login password mailhost store_login dn mail attrs}}.
         """
@@ -119,6 +146,7 @@ class MailStack:
             "pop3_port": self.pop3_port,
             "lmtp_port": self.lmtp_port,
             "stores": {ip: s.info() for ip, s in self.stores.items()},
+            "smtp": self.postfix.info() if self.postfix else None,
             "domains": {d.name: {"dn": d.dn, "org_dn": d.org_dn, "people_dn": d.people_dn,
                                  "status": d.status, "attrs": {k: list(v) for k, v in d.attrs.items()}}
                         for d in self.directory.domains.values()},
