@@ -262,6 +262,16 @@ class Directory:
             return User(dn, a, host)
         return domain, self._cached(("user", domain.user_base, flt, tuple(attrs)), load)
 
+    def read_password(self, user: User) -> Optional[str]:
+        """The clear-text userPassword for a challenge-response login (APOP), read with BindDN.
+
+        Never cached: the caches must not hold passwords.  None when it is missing or hashed.
+        """
+        rows = self._search(user.dn, ldap.SCOPE_BASE, "(objectClass=*)", ["userPassword"])
+        values = rows[0][1].get("userpassword", []) if rows else []
+        clear = [v for v in values if not (v.startswith("{") and "}" in v)]
+        return clear[0] if clear else None
+
     def authenticate(self, user: User, password: str) -> None:
         """PreAuth: bind as the user.  AuthFailed on a wrong password, AuthTempFail when unsure."""
         if not password:

@@ -190,11 +190,12 @@ class Session:
         return bool(self.cfg.RestrictPlainPasswords) and not self.tls_active
 
     # ------------------------------------------------------------------ finding the user
-    def locate(self, login: str, password: str) -> Target:
+    def locate(self, login: str, password: str, preauth: bool = True) -> Target:
         """Split the login id, find the domain and user, PreAuth if asked: the shared login path.
 
         Raises AuthFailed (bad credentials or unknown user), AuthTempFail (directory trouble) or
-        BackendUnavailable (the user has no store).
+        BackendUnavailable (the user has no store).  ``preauth=False``: the caller verifies the
+        credentials itself (a challenge-response login).
         """
         if not login or has_control_chars(login) or has_control_chars(password):
             raise AuthFailed("control characters or empty user name")
@@ -214,7 +215,7 @@ class Session:
                 cfg = cfg.override(over)
             except ValueError as e:
                 self.log.warning("ignoring a per-domain setting of %s: %s", domain.dn, e)
-        if cfg.PreAuth:
+        if cfg.PreAuth and preauth:
             self.service.directory.authenticate(user, password)
         if not user.mailhost:
             raise BackendUnavailable("%s has none of %s" % (user.dn, " ".join(cfg.MailHostAttrs)))

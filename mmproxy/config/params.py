@@ -128,7 +128,7 @@ _group(
     ("AuthCacheTTL", t.Int(min=0), 900, "I P", "seconds a PreAuth result stays cached", _SUP),
     ("RestrictPlainPasswords", t.Bool(), "no", _IPS, "refuse plaintext passwords until TLS is active",
      dict(_SUP, per_domain=True, security=True)),
-    ("CRAMs", t.Bool(), "no", "I P", "APOP and CRAM-MD5 (needs clear-text userPassword readable by BindDN)"),
+    ("CRAMs", t.Bool(), "no", "I P", "APOP and CRAM-MD5 (needs clear-text userPassword readable by BindDN)", _SUP),
     ("AuthenticationServer", t.HostPort(), None, "I P",
      "host:port of a third-party authentication server (needs PreAuth)"),
     ("AuthenticationLdapAttributes", t.Words(), "", "I P",
@@ -144,9 +144,9 @@ _group(
      "%o login as typed", dict(_SUP, per_domain=True)),
     ("StoreAdmin", t.Str(), None, "I P", "store administrator for proxy authorization"),
     ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin"),
-    ("SpoofEmptyMailbox", t.Bool(), "off", "P", "store down: show an empty POP mailbox"),
+    ("SpoofEmptyMailbox", t.Bool(), "off", "P", "store down: show an empty POP mailbox", _SUP),
     ("SpoofMessageFile", t.Path(must_exist="file"), None, "P",
-     "store down: show a POP mailbox holding this one RFC 822 message"),
+     "store down: show a POP mailbox holding this one RFC 822 message", _SUP),
 )
 _group(
     "Access control and limits",
@@ -168,9 +168,9 @@ _group(
     "POP before SMTP",
     ("AuthService", t.Bool(), "no", "P",
      "answer XQUERYAUTH about logged-in clients; enable it per virtual domain, not globally",
-     {"per_domain": True, "honoured_in": "I"}),
+     dict(_SUP, per_domain=True, honoured_in="I")),
     ("AuthServiceTTL", t.Int(min=-1), -1, "P",
-     "seconds a verified POP login is remembered for POP before SMTP (-1: off)", {"honoured_in": "I"}),
+     "seconds a verified POP login is remembered for POP before SMTP (-1: off)", dict(_SUP, honoured_in="I")),
     ("PopBeforeSmtpKludgeChannel", t.Str(), None, "S", "MTA channel for POP-before-SMTP clients"),
 )
 _group(

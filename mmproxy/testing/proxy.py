@@ -6,6 +6,7 @@ Sun install (ServiceList naming /opt/SUNWmsgsr/lib/ImapProxyAService, ``default:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,9 +47,10 @@ class Proxy:
     def __init__(self, info: dict, imap: object = None, aservice: Optional[Dict[str, object]] = None,
                  tls: Optional[tuple] = None, workdir: Optional[str] = None, host: str = "127.0.0.1",
                  imap_port: int = 0, imaps_port: int = 0, pop: Optional[Dict[str, object]] = None,
-                 smtp: Optional[Dict[str, object]] = None) -> None:
+                 smtp: Optional[Dict[str, object]] = None, keep: bool = False) -> None:
         self.info = info
         self.host = host
+        self.own_dir = workdir is None and not keep      # a temp dir we made goes away at stop()
         self.dir = workdir or make_tempdir("mmproxy-proxy-")
         self.config_dir = os.path.join(self.dir, "config")
         self.log_dir = os.path.join(self.dir, "log")
@@ -123,25 +125,29 @@ class Proxy:
         ports = list(self.ports.values()) + list(self.tls_ports.values())
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("mmproxy exited with %s:\n%s" % (self.proc.returncode, self.output()))
+                output = self.output()
+                self.stop()
+                raise RuntimeError("mmproxy exited with %s:\n%s" % (self.proc.returncode, output))
             if all(_listening(self.host, p) for p in ports):
                 return self
             time.sleep(0.05)
+        output = self.output()
         self.stop()
-        raise RuntimeError("mmproxy did not listen within %ss:\n%s" % (timeout, self.output()))
+        raise RuntimeError("mmproxy did not listen within %ss:\n%s" % (timeout, output))
 
     def output(self) -> str:
         return tail(self.out_file, 20000)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "Proxy":
         return self.start()
