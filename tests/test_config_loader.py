@@ -263,7 +263,6 @@ def test_unsupported_parameters(tmp_path):
         "%s/ImapProxyAService.cfg:1: warning: BGMax is recognised, not supported yet: ignored" % d,
         "%s/ImapProxyAService.cfg:4: warning: CertMapDN is recognised, not supported yet: ignored" % d,
         "%s/ImapProxyAService.cfg:4: warning: CertMapDN is obsolete, superseded by UserGroupDN" % d,
-        "%s/PopProxyAService.cfg:1: warning: AuthService is recognised, not supported yet: ignored" % d,
         "%s/PopProxyAService.cfg:1: warning: AuthService yes applies to every client of this service; the legacy "
         "manual advises enabling it per virtual domain only (VirtualDomainFile)" % d]
     assert imap(config).RestrictPlainPasswords is True
@@ -370,13 +369,12 @@ def test_legacy_tree_loads_with_warnings_and_no_errors(tmp_path):
         "ImapProxyAService.cfg:9: warning: SSLCertFile is obsolete, superseded by SSLCertPrefix; its value is still used",
         "ImapProxyAService.cfg:12: warning: not used: hardware crypto modules are an NSS feature; mmproxy uses OpenSSL",
         "ImapProxyAService.cfg:17: warning: AuthService is not an ImapProxyAService.cfg parameter in the legacy "
-        "product and is not supported yet: ignored",
+        "product; ignored",
         "ImapProxyAService.cfg:20: warning: Capability names store features (ACL QUOTA",
         "ImapProxyAService.cfg:21: warning: BGMax is recognised, not supported yet: ignored",
         "SmtpProxyAService.cfg:1: warning: LdapURL is not a SmtpProxyAService.cfg parameter in the legacy product; "
         "it is honoured",
         "SmtpProxyAService.cfg:16: warning: EhloKeywords is recognised, not supported yet: ignored",
-        "vdmap.cfg:3: warning: AuthService is recognised, not supported yet: ignored",
     ]
     for e in expected:
         assert any(w.startswith(os.path.join(d, e)) for w in warnings), e

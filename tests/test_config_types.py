@@ -27,7 +27,8 @@ SUPPORTED = """ServiceList LogDir LogLevel NumThreads Banner Capability LdapURL 
 DefaultDomain VirtualDomainDelim CanonicalVirtualDomainDelim SearchFormat MailHostAttrs PreAuth ReplayFormat
 LdapCacheSize LdapCacheTTL AuthCacheSize AuthCacheTTL LdapRefreshInterval BacksidePort ServerDownAlert Timeout
 SSLEnable SSLPorts SSLCacheDir SSLCertPrefix SSLCertFile SSLCertNicknames SSLKeyFile SSLKeyPasswdFile SSLCipherSpecs
-SSLSecmodFile RestrictPlainPasswords VirtualDomainFile""".split()
+SSLSecmodFile RestrictPlainPasswords VirtualDomainFile CRAMs SpoofEmptyMailbox SpoofMessageFile AuthService
+AuthServiceTTL""".split()
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

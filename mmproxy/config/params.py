@@ -168,9 +168,9 @@ _group(
     "POP before SMTP",
     ("AuthService", t.Bool(), "no", "P",
      "answer XQUERYAUTH about logged-in clients; enable it per virtual domain, not globally",
-     dict(_SUP, per_domain=True, honoured_in="I")),
+     dict(_SUP, per_domain=True)),
     ("AuthServiceTTL", t.Int(min=-1), -1, "P",
-     "seconds a verified POP login is remembered for POP before SMTP (-1: off)", dict(_SUP, honoured_in="I")),
+     "seconds a verified POP login is remembered for POP before SMTP (-1: off)", _SUP),
     ("PopBeforeSmtpKludgeChannel", t.Str(), None, "S", "MTA channel for POP-before-SMTP clients"),
 )
 _group(
