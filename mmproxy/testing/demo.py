@@ -30,28 +30,31 @@ def main(argv: list | None = None) -> int:
         info = stack.info()
         cert = make_cert(os.path.join(stack.dir, "tls"))
         with Proxy(info, tls=cert, workdir=os.path.join(stack.dir, "mmproxy"),
-                   imap_port=_port(1143), imaps_port=_port(1993)) as proxy:
+                   imap_port=_port(1143), imaps_port=_port(1993), pop={},
+                   pop_port=_port(1110), pops_port=_port(1995)) as proxy:
             alice, carol = info["users"]["alice"], info["users"]["carol"]
             print(f"""
 mmproxy is running in front of a local directory and two mail stores.
 
   IMAP   127.0.0.1:{proxy.imap_port}  (STARTTLS)     IMAPS  127.0.0.1:{proxy.imaps_port}  (self-signed certificate)
+  POP3   127.0.0.1:{proxy.pop_port}  (STLS)         POP3S  127.0.0.1:{proxy.pops_port}
   LDAP   {info['ldap']['url']}  (o=internet; hosted domains example.com, example.org)
   stores 127.0.0.2:{info['imap_port']} and 127.0.0.3:{info['imap_port']} (Dovecot)
 
-  configuration  {proxy.config_dir}   (legacy AService.cfg + ImapProxyAService.cfg)
+  configuration  {proxy.config_dir}   (legacy AService.cfg, ImapProxyAService.cfg, PopProxyAService.cfg)
   logs           {proxy.log_dir}
 
 Users (the proxy finds each one's store by mailHost):
 """)
             for u in info["users"].values():
                 if u["mailhost"] and not u["uid"].startswith("user"):
-                    print("  %-22s password %-14r store %s" % (u["uid"] + "@" + u["domain"], u["password"], u["mailhost"]))
+                    print("  %-22s password %-12s store %s" % (u["uid"] + "@" + u["domain"], u["password"], u["mailhost"]))
             print(f"""
 Try:
   curl -u alice:{alice['password']} imap://127.0.0.1:{proxy.imap_port}/INBOX
   curl -u alice:{alice['password']} 'imap://127.0.0.1:{proxy.imap_port}/INBOX;UID=1'
   curl -k -u 'carol@example.org:{carol['password']}' 'imaps://127.0.0.1:{proxy.imaps_port}/INBOX;UID=1'
+  curl -u alice:{alice['password']} pop3://127.0.0.1:{proxy.pop_port}/1
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{proxy.imap_port}
   .venv/bin/mmproxy check-config --config-dir {proxy.config_dir}
 """, flush=True)
