@@ -5,6 +5,7 @@ replaying the login); this module only knows sockets, deadlines and the failure 
 """
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Optional
 
@@ -21,10 +22,11 @@ MAX_STORE_LINE = 65536    # capability lines can be long; anything longer is not
 class Store:
     """A connected store: a socket and a bounded line reader; raises Backend* errors only."""
 
-    def __init__(self, host: str, port: int, source: Optional[str] = None) -> None:
+    def __init__(self, host: str, port: int, source: Optional[str] = None,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.host, self.port = host, port
         try:
-            self.sock = gsocket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+            self.sock = gsocket.create_connection((host, port), timeout=connect_timeout)
         except (OSError, gsocket.timeout) as e:
             raise BackendUnavailable("cannot connect to %s:%d: %s" % (host, port, _why(e))) from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -50,6 +52,22 @@ class Store:
             self.sock.close()
         except OSError:
             pass
+
+
+def _connect(host: str, port: int) -> gsocket.socket:
+    """mailHost is usually an address: then skip the resolver (a thread-pool round trip per login)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return gsocket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _why(e: BaseException) -> str:
