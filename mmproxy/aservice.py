@@ -2,16 +2,26 @@
 
 One gevent StreamServer per listed endpoint, as the legacy AService opened one listener per port.
 The pid file is ``<config dir>/mmproxy.pid`` so several instances (tests, a staging copy) coexist.
+
+``NumThreads N`` > 1 runs N worker processes (one gevent hub each; Python cannot spread a hub over
+cores).  Each worker opens its own listeners with SO_REUSEPORT, so the kernel balances accepted
+connections across them; the master only watches: it forwards SIGTERM/SIGHUP and replaces a worker
+that dies.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
 import signal
+import socket
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
+import gevent.monkey
+from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.server import StreamServer
 
@@ -41,11 +51,51 @@ def service_class(kind: str) -> Optional[type]:
 BACKLOG = 1024
 
 
+class AcceptBackoff(OSError):
+    """accept() failed for want of descriptors: gevent's server backs off instead of spinning."""
+
+
 class Listener(StreamServer):
-    """A StreamServer that leaves the socket to the session: after login the relay owns it."""
+    """A StreamServer that leaves the socket to the session (after login the relay owns it) and
+    treats running out of descriptors as a reason to pause accepting, not as a crash."""
+
+    def do_read(self) -> Any:
+        try:
+            return super().do_read()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                _warn_once("accept failed: %s; pausing accepts" % e.strerror)
+                raise AcceptBackoff(e.errno, e.strerror) from None
+            raise
 
     def do_close(self, sock: Any, *args: Any) -> None:
         pass
+
+
+_last_warning = [0.0]
+
+
+def _warn_once(message: str) -> None:
+    now = time.monotonic()
+    if now - _last_warning[0] > 10:
+        _last_warning[0] = now
+        log.warning(message)
+
+
+def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def pid_file(config_dir: str) -> str:
@@ -82,9 +132,12 @@ def runtime_problems(config: Any) -> List[Problem]:
 
 
 class AService:
-    def __init__(self, config: Any, foreground: bool = True) -> None:
+    """One process serving every listener; a worker when ``worker`` is set (no pid file then)."""
+
+    def __init__(self, config: Any, foreground: bool = True, worker: Optional[int] = None) -> None:
         self.config = config
         self.foreground = foreground
+        self.worker = worker
         self.services: Dict[Tuple[str, str], Service] = {}
         self.listeners: List[Listener] = []
         self.stopped = Event()
@@ -93,6 +146,7 @@ class AService:
         a = self.config.aservice
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
         _raise_nofile()
+        gevent.get_hub().NOT_ERROR += (AcceptBackoff,)     # paused accepts are not worth a traceback
         try:
             for entry in self.config.services:
                 kind = entry.spec.kind
@@ -109,12 +163,14 @@ class AService:
         except BaseException:
             self.close_listeners()
             raise
-        with open(pid_file(self.config.dir), "w") as f:
-            f.write("%d\n" % os.getpid())
+        if self.worker is None:
+            with open(pid_file(self.config.dir), "w") as f:
+                f.write("%d\n" % os.getpid())
         gevent.signal_handler(signal.SIGTERM, self.stop)
-        gevent.signal_handler(signal.SIGINT, self.stop)
+        gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else lambda: None)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.refresh))
-        log.info("mmproxy started (pid %d): %s", os.getpid(),
+        log.info("mmproxy %s (pid %d): %s", "started" if self.worker is None else "worker %d started" % self.worker,
+                 os.getpid(),
                  ", ".join("%s on %s" % (k, _eps(s.entry.spec.listeners)) for (k, _), s in self.services.items()))
 
     def _listen(self, service: Service, host: str, port: int) -> None:
@@ -123,8 +179,8 @@ class AService:
         def handle(sock: Any, addr: Any) -> None:
             service.handle(sock, addr, implicit)
 
-        server = Listener((host or "0.0.0.0", port), handle, backlog=BACKLOG)
         try:
+            server = Listener(listen_socket(host, port, self.worker is not None), handle)
             server.start()
         except OSError as e:
             raise ConfigError("%s: cannot listen on %s:%d: %s" % (service.entry.file, host or "*", port, e.strerror)) from None
@@ -149,10 +205,8 @@ class AService:
         relay.close_all("server shutting down")
         for svc in self.services.values():
             svc.close()
-        try:
-            os.unlink(pid_file(self.config.dir))
-        except OSError:
-            pass
+        if self.worker is None:
+            _unlink(pid_file(self.config.dir))
         self.stopped.set()
 
     def refresh(self) -> None:
@@ -182,7 +236,145 @@ class AService:
         # The listeners' handlers hold the old object: give it the new settings in place.
         old_directory = old.directory
         old.__dict__.update({k: v for k, v in new.__dict__.items() if k != "sessions"})
-        gevent.spawn_later(60, old_directory.close)     # lookups in flight may still use it
+        if old_directory is not None:                   # SMTP has none
+            gevent.spawn_later(60, old_directory.close)     # lookups in flight may still use it
+
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+class Master:
+    """NumThreads > 1: fork the workers, forward signals, replace a worker that dies.
+
+    The master never starts a gevent hub: it forks from a clean state and polls its children with
+    the plain calls, so a worker inherits no greenlets and no signal watchers of its parent.
+    """
+
+    RESPAWN_DELAY = 1.0
+    POLL = 0.2
+
+    def __init__(self, config: Any, workers: int, foreground: bool = True) -> None:
+        self.config = config
+        self.n = workers
+        self.foreground = foreground
+        self.pids: Dict[int, int] = {}          # pid -> worker number
+        self.due: Dict[int, float] = {}         # worker number -> when to start it again
+        self.pending: List[int] = []
+        self.stopping = False
+
+    def start(self) -> None:
+        a = self.config.aservice
+        logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
+        for entry in self.config.services:      # fail here, once, rather than in every worker
+            if service_class(entry.spec.kind) is not None:
+                for ep in entry.spec.listeners:
+                    try:
+                        _plain_listen_check(ep.host, ep.port)
+                    except OSError as e:
+                        raise ConfigError("%s: cannot listen on %s:%d: %s"
+                                          % (entry.file, ep.host or "*", ep.port, e.strerror)) from None
+        with open(pid_file(self.config.dir), "w") as f:
+            f.write("%d\n" % os.getpid())
+        for sig in _SIGNALS:
+            _orig("signal", "signal")(sig, lambda signum, frame: self.pending.append(signum))
+        for i in range(self.n):
+            self._spawn(i)
+        log.info("mmproxy started (pid %d) with %d worker processes", os.getpid(), self.n)
+
+    def _spawn(self, i: int) -> None:
+        # Signals wait until the child has dropped the master's handlers (they would queue the
+        # signal in the child's copy of ``pending`` and lose it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = _orig("os", "fork")()
+            if pid == 0:
+                for sig in _SIGNALS:
+                    _orig("signal", "signal")(sig, signal.SIG_DFL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        if pid == 0:
+            gevent.reinit()
+            code = 0
+            try:
+                worker = AService(self.config, self.foreground, worker=i)
+                worker.start()
+                worker.serve_forever()
+            except BaseException:
+                log.exception("worker %d failed", i)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.pids[pid] = i
+
+    def _forward(self, sig: int) -> None:
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def serve_forever(self) -> None:
+        waitpid, sleep = _orig("os", "waitpid"), _orig("time", "sleep")
+        while self.pids or (self.due and not self.stopping):
+            while self.pending:
+                sig = self.pending.pop(0)
+                if sig == signal.SIGHUP:
+                    self._forward(signal.SIGHUP)
+                elif not self.stopping:
+                    self.stopping = True
+                    log.info("stopping %d workers", len(self.pids))
+                    self._forward(signal.SIGTERM)
+            while self.pids:
+                try:
+                    pid, status = waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    self.pids.clear()
+                    break
+                if pid == 0:
+                    break
+                i = self.pids.pop(pid, None)
+                if i is not None and not self.stopping:
+                    log.error("worker %d (pid %d) exited with status %d; starting a new one", i, pid, status)
+                    self.due[i] = time.monotonic() + self.RESPAWN_DELAY
+            for i, when in list(self.due.items()):
+                if self.stopping:
+                    self.due.clear()
+                elif when <= time.monotonic():
+                    del self.due[i]
+                    self._spawn(i)
+            sleep(self.POLL)
+        _unlink(pid_file(self.config.dir))
+
+
+def _orig(module: str, name: str) -> Any:
+    return gevent.monkey.get_original(module, name)
+
+
+def _plain_listen_check(host: str, port: int) -> None:
+    """Bind (SO_REUSEPORT) and close, with the unpatched socket module: the master has no hub."""
+    sock_cls = _orig("socket", "socket")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = sock_cls(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    finally:
+        s.close()
+
+
+def daemon(config: Any, foreground: bool = True) -> Any:
+    """The process model NumThreads asks for: one AService, or a Master over worker processes."""
+    n = max(1, int(config.aservice.NumThreads or 1))
+    return AService(config, foreground) if n == 1 else Master(config, n, foreground)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _eps(listeners: Any) -> str:

@@ -72,9 +72,9 @@ def start(config_dir: str, foreground: bool) -> None:
         _daemonize(config_dir)
         return
     config, line = _check(config_dir, create_missing=True, err=True)
-    from mmproxy.aservice import AService
+    from mmproxy.aservice import daemon as make_daemon
     from mmproxy.errors import ConfigError
-    daemon = AService(config, foreground=True)
+    daemon = make_daemon(config, foreground=True)
     try:
         daemon.start()
     except ConfigError as e:

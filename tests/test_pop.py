@@ -252,3 +252,42 @@ def test_hostile_input(proxy):
     r.send(b"USER ali\x00ce\r\nPASS x\r\n")
     r.readline()
     assert r.readline().startswith(b"-ERR [AUTH]")
+
+
+def test_two_worker_processes_share_records_and_replace_a_dead_worker(mail_stack):
+    """NumThreads 2: SO_REUSEPORT workers; a POP login seen by one is known to the other."""
+    import os
+    import signal
+    with Proxy(mail_stack.info(), aservice={"NumThreads": 2},
+               pop={"AuthServiceTTL": 60, "AuthService": True}) as p:
+        master = p.proc.pid
+
+        def workers():
+            with open("/proc/%d/task/%d/children" % (master, master)) as f:
+                return f.read().split()
+        assert len(workers()) == 2
+        c = PopFrom(p.host, p.pop_port, source="127.0.0.61")
+        c.user("alice")
+        c.pass_(pw(mail_stack, "alice"))
+        c.quit()
+        answers = set()
+        for _ in range(16):                       # the kernel spreads these over both workers
+            q = RawClient(p.host, p.pop_port, source="127.0.0.62")
+            q.expect(b"+OK")
+            q.send(b"XQUERYAUTH 127.0.0.61\r\n")
+            answers.add(q.readline().split(b" ")[:2] == [b"+OK", b"alice@example.com"])
+        assert answers == {True}
+        killed = workers()[0]
+        os.kill(int(killed), signal.SIGKILL)
+        deadline = time.time() + 10
+        while len(workers()) < 2 or killed in workers():
+            assert time.time() < deadline, "the dead worker was not replaced"
+            time.sleep(0.1)
+        for _ in range(8):
+            c = PopFrom(p.host, p.pop_port)
+            c.user("bob")
+            assert c.pass_(pw(mail_stack, "bob")).startswith(b"+OK")
+            c.quit()
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(10) == 0
+        assert not os.path.exists(os.path.join(p.config_dir, "mmproxy.pid"))
