@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -108,3 +109,34 @@ def test_help_and_params(cmd):
     assert r.returncode == 0 and r.stdout
     if cmd == ["params"]:
         assert "ServerDownAlert" in r.stdout and "LdapURL" in r.stdout
+
+
+def test_out_of_descriptors_pauses_accepts_without_spinning(mail_stack):
+    """EMFILE on accept: no busy loop, no crash, and service resumes when descriptors free up."""
+    from mmproxy.testing.proxy import Proxy
+    p = Proxy(mail_stack.info())
+    p.wrapper = ["prlimit", "--nofile=48"]
+    with p:
+        conns = []
+        for _ in range(80):                     # more than the proxy can hold
+            try:
+                conns.append(socket.create_connection((p.host, p.imap_port), timeout=2))
+            except OSError:
+                break
+        time.sleep(0.5)
+        cpu0 = _cpu_seconds(p.proc.pid)
+        time.sleep(2)
+        assert _cpu_seconds(p.proc.pid) - cpu0 < 0.5, "the proxy spins while out of descriptors"
+        for c in conns:
+            c.close()
+        time.sleep(1.5)                         # the paused listener resumes within its backoff
+        c = RawClient(p.host, p.imap_port)
+        assert c.readline().startswith(b"* OK")
+        assert p.proc.poll() is None
+        assert "pausing accepts" in p.output() and "Traceback" not in p.output()
+
+
+def _cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -110,8 +110,10 @@ class Proxy:
             "ServiceList": " ".join(entries), "LogDir": self.log_dir, "LogLevel": 5, **self.aservice_settings})
 
     # ------------------------------------------------------------------ process
+    wrapper: List[str] = []        # e.g. ["prlimit", "--nofile=64"] to start it under limits
+
     def command(self) -> List[str]:
-        return [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", self.config_dir]
+        return self.wrapper + [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", self.config_dir]
 
     def start(self, timeout: float = 20.0) -> "Proxy":
         self.write_config()
