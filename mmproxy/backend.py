@@ -26,7 +26,7 @@ class Store:
                  connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.host, self.port = host, port
         try:
-            self.sock = gsocket.create_connection((host, port), timeout=connect_timeout)
+            self.sock = _connect(host, port, connect_timeout)
         except (OSError, gsocket.timeout) as e:
             raise BackendUnavailable("cannot connect to %s:%d: %s" % (host, port, _why(e))) from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -54,14 +54,14 @@ class Store:
             pass
 
 
-def _connect(host: str, port: int) -> gsocket.socket:
+def _connect(host: str, port: int, timeout: float) -> gsocket.socket:
     """mailHost is usually an address: then skip the resolver (a thread-pool round trip per login)."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return gsocket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        return gsocket.create_connection((host, port), timeout=timeout)
     sock = gsocket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(CONNECT_TIMEOUT)
+    sock.settimeout(timeout)
     try:
         sock.connect((host, port))
     except BaseException:
