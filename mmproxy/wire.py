@@ -64,6 +64,24 @@ class LineReader:
             start = len(self.buf)
             self._fill()
 
+    def read_raw(self, limit: int) -> bytes:
+        """One line exactly as received, terminator included (through its LF), or, for a longer
+        line, its next ``limit`` bytes (no LF at the end): long lines stream in bounded pieces,
+        and a caller that checks line endings itself (CR LF versus bare LF) sees the bytes."""
+        start = 0
+        while True:
+            i = self.buf.find(b"\n", start, limit)
+            if i >= 0:
+                piece = bytes(self.buf[:i + 1])
+                del self.buf[:i + 1]
+                return piece
+            if len(self.buf) >= limit:
+                piece = bytes(self.buf[:limit])
+                del self.buf[:limit]
+                return piece
+            start = len(self.buf)
+            self._fill()
+
     def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
             self._fill()

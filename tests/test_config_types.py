@@ -28,7 +28,8 @@ DefaultDomain VirtualDomainDelim CanonicalVirtualDomainDelim SearchFormat MailHo
 LdapCacheSize LdapCacheTTL AuthCacheSize AuthCacheTTL LdapRefreshInterval BacksidePort ServerDownAlert Timeout
 SSLEnable SSLPorts SSLCacheDir SSLCertPrefix SSLCertFile SSLCertNicknames SSLKeyFile SSLKeyPasswdFile SSLCipherSpecs
 SSLSecmodFile RestrictPlainPasswords VirtualDomainFile CRAMs SpoofEmptyMailbox SpoofMessageFile AuthService
-AuthServiceTTL""".split()
+AuthServiceTTL SmtpRelays SmtpProxyPassword EhloKeywords FailoverTimeout PopBeforeSmtpKludgeChannel ClientLookup
+SmtpRelayProxyProtocol""".split()
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

@@ -56,7 +56,6 @@ def test_problems_carry_file_and_line(tmp_path):
         "vdmap.cfg:8: PreAuth: not a boolean (use yes/no, on/off, true/false or 1/0)",
         "vdmap.cfg:9: TCPAccess is recognised, not supported yet; mmproxy refuses to start rather than drop "
         "this access control",
-        "vdmap.cfg:10: warning: ClientLookup is recognised, not supported yet: ignored",
         "vdmap.cfg:12: warning: siroe:PreAuth is set again (first at line 11): the last value wins",
         "vdmap.cfg:13: warning: virtual domain ghost has no `vdmap ghost IP` line: its settings are never used"]
 

@@ -154,7 +154,10 @@ _group(
      {"per_domain": True, "security": True}),
     ("TCPAccessAttr", t.Str(), "mailAllowedServiceAccess", "I P",
      "user attribute holding a per-user access filter"),
-    ("ClientLookup", t.Bool(), "no", _IPS, "reverse DNS lookup of every client", {"per_domain": True}),
+    ("ClientLookup", t.Bool(), "no", _IPS,
+     "reverse DNS lookup of every client; SMTP tells the relay the forward-confirmed name (XCLIENT NAME, "
+     "else [UNAVAILABLE]); no benefit for IMAP and POP, as the legacy manual says",
+     {"per_domain": True, "supported": True}),
     ("ConnLimits", t.ConnLimits(), "0.0.0.0|0.0.0.0:20", _IPS,
      "simultaneous connections per client address: IP|MASK:NUM,... or a file, most specific first"),
     ("BGMax", t.Int(min=0), 10000, "I P", "BadGuys: how many failing client addresses are tracked"),
@@ -171,17 +174,27 @@ _group(
      dict(_SUP, per_domain=True)),
     ("AuthServiceTTL", t.Int(min=-1), -1, "P",
      "seconds a verified POP login is remembered for POP before SMTP (-1: off)", _SUP),
-    ("PopBeforeSmtpKludgeChannel", t.Str(), None, "S", "MTA channel for POP-before-SMTP clients"),
+    ("PopBeforeSmtpKludgeChannel", t.Str(), None, "S",
+     "set (to any channel name; legacy: tcp_intranet) to tell the relay that a client with a fresh POP login "
+     "is authenticated (XCLIENT LOGIN=<user>; Postfix: smtpd_sasl_auth_enable and permit_sasl_authenticated)",
+     _SUP),
 )
 _group(
     "SMTP relay",
     ("SmtpRelays", t.HostPorts(25), "", "S",
-     "relays used round robin: host[:port] ... (mandatory when ServiceList names SMTP)"),
+     "relays used round robin: host[:port] ...; each must offer XCLIENT to the proxy (Postfix "
+     "smtpd_authorized_xclient_hosts) or take the PROXY protocol (mandatory when ServiceList names SMTP)", _SUP),
     ("SmtpProxyPassword", t.Str(), None, "S",
-     "PROXY_PASSWORD of the Messaging Server MTA (mandatory when ServiceList names SMTP)"),
-    ("EhloKeywords", t.Words(), "", "S", "EHLO keywords to pass through besides the built-in set"),
+     "PROXY_PASSWORD of the legacy Messaging Server MTA; read for compatibility, never sent (relays learn the "
+     "client by XCLIENT or the PROXY protocol; mandatory when ServiceList names SMTP)", _SUP),
+    ("EhloKeywords", t.Words(), "", "S",
+     "EHLO keywords to pass through besides the built-in set (8BITMIME PIPELINING ENHANCEDSTATUSCODES EXPN "
+     "HELP XLOOP ETRN SIZE STARTTLS AUTH); CHUNKING, BINARYMIME, XCLIENT, XFORWARD are never passed", _SUP),
     ("FailoverTimeout", t.Int(min=0), 10, "S",
-     "seconds to wait for a relay; a failed relay is then avoided as many minutes"),
+     "seconds to wait for a relay to accept and greet; a failed relay is then avoided as many minutes", _SUP),
+    ("SmtpRelayProxyProtocol", t.Int(0, 2), 0, "S",
+     "mmproxy only: 1 or 2 sends a PROXY protocol v1/v2 header naming the client to each relay (Postfix "
+     "smtpd_upstream_proxy_protocol = haproxy); 0: XCLIENT only", _SUP),
 )
 _group(
     "TLS",

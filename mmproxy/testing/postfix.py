@@ -180,6 +180,8 @@ class Postfix(Daemon):
             ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
             ("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),
             ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+            # smtpd's TLS (smtpd_tls_security_level via main_cf) needs its session cache and entropy
+            ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
             ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
             # one process: the mbox appends never interleave

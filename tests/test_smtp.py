@@ -1,0 +1,617 @@
+"""SMTP end to end: real Postfix relays, mmproxy as operators start it, smtplib and raw sockets.
+
+The relays trust only the proxy's own address (mynetworks and smtpd_authorized_xclient_hosts
+127.0.0.1/32, where mmproxy listens and connects from); clients come from other 127.x addresses,
+so a relay that saw the proxy instead of the client would relay for anyone.  What the tests look
+at is what a client sees: reply codes, and the messages in the relays' sink mailboxes.
+"""
+import base64
+import os
+import poplib
+import smtplib
+import socket
+import ssl
+import time
+import uuid
+
+import pytest
+
+from mmproxy import smtp
+from mmproxy.testing import DelayProxy, DovecotStore, Postfix, free_port
+from mmproxy.testing.base import make_tempdir
+from mmproxy.testing.proxy import Proxy, make_cert
+
+from helpers import RawClient, unused_port
+
+CLIENT = "127.0.0.9"          # an anonymous client: not in any relay's mynetworks
+SASL_USER, SASL_PW = "sasluser", "sasl-pw"
+
+
+# ---------------------------------------------------------------------- real parts
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_cert(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="module")
+def sasl_socket():
+    """A Dovecot whose auth service answers Postfix's SASL requests (smtpd_sasl_type dovecot)."""
+    d = make_tempdir("mmproxy-sasl-")
+    sock = os.path.join(d, "auth-postfix")
+    ip = "127.0.0.6"
+    store = DovecotStore(ip, free_port(ip), free_port(ip), {SASL_USER: SASL_PW},
+                         extra_conf="service auth {\n  unix_listener %s {\n    mode = 0666\n  }\n}\n" % sock)
+    store.start()
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        assert time.monotonic() < deadline, "Dovecot made no auth socket"
+        time.sleep(0.05)
+    yield sock
+    store.close()
+
+
+def relay_for_proxy(**main_cf):
+    """A Postfix that trusts only the proxy's address and relays to example.com; everything lands in its sink."""
+    return Postfix(mynetworks="127.0.0.1/32", xclient_hosts="127.0.0.1/32", relay_domains=("example.com",),
+                   main_cf=main_cf)
+
+
+@pytest.fixture(scope="module")
+def relay(certs, sasl_socket):
+    """The main relay: SASL (AUTH only over TLS, as smtpd_tls_auth_only sites have it), STARTTLS."""
+    cert, key = certs
+    pf = relay_for_proxy(
+        smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot", smtpd_sasl_path=sasl_socket,
+        smtpd_relay_restrictions="permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
+        smtpd_tls_security_level="may", smtpd_tls_cert_file=cert, smtpd_tls_key_file=key,
+        smtpd_tls_auth_only="yes", smtpd_tls_loglevel="1")
+    pf.start()
+    yield pf
+    pf.close()
+
+
+@pytest.fixture(scope="module")
+def relay2():
+    """A second, plain relay (no TLS, no SASL) for round robin and failover."""
+    pf = relay_for_proxy()
+    pf.start()
+    yield pf
+    pf.close()
+
+
+def hp(pf):
+    return "%s:%d" % (pf.host, pf.port)
+
+
+def smtp_settings(relays, **extra):
+    return {"SmtpRelays": " ".join(relays), "SmtpProxyPassword": "legacy-secret", "FailoverTimeout": 5, **extra}
+
+
+@pytest.fixture(scope="module")
+def proxy(mail_stack, certs, relay):
+    """STARTTLS and SMTPS towards clients, POP-before-SMTP on (with the POP service beside it)."""
+    with Proxy(mail_stack.info(), imap=False, tls=certs, pop={"AuthServiceTTL": 60},
+               smtp=smtp_settings([hp(relay)], PopBeforeSmtpKludgeChannel="tcp_intranet")) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def proxy_rr(mail_stack, relay, relay2):
+    """Two relays round robin; extra EHLO keywords; no TLS towards clients; plaintext AUTH refused;
+    ClientLookup on."""
+    with Proxy(mail_stack.info(), imap=False,
+               smtp=smtp_settings([hp(relay), hp(relay2)], EhloKeywords="DSN CHUNKING XCLIENT",
+                                  RestrictPlainPasswords=True, ClientLookup=True)) as p:
+        yield p
+
+
+# ---------------------------------------------------------------------- helpers
+def client(p, source=CLIENT, port=None, helo="client.example.net"):
+    c = smtplib.SMTP(p.host, port or p.smtp_port, source_address=(source, 0), timeout=15)
+    c.ehlo(helo)
+    return c
+
+
+def message(subject, sender="someone@example.net", to="bob@example.com", body="hello\r\n"):
+    return "From: %s\r\nTo: %s\r\nSubject: %s\r\nMessage-ID: <%s@test>\r\n\r\n%s" % (
+        sender, to, subject, uuid.uuid4().hex, body)
+
+
+def subject():
+    return "mmproxy test " + uuid.uuid4().hex[:12]
+
+
+def find(pf, subj):
+    return [m for m in pf.messages() if m["Subject"] == subj]
+
+
+def delivered(pf, subj, timeout=15.0):
+    """The message with this subject once it is in the relay's sink (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = find(pf, subj)
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError("%r not delivered by %s:%d\n%s" % (subj, pf.host, pf.port, pf.read_log()[-3000:]))
+        time.sleep(0.1)
+
+
+def send(p, pf, source=CLIENT, to="bob@example.com"):
+    """One message through the proxy; returns it as the relay delivered it."""
+    subj = subject()
+    c = client(p, source)
+    c.sendmail("someone@example.net", [to], message(subj, to=to))
+    c.quit()
+    return delivered(pf, subj)
+
+
+def delivered_any(pfs, subj, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        for pf in pfs:
+            found = find(pf, subj)
+            if found:
+                return found[0]
+        assert time.monotonic() < deadline, "%r not delivered" % subj
+        time.sleep(0.1)
+
+
+def not_delivered(p, pf, subj):
+    """Nothing with this subject reached the relay: a marker sent afterwards arrives, the subject not."""
+    send(p, pf, to="marker@example.com")
+    assert not find(pf, subj)
+
+
+def proxy_log(p):
+    return "".join(open(os.path.join(p.log_dir, f), errors="replace").read() for f in os.listdir(p.log_dir))
+
+
+def reply(raw):
+    """One (multi-line) SMTP reply from a RawClient: (code, [lines])."""
+    lines = []
+    while True:
+        line = raw.readline()
+        assert line, "connection closed; got %r" % lines
+        lines.append(line.rstrip(b"\r\n"))
+        if line[3:4] != b"-":
+            return int(line[:3]), lines
+
+
+def raw_session(p, source=CLIENT, helo=b"raw.example.net"):
+    raw = RawClient(p.host, p.smtp_port, source)
+    assert reply(raw)[0] == 220
+    raw.send(b"EHLO " + helo + b"\r\n")
+    assert reply(raw)[0] == 250
+    return raw
+
+
+# ---------------------------------------------------------------------- the real client reaches the relay
+def test_message_arrives_with_the_client_address(proxy, relay):
+    """XCLIENT: Postfix's Received header names the client and its HELO, not the proxy."""
+    msg = send(proxy, relay)
+    received = msg.get_all("Received")[-1]
+    assert "[%s]" % CLIENT in received and "client.example.net" in received, received
+    assert "127.0.0.1" not in received
+
+
+def test_foreign_domain_refused_for_an_anonymous_client(proxy):
+    """The relay trusts 127.0.0.1 (the proxy), so this 554 proves it judged 127.0.0.9."""
+    c = client(proxy)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
+        c.sendmail("someone@example.net", ["victim@foreign.test"], message(subject()))
+    assert e.value.recipients["victim@foreign.test"][0] == 554
+    c.quit()
+
+
+def test_legacy_password_never_sent(proxy, relay):
+    send(proxy, relay)
+    assert "legacy-secret" not in relay.read_log()
+    assert "legacy-secret" not in proxy_log(proxy)
+
+
+def test_client_lookup_names_the_client(proxy_rr, relay, relay2):
+    """ClientLookup yes: the forward-confirmed reverse name goes to the relay (XCLIENT NAME)."""
+    subj = subject()
+    c = client(proxy_rr, "127.0.0.1")
+    c.sendmail("someone@example.net", ["bob@example.com"], message(subj))
+    c.quit()
+    assert "localhost [127.0.0.1]" in delivered_any((relay, relay2), subj).get_all("Received")[-1]
+
+
+def test_unresolvable_client_is_unknown(proxy_rr, relay, relay2):
+    subj = subject()
+    c = client(proxy_rr)
+    c.sendmail("someone@example.net", ["bob@example.com"], message(subj))
+    c.quit()
+    assert "unknown [%s]" % CLIENT in delivered_any((relay, relay2), subj).get_all("Received")[-1]
+
+
+@pytest.mark.parametrize("helo", ["a" * 251 + ".net", "long" + "+x" * 120], ids=["255", "xtext-485"])
+def test_long_helo_names(proxy, relay, helo):
+    """HELO goes in XCLIENT when its xtext form fits Postfix's 255 octets, else as [UNAVAILABLE]; either
+    way the client's own EHLO reaches the relay next, so the Received header names it."""
+    subj = subject()
+    c = client(proxy, helo=helo)
+    c.sendmail("someone@example.net", ["bob@example.com"], message(subj))
+    c.quit()
+    received = delivered(relay, subj).get_all("Received")[-1]
+    assert "[%s]" % CLIENT in received
+    assert helo in "".join(received.split()), received
+
+
+# ---------------------------------------------------------------------- relays: round robin, failover
+def test_round_robin_over_two_relays(proxy_rr, relay, relay2):
+    subjects = [subject() for _ in range(4)]
+    for s in subjects:
+        c = client(proxy_rr)
+        c.sendmail("someone@example.net", ["bob@example.com"], message(s))
+        c.quit()
+    where = []
+    for s in subjects:
+        deadline = time.monotonic() + 15
+        while not (find(relay, s) or find(relay2, s)):
+            assert time.monotonic() < deadline, "%s not delivered" % s
+            time.sleep(0.1)
+        where.append(1 if find(relay, s) else 2)
+    assert where in ([1, 2, 1, 2], [2, 1, 2, 1]), where
+
+
+def blackhole():
+    """A listener that never accepts: connects succeed (backlog), no greeting ever comes."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+def test_relay_down_failover_and_avoidance(mail_stack, relay2):
+    """A relay that stops greeting fails after FailoverTimeout (1 s) and the session goes on to the
+    next one; the failed relay is then avoided (later sessions do not wait for it)."""
+    slow = DelayProxy(relay2.host, relay2.port)        # relay2 again, behind a forwarder we can stall
+    slow.start()
+    try:
+        with Proxy(mail_stack.info(), imap=False,
+                   smtp=smtp_settings(["127.0.0.1:%d" % slow.port, hp(relay2)], FailoverTimeout=1)) as p:
+            slow.delay = 3.0                            # greetings now come after 3 s: too late
+            times, subjects = [], []
+            for _ in range(4):
+                t = time.monotonic()
+                c = client(p)
+                times.append(time.monotonic() - t)
+                subjects.append(subject())
+                c.sendmail("someone@example.net", ["bob@example.com"], message(subjects[-1]))
+                c.quit()
+            # round robin: one of the first two sessions started at the stalled relay and waited 1 s
+            assert max(times[:2]) >= 0.9 and min(times[:2]) < 0.8, times
+            assert max(times[2:]) < 0.8, times          # avoided since
+            for s in subjects:
+                assert "[%s]" % CLIENT in delivered(relay2, s).get_all("Received")[-1]
+            log = proxy_log(p)
+            assert "relay 127.0.0.1:%d failed" % slow.port in log and "avoided for 1 minute" in log, log[-2000:]
+    finally:
+        slow.stop()
+
+
+def test_failover_timeout_bounds_the_wait(mail_stack):
+    """Only a silent relay: the client gets 421 after about FailoverTimeout seconds, not a hang."""
+    hole = blackhole()
+    try:
+        with Proxy(mail_stack.info(), imap=False,
+                   smtp=smtp_settings(["127.0.0.1:%d" % hole.getsockname()[1]], FailoverTimeout=1)) as p:
+            time.sleep(1.5)              # let the start-up probe's session finish its own attempt
+            t = time.monotonic()
+            with pytest.raises(smtplib.SMTPConnectError) as e:
+                smtplib.SMTP(p.host, p.smtp_port, source_address=(CLIENT, 0), timeout=15)
+            took = time.monotonic() - t
+            assert e.value.smtp_code == 421
+            assert 0.8 <= took < 5, took
+    finally:
+        hole.close()
+
+
+def test_all_relays_down_gets_421(mail_stack):
+    with Proxy(mail_stack.info(), imap=False,
+               smtp=smtp_settings(["127.0.0.1:%d" % unused_port(), "127.0.0.1:%d" % unused_port()])) as p:
+        raw = RawClient(p.host, p.smtp_port, CLIENT)
+        code, lines = reply(raw)
+        assert (code, lines[0].decode()) == (421, smtp.RELAY_DOWN)
+        assert raw.read_all(timeout=5) == b""        # and the proxy hangs up
+
+
+def test_relay_refusing_xclient_is_never_used(mail_stack):
+    """A relay that does not authorise the proxy for XCLIENT: 421, and nothing reaches it as the proxy."""
+    pf = Postfix(mynetworks="127.0.0.1/32", xclient_hosts="127.0.0.250/32", relay_domains=("example.com",))
+    pf.start()
+    try:
+        with Proxy(mail_stack.info(), imap=False, smtp=smtp_settings([hp(pf)])) as p:
+            with pytest.raises(smtplib.SMTPConnectError) as e:
+                smtplib.SMTP(p.host, p.smtp_port, source_address=(CLIENT, 0), timeout=15)
+            assert e.value.smtp_code == 421
+            assert e.value.smtp_error.decode() == smtp.HANDOVER_REFUSED[4:]
+            time.sleep(0.5)
+        assert pf.messages() == []
+        assert "MAIL" not in pf.read_log() and "client=" not in pf.read_log()
+    finally:
+        pf.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_proxy_protocol_towards_the_relay(mail_stack, version):
+    """SmtpRelayProxyProtocol: the relay (smtpd_upstream_proxy_protocol haproxy) learns the client from
+    the PROXY header; it offers no XCLIENT to 127.0.0.9, and none is needed."""
+    pf = relay_for_proxy(smtpd_upstream_proxy_protocol="haproxy")
+    pf.start()
+    try:
+        with Proxy(mail_stack.info(), imap=False, smtp=smtp_settings([hp(pf)], SmtpRelayProxyProtocol=version)) as p:
+            msg = send(p, pf)
+            assert "[%s]" % CLIENT in msg.get_all("Received")[-1]
+            c = client(p)
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                c.sendmail("someone@example.net", ["victim@foreign.test"], message(subject()))
+            c.quit()
+    finally:
+        pf.close()
+
+
+# ---------------------------------------------------------------------- EHLO, PIPELINING, TLS, AUTH
+def test_ehlo_keywords_filtered(proxy, proxy_rr):
+    c = client(proxy)
+    f = c.esmtp_features
+    assert {"pipelining", "8bitmime", "size", "enhancedstatuscodes", "etrn", "starttls", "auth"} <= set(f), f
+    for hidden in ("chunking", "dsn", "smtputf8", "xclient", "xforward", "vrfy"):
+        assert hidden not in f, f
+    c.quit()
+    c = client(proxy_rr)
+    f = c.esmtp_features
+    assert "dsn" in f                                   # EhloKeywords DSN
+    assert "chunking" not in f and "xclient" not in f   # listed, but never passed
+    assert "starttls" not in f                          # this proxy cannot do TLS itself
+    assert "auth" not in f                              # RestrictPlainPasswords, no TLS
+    c.quit()
+
+
+def test_pipelined_commands_answered_in_order(proxy, relay):
+    raw = raw_session(proxy)
+    subj = subject()
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nRCPT TO:<x@foreign.test>\r\n"
+             b"RCPT TO:<carol@example.com>\r\nNOOP\r\nDATA\r\n")
+    codes = [reply(raw)[0] for _ in range(6)]
+    assert codes == [250, 250, 554, 250, 250, 354], codes
+    # the end of data and the commands after it in one write: each answered, in order
+    raw.send(message(subj).encode() + b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+    codes = [reply(raw)[0] for _ in range(4)]
+    assert codes == [250, 250, 250, 221], codes
+    msg = delivered(relay, subj)
+    assert "[%s]" % CLIENT in msg.get_all("Received")[-1]
+
+
+def test_starttls_towards_the_client(proxy, relay):
+    c = client(proxy)
+    assert "starttls" in c.esmtp_features
+    c.starttls(context=ssl._create_unverified_context())
+    c.ehlo("client.example.net")
+    assert "starttls" not in c.esmtp_features
+    subj = subject()
+    c.sendmail("someone@example.net", ["bob@example.com"], message(subj))
+    c.quit()
+    assert "[%s]" % CLIENT in delivered(relay, subj).get_all("Received")[-1]
+
+
+def test_smtps_implicit_tls(proxy, relay):
+    c = smtplib.SMTP_SSL(proxy.host, proxy.smtps_port, source_address=(CLIENT, 0), timeout=15,
+                         context=ssl._create_unverified_context())
+    c.ehlo("client.example.net")
+    assert "starttls" not in c.esmtp_features
+    subj = subject()
+    c.sendmail("someone@example.net", ["bob@example.com"], message(subj))
+    c.quit()
+    delivered(relay, subj)
+
+
+def test_plaintext_pipelined_after_starttls_is_dropped(proxy):
+    raw = raw_session(proxy)
+    raw.send(b"STARTTLS\r\nMAIL FROM:<someone@example.net>\r\n")
+    assert reply(raw)[0] == 220
+    tls = ssl._create_unverified_context().wrap_socket(raw.sock, server_hostname="localhost")
+    tls.sendall(b"EHLO again.example.net\r\nRCPT TO:<bob@example.com>\r\nQUIT\r\n")
+    data = b""
+    while data.count(b"\r\n221") == 0:
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    assert b"\r\n503 " in data, data        # RCPT without MAIL: the pipelined MAIL was never run
+    tls.close()
+
+
+def test_relay_leg_tls_and_auth_passthrough(proxy, relay):
+    """The relay offers AUTH only over TLS (smtpd_tls_auth_only): the client sees AUTH because the proxy
+    used STARTTLS towards the relay; AUTH goes through unchanged and the relay verifies it."""
+    c = client(proxy)
+    assert "PLAIN" in c.esmtp_features.get("auth", "").upper()
+    code, _ = c.login(SASL_USER, SASL_PW)
+    assert code == 235
+    subj = subject()
+    c.sendmail("someone@example.net", ["friend@foreign.test"], message(subj, to="friend@foreign.test"))
+    c.quit()
+    delivered(relay, subj)
+    log = relay.read_log()
+    assert "TLS connection established from" in log
+    assert "sasl_username=%s" % SASL_USER in log
+
+
+def test_wrong_password_refused_by_the_relay(proxy):
+    c = client(proxy)
+    with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+        c.login(SASL_USER, "wrong")
+    assert e.value.smtp_code == 535
+    c.quit()
+
+
+def test_auth_multi_step_login_mechanism(proxy):
+    raw = raw_session(proxy)
+    raw.send(b"AUTH LOGIN\r\n")
+    assert reply(raw)[0] == 334
+    raw.send(base64.b64encode(SASL_USER.encode()) + b"\r\n")
+    assert reply(raw)[0] == 334
+    raw.send(base64.b64encode(SASL_PW.encode()) + b"\r\n")
+    assert reply(raw)[0] == 235
+    raw.send(b"QUIT\r\n")
+    assert reply(raw)[0] == 221
+
+
+def test_plaintext_auth_refused_without_tls(proxy_rr):
+    c = client(proxy_rr)
+    code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode())).decode())
+    assert (code, "%d %s" % (code, text.decode())) == (538, smtp.NEED_TLS)
+    c.quit()
+
+
+def test_passwords_never_logged(proxy):
+    c = client(proxy)
+    c.login(SASL_USER, SASL_PW)
+    c.quit()
+    log = proxy_log(proxy)
+    token = base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode())).decode()
+    assert SASL_PW not in log and token not in log
+    assert "AUTH PLAIN ********" in log
+
+
+# ---------------------------------------------------------------------- hostile input
+@pytest.mark.parametrize("text", [b"line one\nline two\r\n", b"line one\rline two\r\n"], ids=["bare-LF", "bare-CR"])
+def test_bare_cr_or_lf_in_data_refused(proxy, relay, text):
+    """SMTP smuggling: a second message hidden behind a non-standard end of data is never relayed."""
+    raw = raw_session(proxy)
+    subj, smuggled = subject(), subject()
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert [reply(raw)[0] for _ in range(3)] == [250, 250, 354]
+    eod = b"\n.\r\n" if b"\n" in text[:-2] else b"\r.\r\n"
+    raw.send(b"Subject: " + subj.encode() + b"\r\n\r\n" + text + eod +
+             b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nSubject: " +
+             smuggled.encode() + b"\r\n\r\nsmuggled\r\n.\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (550, smtp.BARE_EOL)
+    assert raw.read_all(timeout=10) == b""              # and the connection is closed
+    not_delivered(proxy, relay, subj)
+    assert not find(relay, smuggled)
+
+
+def test_overlong_data_line_refused(proxy, relay):
+    raw = raw_session(proxy)
+    subj = subject()
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert [reply(raw)[0] for _ in range(3)] == [250, 250, 354]
+    raw.send(b"Subject: " + subj.encode() + b"\r\n\r\n" + b"x" * (smtp.MAX_DATA_LINE + 10) + b"\r\n.\r\n")
+    assert reply(raw)[0] == 552
+    not_delivered(proxy, relay, subj)
+
+
+def test_long_data_lines_within_the_bound_pass_unchanged(proxy, relay):
+    subj = subject()
+    line = "y" * 5000
+    c = client(proxy)
+    c.sendmail("someone@example.net", ["bob@example.com"], message(subj, body=line + "\r\n"))
+    c.quit()
+    assert line in delivered(relay, subj).get_payload().replace("\n", "").replace("\r", "")
+
+
+def test_client_xclient_and_xforward_refused(proxy, relay):
+    raw = raw_session(proxy)
+    raw.send(b"XCLIENT ADDR=127.0.0.1 NAME=localhost\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (550, smtp.NOT_PROXIED)
+    raw.send(b"XFORWARD ADDR=127.0.0.1\r\n")
+    assert reply(raw)[0] == 550
+    # still the real client at the relay: foreign domains refused
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<victim@foreign.test>\r\nQUIT\r\n")
+    assert [reply(raw)[0] for _ in range(3)] == [250, 554, 221]
+    assert "XCLIENT ADDR=127.0.0.1" not in relay.read_log()
+
+
+def test_bdat_not_offered_and_its_chunk_never_runs(proxy):
+    raw = raw_session(proxy)
+    chunk = b"RSET\r\nMAIL FROM:<a@b.c>\r\n"
+    raw.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (502, smtp.NO_BDAT)
+    assert reply(raw)[0] == 250                         # the NOOP; the chunk was skipped, not run
+    raw.send(b"RCPT TO:<bob@example.com>\r\n")
+    assert reply(raw)[0] == 503                         # no MAIL was ever given
+
+
+def test_overlong_command_line_answered_and_session_goes_on(proxy):
+    raw = raw_session(proxy)
+    raw.send(b"NOOP " + b"z" * (smtp.MAX_COMMAND_LINE * 3) + b"\r\nNOOP\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (500, smtp.LINE_TOO_LONG)
+    assert reply(raw)[0] == 250
+
+
+def test_bad_command_budget(proxy):
+    raw = raw_session(proxy)
+    raw.send(b"".join(b"BOGUS%d\r\n" % i for i in range(12)))
+    codes = [reply(raw)[0] for _ in range(10)]
+    assert codes == [502] * 10
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (421, smtp.TOO_MANY)
+    assert raw.read_all(timeout=5) == b""
+
+
+def test_control_characters_in_commands_refused(proxy):
+    raw = raw_session(proxy)
+    raw.send(b"MAIL FROM:<a@b.c>\rRCPT TO:<x@foreign.test>\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (501, smtp.BAD_SYNTAX)
+
+
+def test_idle_client_gets_421(mail_stack, relay2):
+    with Proxy(mail_stack.info(), imap=False, smtp=smtp_settings([hp(relay2)], Timeout=2)) as p:
+        raw = raw_session(p)
+        t = time.monotonic()
+        code, lines = reply(raw)
+        assert (code, lines[0].decode()) == (421, smtp.TIMEOUT)
+        assert 1.5 < time.monotonic() - t < 6
+
+
+# ---------------------------------------------------------------------- POP before SMTP
+class PopFrom(poplib.POP3):
+    def __init__(self, host, port, source, timeout=10):
+        self._source = source
+        super().__init__(host, port, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+
+
+def test_pop_before_smtp(proxy, relay, mail_stack):
+    """Refused to a foreign domain before a POP login from the client's address, accepted after it."""
+    source = "127.0.0.20"
+    c = client(proxy, source)
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        c.sendmail("alice@example.com", ["friend@foreign.test"], message(subject(), to="friend@foreign.test"))
+    c.quit()
+    pop = PopFrom(proxy.host, proxy.pop_port, source)
+    pop.user("alice@example.com")
+    assert pop.pass_(mail_stack.info()["users"]["alice"]["password"]).startswith(b"+OK")
+    pop.quit()
+    subj = subject()
+    c = client(proxy, source)
+    c.sendmail("alice@example.com", ["friend@foreign.test"], message(subj, to="friend@foreign.test"))
+    c.quit()
+    delivered(relay, subj)
+    assert "sasl_method=XCLIENT, sasl_username=alice@example.com" in relay.read_log()
+
+
+# ---------------------------------------------------------------------- pure logic
+def test_xtext_and_xclient_splitting():
+    assert smtp.xtext(b"a+b=c d\xff") == "a+2Bb+3Dc+20d+FF"
+    attrs = [("HELO", "h" * 250), ("PROTO", "ESMTP"), ("LOGIN", "u" * 250), ("PORT", "1"), ("NAME", "n" * 200),
+             ("ADDR", "127.0.0.9")]
+    cmds = smtp.xclient_commands(attrs)
+    assert len(cmds) == 2 and all(len(c) <= smtp.XCLIENT_MAX for c in cmds), cmds
+    assert cmds[-1].endswith(" NAME=%s ADDR=127.0.0.9" % ("n" * 200))
+    assert all("ADDR=" not in c and "NAME=" not in c for c in cmds[:-1])
+    assert "".join(cmds).count("=") == len(attrs)
+    assert smtp.xclient_commands([("HELO", "h" * 256), ("ADDR", "127.0.0.9")]) == \
+        ["XCLIENT HELO=[UNAVAILABLE] ADDR=127.0.0.9"]
