@@ -14,6 +14,37 @@ from typing import Optional
 FILE_PREFIX = {"imap": "ImapProxy", "pop": "PopProxy", "smtp": "SmtpProxy", "aservice": "AService"}
 FORMAT = "%(asctime)s %(levelname)s [%(ctx)s] %(message)s"
 
+# A few log lines per login are a visible share of a login's CPU: skip what we never print
+# (the caller's frame, thread and process names).
+logging._srcfile = None
+logging.logThreads = False
+logging.logProcesses = False
+logging.logMultiprocessing = False
+
+
+class _Formatter(logging.Formatter):
+    """Formats the time once per second, not once per line."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        sec = int(record.created)
+        if sec != self._second:
+            self._second, self._text = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        return "%s,%03d" % (self._text, record.msecs)
+
+
+class _NoLock:
+    """Handlers run on the hub thread only and never yield inside emit: no lock needed."""
+
+    def createLock(self) -> None:
+        self.lock = None
+
+
+class _Stderr(_NoLock, logging.StreamHandler):
+    pass
+
 
 def level_for(log_level: int) -> int:
     """Legacy 0-10 verbosity to logging levels: 0 errors, 1-4 sessions and logins, 5+ everything."""
@@ -33,7 +64,7 @@ class _Context(logging.Filter):
         return True
 
 
-class DailyFile(logging.Handler):
+class DailyFile(_NoLock, logging.Handler):
     """Appends to <dir>/<prefix>_<yyyymmdd>.log, switching file when the date changes."""
 
     def __init__(self, directory: str, prefix: str) -> None:
@@ -70,7 +101,7 @@ def configure(kind: str, log_dir: Optional[str], log_level: int, foreground: boo
         logger.removeHandler(h)
         h.close()
     logger.setLevel(level_for(log_level))
-    fmt = logging.Formatter(FORMAT)
+    fmt = _Formatter(FORMAT)
     handlers: list = []
     if log_dir and os.path.isdir(log_dir):
         handlers.append(DailyFile(log_dir, FILE_PREFIX[kind]))
@@ -78,7 +109,10 @@ def configure(kind: str, log_dir: Optional[str], log_level: int, foreground: boo
         print("mmproxy: LogDir %s does not exist: no %s log file" % (log_dir, FILE_PREFIX[kind]), file=sys.stderr)
     logger.propagate = kind == "aservice"      # a service's lines go to its own file only
     if foreground:
-        handlers.append(logging.StreamHandler(sys.stderr))
+        err = _Stderr(sys.stderr)
+        if handlers:
+            err.setLevel(logging.WARNING)       # the file has everything; the terminal what needs a look
+        handlers.append(err)
     for h in handlers:
         h.setFormatter(fmt)
         h.addFilter(_Context())
