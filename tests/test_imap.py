@@ -387,3 +387,50 @@ def test_log_has_no_passwords(proxy, mail_stack):
     assert "login user=alice@example.com" in text
     for u in users(mail_stack).values():
         assert u["password"] not in text
+
+
+# ---------------------------------------------------------------------- per-domain settings and replay quoting
+def test_domain_search_filter_and_preauth_overrides(mail_stack):
+    """inetDomainSearchFilter replaces SearchFormat; mailAccessProxyPreAuth yes beats PreAuth no."""
+    info = mail_stack.info()
+    org = info["domains"]["example.org"]["dn"]
+    dave = info["users"]["dave"]
+    with Proxy(info, imap={"PreAuth": False, "LdapCacheTTL": 1, "AuthCacheTTL": 1}) as p:
+        store = mail_stack.stores["127.0.0.2"]
+        before = store.read_log().count("dave@example.org")
+        c = ImapFrom(p.host, p.imap_port)
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.login("dave@example.org", "wrong")
+        time.sleep(0.3)
+        assert store.read_log().count("dave@example.org") == before      # the domain said PreAuth yes
+        mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\nadd: inetDomainSearchFilter\n"
+                                    "inetDomainSearchFilter: (&(uid=%%U)(mailUserStatus=active))\n" % org)
+        mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\nreplace: mailUserStatus\n"
+                                    "mailUserStatus: inactive\n" % dave["dn"])
+        try:
+            time.sleep(1.5)                       # LdapCacheTTL 1: the domain node is read again
+            c = ImapFrom(p.host, p.imap_port)
+            with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+                c.login("dave@example.org", dave["password"])
+            c = login(p, "carol@example.org", info["users"]["carol"]["password"])
+            c.logout()
+        finally:
+            mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\ndelete: inetDomainSearchFilter\n" % org)
+            mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\nreplace: mailUserStatus\n"
+                                        "mailUserStatus: active\n" % dave["dn"])
+
+
+def test_eight_bit_password_is_replayed_as_a_literal(proxy, mail_stack):
+    people = mail_stack.info()["domains"]["example.com"]["people_dn"]
+    password = "pässwörd ✓"
+    mail_stack.slapd.add("dn: uid=zoe,%s\nobjectClass: top\nobjectClass: person\nobjectClass: organizationalPerson\n"
+                         "objectClass: inetOrgPerson\nobjectClass: inetUser\nobjectClass: mailUser\nuid: zoe\ncn: Zoe\n"
+                         "sn: Zoe\nmailHost: 127.0.0.2\nuserPassword: %s\n" % (people, password))
+    mail_stack.stores["127.0.0.2"].add_user("zoe", password)
+    r = RawClient(proxy.host, proxy.imap_port)
+    r.expect(b"* OK")
+    raw = password.encode()
+    r.send(b"a LOGIN zoe {%d+}\r\n%s\r\n" % (len(raw), raw))
+    assert r.expect(b"a ").startswith(b"a OK")
+    r.send(b"b SELECT INBOX\r\n")
+    assert r.expect(b"b ").startswith(b"b OK")
