@@ -385,17 +385,10 @@ class SmtpSession(Session):
             raise
 
     def proxy_header(self) -> bytes:
-        """The PROXY protocol header (v1 text, v2 binary) naming the client, or b"" when not configured."""
         version = self.cfg.SmtpRelayProxyProtocol
         if not version:
             return b""
-        src, dst = _unmapped(self.client_ip), _unmapped(self.server_ip)
-        if src.version != dst.version:      # a v4 client on a v6 listener: say both in v6
-            src, dst = _as_v6(src), _as_v6(dst)
-        if version == 1:
-            return ("PROXY TCP%d %s %s %d %d\r\n" % (src.version, src, dst, self.client_port, self.server_port)).encode()
-        body = src.packed + dst.packed + struct.pack("!HH", self.client_port, self.server_port)
-        return PROXY_V2_SIGNATURE + bytes([0x21, 0x11 if src.version == 4 else 0x21]) + struct.pack("!H", len(body)) + body
+        return proxy_header(version, (self.client_ip, self.client_port), (self.server_ip, self.server_port))
 
     def hand_over(self, helo: Optional[bytes], proto: Optional[str]) -> None:
         """Tell the relay who the client really is (XCLIENT), before the client's first command reaches it."""
@@ -429,7 +422,7 @@ class SmtpSession(Session):
                 self.login = None
         attrs += [("PORT", str(self.client_port)), ("DESTADDR", xtext(str(_unmapped(self.server_ip)).encode())),
                   ("DESTPORT", str(self.server_port)), ("NAME", self.client_name()),
-                  ("ADDR", ("IPV6:%s" % ip) if ip.version == 6 else str(ip))]
+                  ("ADDR", xclient_addr(self.client_ip))]
         if offered:
             if "ADDR" not in offered:
                 raise HandOverRefused("%s offers XCLIENT without ADDR" % link)
@@ -496,6 +489,8 @@ class SmtpSession(Session):
         for line in batch:
             r = link.reply()
             self.answer(r)
+            if self.closing:            # the relay said 421 and hangs up: no more replies come
+                break
             verb = _split(line)[0]
             if verb == "MAIL" and r.code == 250:
                 self.in_mail = True
@@ -782,6 +777,24 @@ def xclient_commands(attrs: Sequence[Tuple[str, str]]) -> List[str]:
         cur = "XCLIENT"
     cmds.append(cur + last)
     return [c for c in cmds if c != "XCLIENT"]
+
+
+def proxy_header(version: int, client: Tuple[str, int], server: Tuple[str, int]) -> bytes:
+    """The PROXY protocol header (v1 text, v2 binary) for a TCP connection from ``client`` to ``server``."""
+    src, dst = _unmapped(client[0]), _unmapped(server[0])
+    if src.version != dst.version:          # a v4 client on a v6 listener: say both in v6
+        src, dst = _as_v6(src), _as_v6(dst)
+    if version == 1:
+        return ("PROXY TCP%d %s %s %d %d\r\n" % (src.version, src, dst, client[1], server[1])).encode()
+    body = src.packed + dst.packed + struct.pack("!HH", client[1], server[1])
+    family = 0x11 if src.version == 4 else 0x21         # TCP over IPv4 / IPv6
+    return PROXY_V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+def xclient_addr(ip: str) -> str:
+    """XCLIENT ADDR: IPv4 as is, IPv6 as IPV6:..., an IPv4-mapped IPv6 address as the IPv4 one."""
+    a = _unmapped(ip)
+    return ("IPV6:%s" % a) if a.version == 6 else str(a)
 
 
 def _unmapped(ip: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:

@@ -565,13 +565,17 @@ def test_control_characters_in_commands_refused(proxy):
     assert (code, lines[0].decode()) == (501, smtp.BAD_SYNTAX)
 
 
-def test_idle_client_gets_421(mail_stack, relay2):
+def test_idle_client_gets_421_and_shutdown_says_421(mail_stack, relay2):
     with Proxy(mail_stack.info(), imap=False, smtp=smtp_settings([hp(relay2)], Timeout=2)) as p:
         raw = raw_session(p)
         t = time.monotonic()
         code, lines = reply(raw)
         assert (code, lines[0].decode()) == (421, smtp.TIMEOUT)
         assert 1.5 < time.monotonic() - t < 6
+        raw = raw_session(p)
+        p.stop()                                        # SIGTERM: sessions are told, then closed
+        code, lines = reply(raw)
+        assert (code, lines[0].decode()) == (421, smtp.SHUTDOWN)
 
 
 # ---------------------------------------------------------------------- POP before SMTP
@@ -615,3 +619,23 @@ def test_xtext_and_xclient_splitting():
     assert "".join(cmds).count("=") == len(attrs)
     assert smtp.xclient_commands([("HELO", "h" * 256), ("ADDR", "127.0.0.9")]) == \
         ["XCLIENT HELO=[UNAVAILABLE] ADDR=127.0.0.9"]
+
+
+def test_proxy_protocol_headers():
+    assert smtp.proxy_header(1, ("127.0.0.9", 1234), ("127.0.0.1", 25)) == b"PROXY TCP4 127.0.0.9 127.0.0.1 1234 25\r\n"
+    assert smtp.proxy_header(1, ("::ffff:127.0.0.9", 1234), ("::ffff:127.0.0.1", 25)) == \
+        b"PROXY TCP4 127.0.0.9 127.0.0.1 1234 25\r\n"
+    assert smtp.proxy_header(1, ("2001:db8::9", 1234), ("2001:db8::1", 587)) == \
+        b"PROXY TCP6 2001:db8::9 2001:db8::1 1234 587\r\n"
+    assert smtp.proxy_header(1, ("127.0.0.9", 1), ("2001:db8::1", 2)) == b"PROXY TCP6 ::ffff:7f00:9 2001:db8::1 1 2\r\n"
+    v2 = smtp.proxy_header(2, ("127.0.0.9", 1234), ("127.0.0.1", 25))
+    assert v2 == (b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11\x00\x0c" + bytes([127, 0, 0, 9, 127, 0, 0, 1])
+                  + (1234).to_bytes(2, "big") + (25).to_bytes(2, "big"))
+    v2 = smtp.proxy_header(2, ("2001:db8::9", 1234), ("2001:db8::1", 25))
+    assert v2[12:16] == b"\x21\x21\x00\x24" and len(v2) == 16 + 36
+
+
+def test_xclient_addr_forms():
+    assert smtp.xclient_addr("127.0.0.9") == "127.0.0.9"
+    assert smtp.xclient_addr("::ffff:127.0.0.9") == "127.0.0.9"
+    assert smtp.xclient_addr("2001:db8::9") == "IPV6:2001:db8::9"
