@@ -104,6 +104,7 @@ def quote(value: str) -> Optional[bytes]:
 
 class ImapSession(Session):
     proto = "imap"
+    bye_auth_failures = "* BYE Too many authentication failures"
 
     # ------------------------------------------------------------------ capabilities and greeting
     def capabilities(self) -> str:
@@ -271,24 +272,15 @@ class ImapSession(Session):
                 store.close()
             self.log.info("login failed user=%r: %s: %s", user, failure_kind(e), e)
             self.send(self.reply_for(tag, e))
-            return self._count_auth_failure(isinstance(e, AuthFailed))
+            return self.auth_failed(isinstance(e, AuthFailed))
         self.send(reply)
         if not ok:
             store.close()
             self.log.info("login refused by store user=%r", user)
-            return self._count_auth_failure(True)
+            return self.auth_failed(True)
         self.log.info("login user=%s store=%s:%d", target.login.canonical, target.host, target.cfg.BacksidePort)
         self.hand_off(store, target.login.canonical, target.cfg.Timeout)
         return False
-
-    def _count_auth_failure(self, bad_credentials: bool) -> Optional[bool]:
-        if not bad_credentials:
-            return None
-        self.auth_failures += 1
-        if self.auth_failures >= 3:
-            self.send("* BYE Too many authentication failures")
-            return False
-        return None
 
     def reply_for(self, tag: str, e: BaseException) -> str:
         """The one place where the failure taxonomy becomes IMAP replies."""

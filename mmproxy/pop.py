@@ -80,6 +80,7 @@ class PopService(Service):
 class PopSession(Session):
     proto = "pop"
     max_line = MAX_COMMAND
+    bye_auth_failures = ERR_TOO_MANY
     service: PopService
 
     def __init__(self, *args: object) -> None:
@@ -264,26 +265,17 @@ class PopSession(Session):
                 store.close()
             self.log.info("login failed user=%r: %s: %s", user, failure_kind(e), e)
             self.send(self.reply_for(e))
-            return self._auth_failure(isinstance(e, AuthFailed))
+            return self.auth_failed(isinstance(e, AuthFailed))
         self.send(reply)
         if not ok:
             store.close()
             self.log.info("login refused by store user=%r", user)
-            return self._auth_failure(b"[IN-USE]" not in reply and b"[SYS/" not in reply)
+            return self.auth_failed(b"[IN-USE]" not in reply and b"[SYS/" not in reply)
         if ok:                                       # the directory or the store verified the password
             RECORDS.record(self.client_ip, target.login.canonical, target.cfg.AuthServiceTTL)
         self.log.info("login user=%s store=%s:%d", target.login.canonical, target.host, target.cfg.BacksidePort)
         self.hand_off(store, target.login.canonical, target.cfg.Timeout)
         return False
-
-    def _auth_failure(self, bad_credentials: bool) -> Optional[bool]:
-        if not bad_credentials:
-            return None
-        self.auth_failures += 1
-        if self.auth_failures >= 3:
-            self.send(ERR_TOO_MANY)
-            return False
-        return None
 
     def reply_for(self, e: BaseException) -> str:
         """The one place where the failure taxonomy becomes POP3 replies."""

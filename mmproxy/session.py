@@ -159,6 +159,17 @@ class Session:
     def on_shutdown(self) -> None:
         """The daemon is stopping: say goodbye in protocol terms."""
 
+    bye_auth_failures = ""      # the protocol's goodbye after MAX_AUTH_FAILURES refused logins
+
+    def auth_failed(self, bad_credentials: bool) -> Optional[bool]:
+        """Count a refused login (not a temporary failure); False ends the session."""
+        if bad_credentials:
+            self.auth_failures += 1
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self.send(self.bye_auth_failures)
+                return False
+        return None
+
     def count_bad(self) -> bool:
         """One more bad command; True when the budget is spent and the session must end."""
         self.bad += 1

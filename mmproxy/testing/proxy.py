@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from .base import free_port, make_tempdir, tail
+from .base import free_port, listening, make_tempdir, tail
 
 LIBDIR = "/opt/SUNWmsgsr/lib"     # only the basename selects the service, as in the legacy product
 
@@ -131,7 +131,7 @@ class Proxy:
                 output = self.output()
                 self.stop()
                 raise RuntimeError("mmproxy exited with %s:\n%s" % (self.proc.returncode, output))
-            if all(_listening(self.host, p) for p in ports):
+            if all(listening(self.host, p) for p in ports):
                 return self
             time.sleep(0.05)
         output = self.output()
@@ -157,19 +157,6 @@ class Proxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _listening(host: str, port: int) -> bool:
-    import socket
-    s = socket.socket()
-    s.settimeout(0.5)
-    try:
-        s.connect((host, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def make_cert(directory: str, name: str = "localhost") -> tuple:
