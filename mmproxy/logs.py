@@ -84,6 +84,14 @@ class DailyFile(_NoLock, logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A log that cannot be written (disk full, no descriptors) says so once a minute, briefly."""
+        now = time.monotonic()
+        if now - getattr(self, "_complained", -60.0) >= 60:
+            self._complained = now
+            e = sys.exc_info()[1]
+            print("mmproxy: cannot write %s/%s_*.log: %s" % (self.directory, self.prefix, e), file=sys.stderr)
+
     def close_stream(self) -> None:
         if self.stream is not None:
             self.stream.close()
