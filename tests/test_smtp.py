@@ -8,6 +8,7 @@ at is what a client sees: reply codes, and the messages in the relays' sink mail
 import base64
 import os
 import poplib
+import signal
 import smtplib
 import socket
 import ssl
@@ -352,6 +353,24 @@ def test_proxy_protocol_towards_the_relay(mail_stack, version):
             c.quit()
     finally:
         pf.close()
+
+
+def test_refresh_switches_relays_without_a_restart(mail_stack, relay, relay2):
+    """SIGHUP: new sessions use the new SmtpRelays; the session open across the refresh keeps its relay."""
+    with Proxy(mail_stack.info(), imap=False, smtp=smtp_settings([hp(relay)])) as p:
+        before = client(p)
+        p.settings["smtp"]["SmtpRelays"] = hp(relay2)
+        p.write_config()
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "configuration refreshed" not in proxy_log(p):
+            assert time.monotonic() < deadline, proxy_log(p)[-2000:]
+            time.sleep(0.05)
+        assert "[%s]" % CLIENT in send(p, relay2).get_all("Received")[-1]
+        subj = subject()
+        before.sendmail("someone@example.net", ["bob@example.com"], message(subj))
+        before.quit()
+        delivered(relay, subj)
 
 
 # ---------------------------------------------------------------------- EHLO, PIPELINING, TLS, AUTH
