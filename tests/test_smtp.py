@@ -12,6 +12,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import subprocess
 import time
 import uuid
 
@@ -194,6 +195,19 @@ def test_message_arrives_with_the_client_address(proxy, relay):
     received = msg.get_all("Received")[-1]
     assert "[%s]" % CLIENT in received and "client.example.net" in received, received
     assert "127.0.0.1" not in received
+
+
+def test_curl_sends_through_the_proxy(proxy, relay, tmp_path):
+    """A second real client: curl's SMTP (EHLO, MAIL, RCPT, DATA), from 127.0.0.9 via --interface."""
+    subj = subject()
+    f = tmp_path / "mail.eml"
+    f.write_bytes(message(subj).encode())
+    r = subprocess.run(["curl", "-sS", "--max-time", "20", "--interface", CLIENT,
+                        "smtp://%s:%d" % (proxy.host, proxy.smtp_port), "--mail-from", "someone@example.net",
+                        "--mail-rcpt", "bob@example.com", "--upload-file", str(f)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "[%s]" % CLIENT in delivered(relay, subj).get_all("Received")[-1]
 
 
 def test_foreign_domain_refused_for_an_anonymous_client(proxy):
