@@ -5,8 +5,9 @@ about 9 KB here, an io watcher about half a kilobyte.  The session greenlet ther
 sockets to watcher callbacks and ends.  Idle timeouts are checked by one sweeper for all relays,
 not one timer each.
 
-Plaintext directions move bytes with splice(2) through a pipe, so they never enter Python (a
-recv_into/send pump costs about three times the CPU per gigabyte).  Pipes come from a small pool
+Plaintext bulk data moves with splice(2) through a pipe, so it never enters Python (a
+recv_into/send pump costs about three times the CPU per gigabyte); small exchanges (commands and
+short answers) are copied, which takes half the system calls of a splice through a pipe.  Pipes come from a small pool
 shared by the whole process: a direction holds one only while the destination is slow to take
 what is already in it; 10,000 sessions must not cost 20,000 more descriptors.  TLS directions read
 into one buffer shared by the process (callbacks run one at a time on the hub) and write straight
@@ -55,7 +56,7 @@ def _give_pipe(pipe: Tuple[int, int]) -> None:
 class _Side:
     """One direction: bytes read from ``src`` are written to ``dst``."""
 
-    __slots__ = ("src", "dst", "rd", "wr", "left", "pipe", "inpipe", "done", "count", "splice")
+    __slots__ = ("src", "dst", "rd", "wr", "left", "pipe", "inpipe", "done", "count", "splice", "can_splice")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src, self.dst = src, dst
@@ -66,7 +67,8 @@ class _Side:
         self.inpipe = 0
         self.done = False
         self.count = 0
-        self.splice = bool(_SPLICE) and not isinstance(src, ssl.SSLSocket) and not isinstance(dst, ssl.SSLSocket)
+        self.can_splice = bool(_SPLICE) and not isinstance(src, ssl.SSLSocket) and not isinstance(dst, ssl.SSLSocket)
+        self.splice = False       # small exchanges are cheaper copied: splice starts with bulk data
 
     @property
     def blocked(self) -> bool:
@@ -144,8 +146,11 @@ class Relay:
             side.left = bytes(_VIEW[sent:n])
             self._wait_writable(side)
             return False
+        if n == CHUNK:
+            side.splice = side.can_splice      # a full buffer: bulk data, move it by splice from now on
+            return True
         # TLS may hold decrypted bytes that no watcher will announce
-        return n == CHUNK or (isinstance(side.src, ssl.SSLSocket) and side.src.pending() > 0)
+        return isinstance(side.src, ssl.SSLSocket) and side.src.pending() > 0
 
     def _splice_once(self, side: _Side) -> bool:
         """socket -> pipe -> socket, the bytes never copied into Python."""
@@ -176,6 +181,8 @@ class Relay:
             self._wait_writable(side)
             return False
         _give_pipe(pipe)
+        if n < CHUNK // 8:
+            side.splice = False                # back to small exchanges
         return n == CHUNK
 
     def _wait_writable(self, side: _Side) -> None:
