@@ -5,6 +5,7 @@ replaying the login); this module only knows sockets, deadlines and the failure 
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import Optional
@@ -54,11 +55,19 @@ class Store:
             pass
 
 
+@functools.lru_cache(maxsize=4096)
+def _family(host: str) -> Optional[int]:
+    """The address family of an IP address literal; None for a host name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
 def _connect(host: str, port: int, timeout: float) -> gsocket.socket:
     """mailHost is usually an address: then skip the resolver (a thread-pool round trip per login)."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
+    family = _family(host)
+    if family is None:
         return gsocket.create_connection((host, port), timeout=timeout)
     sock = gsocket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)

@@ -53,7 +53,9 @@ class ServiceConfig:
         p = None if name.startswith("_") else lookup(name)
         if p is None:
             raise AttributeError("%r is not a configuration parameter" % name)
-        return self._values[p.key]
+        value = self._values[p.key]
+        object.__setattr__(self, name, value)     # immutable: later reads skip the lookup
+        return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("ServiceConfig is read-only; use override()")
