@@ -67,7 +67,7 @@ _group(
      "services to start: DLLPATH[|INSTANCE]@[IP:]PORT|[IP:]PORT..., blank separated; the basename of "
      "DLLPATH picks the service, INSTANCE.cfg holds its settings", dict(_SUP, reload=False)),
     ("NumThreads", t.Int(min=1), 1, "A",
-     "worker count (one per processor is optimal); mmproxy runs one process for now", dict(_SUP, reload=False)),
+     "worker processes (one per processor is optimal), sharing the listeners", dict(_SUP, reload=False)),
     ("BeTheUser", t.Str(), None, "A", "user to run as once the ports are bound", {"reload": False}),
     ("BeTheGroup", t.Str(), None, "A", "group to run as once the ports are bound", {"reload": False}),
 )
