@@ -11,8 +11,10 @@ that dies.
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import os
+import pwd
 import resource
 import signal
 import socket
@@ -118,10 +120,38 @@ def running_pid(config_dir: str) -> Optional[int]:
     return pid
 
 
+def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
+    """BeTheUser / BeTheGroup: once the ports are bound (and keys read), stop being root."""
+    if not user and not group:
+        return
+    if os.geteuid() != 0:
+        log.warning("not running as root: BeTheUser/BeTheGroup ignored (running as uid %d)", os.geteuid())
+        return
+    pw = pwd.getpwnam(user) if user else None
+    gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getegid())
+    if pw:
+        os.initgroups(pw.pw_name, gid)
+    else:
+        os.setgroups([gid])
+    os.setgid(gid)
+    if pw:
+        os.setuid(pw.pw_uid)
+
+
 def runtime_problems(config: Any) -> List[Problem]:
-    """Checks that need more than the files: certificates and keys load."""
+    """Checks that need more than the files: certificates and keys load, the run-as user exists."""
     from mmproxy import tls
     out = []
+    a = config.aservice
+    for name, value, lookup in (("BeTheUser", a.BeTheUser, pwd.getpwnam), ("BeTheGroup", a.BeTheGroup, grp.getgrnam)):
+        if value:
+            try:
+                lookup(value)
+            except KeyError:
+                where = a.where(name) or os.path.join(config.dir, "AService.cfg")
+                file, _, line = where.rpartition(":") if a.where(name) else (where, "", "")
+                out.append(Problem(file, int(line) if line else None, "error", "%s %s: no such %s on this system"
+                                   % (name, value, "user" if name == "BeTheUser" else "group")))
     for entry in config.services:
         if service_class(entry.spec.kind) is not None and entry.cfg.SSLEnable:
             try:
@@ -166,6 +196,7 @@ class AService:
         if self.worker is None:
             with open(pid_file(self.config.dir), "w") as f:
                 f.write("%d\n" % os.getpid())
+        drop_privileges(a.BeTheUser, a.BeTheGroup)
         gevent.signal_handler(signal.SIGTERM, self.stop)
         gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else lambda: None)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.refresh))

@@ -140,3 +140,25 @@ def _cpu_seconds(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_be_the_user_after_binding(mail_stack, tmp_path):
+    """BeTheUser/BeTheGroup: the ports are bound as root, the sessions run as the named user."""
+    from mmproxy.testing.proxy import Proxy
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    p = Proxy(mail_stack.info(), aservice={"BeTheUser": "nobody", "BeTheGroup": "nogroup"})
+    os.chmod(p.log_dir, 0o777)
+    with p:
+        with open("/proc/%d/status" % p.proc.pid) as f:
+            ids = {l.split(":")[0]: l.split()[1:] for l in f if l.startswith(("Uid", "Gid"))}
+        assert ids["Uid"][0] == str(nobody.pw_uid) and ids["Gid"][0] == str(nobody.pw_gid)
+        c = RawClient(p.host, p.imap_port)
+        c.expect(b"* OK")
+        c.send(b'a LOGIN alice "alice-pw"\r\n')
+        assert c.expect(b"a ").startswith(b"a OK")
+    write_cfg(str(tmp_path / "AService.cfg"), {"ServiceList": "/opt/lib/ImapProxyAService@%d" % free_port(),
+                                               "BeTheUser": "no-such-user-here"})
+    write_cfg(str(tmp_path / "ImapProxyAService.cfg"), {})
+    r = mmproxy("check-config", "--config-dir", str(tmp_path))
+    assert r.returncode == 1 and "AService.cfg:3: BeTheUser no-such-user-here: no such user" in r.stdout

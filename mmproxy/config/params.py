@@ -68,8 +68,8 @@ _group(
      "DLLPATH picks the service, INSTANCE.cfg holds its settings", dict(_SUP, reload=False)),
     ("NumThreads", t.Int(min=1), 1, "A",
      "worker processes (one per processor is optimal), sharing the listeners", dict(_SUP, reload=False)),
-    ("BeTheUser", t.Str(), None, "A", "user to run as once the ports are bound", {"reload": False}),
-    ("BeTheGroup", t.Str(), None, "A", "group to run as once the ports are bound", {"reload": False}),
+    ("BeTheUser", t.Str(), None, "A", "user to run as once the ports are bound", dict(_SUP, reload=False)),
+    ("BeTheGroup", t.Str(), None, "A", "group to run as once the ports are bound", dict(_SUP, reload=False)),
 )
 _group(
     "Logging",
