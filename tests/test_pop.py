@@ -291,3 +291,18 @@ def test_two_worker_processes_share_records_and_replace_a_dead_worker(mail_stack
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(10) == 0
         assert not os.path.exists(os.path.join(p.config_dir, "mmproxy.pid"))
+
+
+def test_store_in_use_code_passes_through():
+    """A store that says [IN-USE] (Dovecot with pop3_lock_session) is quoted, not turned into [AUTH]."""
+    from mmproxy.testing import MailStack
+    with MailStack(users=1, store_conf="pop3_lock_session = yes\n") as stack, \
+            Proxy(stack.info(), imap=False, pop={}) as p:
+        first = PopFrom(p.host, p.pop_port)
+        first.user("alice")
+        first.pass_(pw(stack, "alice"))
+        second = PopFrom(p.host, p.pop_port, timeout=30)     # Dovecot waits 10 s for the lock first
+        second.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            second.pass_(pw(stack, "alice"))
+        first.quit()
