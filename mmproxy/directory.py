@@ -45,6 +45,7 @@ JOB_DEADLINE = 15.0       # the greenlet stops waiting after this (connect + op,
 NEGATIVE_TTL = 60         # an unknown user is remembered this long, so a new account works soon
 POOL_SIZE = 8             # concurrent LDAP requests per kind (search, bind) and directory
 
+_MISS = object()
 DOMAIN_ATTRS = ["inetDomainBaseDN", "mailAccessProxyPreAuth", "mailAccessProxyReplay",
                 "inetDomainSearchFilter", "objectClass"]
 
@@ -212,8 +213,9 @@ class Directory:
 
     def _cached(self, key: Any, fn: Callable[[], Any]) -> Any:
         for cache in (self.cache, self.negative):
-            if key in cache:
-                return cache[key]
+            value = cache.get(key, _MISS)
+            if value is not _MISS:
+                return value
 
         def load() -> Any:
             value = fn()

@@ -7,6 +7,7 @@ it is put into a DN.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
@@ -29,6 +30,7 @@ def has_control_chars(s: str) -> bool:
     return bool(_CONTROL.search(s))
 
 
+@functools.lru_cache(maxsize=4096)
 def is_dns_name(name: str) -> bool:
     """True for a syntactically valid DNS host/domain name (RFC 1035 letters-digits-hyphen labels)."""
     if not name or len(name) > 253:

@@ -46,12 +46,19 @@ class _Stderr(_NoLock, logging.StreamHandler):
     pass
 
 
+DETAIL = 15          # between INFO and DEBUG: one line per session end, with its figures
+logging.addLevelName(DETAIL, "DETAIL")
+
+
 def level_for(log_level: int) -> int:
-    """Legacy 0-10 verbosity to logging levels: 0 errors, 1-4 sessions and logins, 5+ everything."""
+    """Legacy 0-10 verbosity to logging levels: 0 errors; 1 logins and failures; 2-4 also each
+    session's end (reason, duration, bytes); 5+ everything."""
     if log_level <= 0:
         return logging.ERROR
-    if log_level < 5:
+    if log_level == 1:
         return logging.INFO
+    if log_level < 5:
+        return DETAIL
     return logging.DEBUG
 
 

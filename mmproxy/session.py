@@ -21,6 +21,7 @@ from mmproxy.backend import Store
 from mmproxy.directory import Directory, User
 from mmproxy.errors import AuthFailed, AuthTempFail, BackendUnavailable, ClientGone
 from mmproxy.formats import LoginId, has_control_chars, replay_id, split_login
+from mmproxy.logs import DETAIL
 from mmproxy.relay import Relay
 from mmproxy.wire import LineReader
 
@@ -250,7 +251,7 @@ class Session:
         lg = self.log
 
         def closed(r: Relay) -> None:
-            lg.info("logout user=%s: %s (%ds, client->store %d B, store->client %d B)", user, r.reason or "closed",
+            lg.log(DETAIL, "logout user=%s: %s (%ds, client->store %d B, store->client %d B)", user, r.reason or "closed",
                     gevent.get_hub().loop.now() - started, r.bytes_up, r.bytes_down)
         Relay(self.sock, store.sock, float(idle), closed, to_store, to_client)
 
