@@ -1,0 +1,896 @@
+#!/usr/bin/env python3
+"""mmproxy benchmark: slapd + two Dovecot stores + mmproxy on loopback, load from separate
+processes, mmproxy and direct-to-store measured in the same run.
+
+    .venv/bin/python bench/bench.py            # full run (< 15 min)  -> bench/RESULTS.md (+ .json)
+    .venv/bin/python bench/bench.py --quick    # < 3 min              -> bench/RESULTS-quick.md (+ .json)
+    bench/run [--quick]                        # the same after scripts/setup-system and setup-venv
+
+The fixtures are the project's own (mmproxy.testing.MailStack and mmproxy.testing.proxy.Proxy);
+the clients are bench/load.py processes (gevent). See bench/README.md for the method.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import queue
+import random
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from mmproxy.testing import MailStack  # noqa: E402
+from mmproxy.testing.base import find_binary, make_tempdir  # noqa: E402
+from mmproxy.testing.proxy import Proxy, make_cert  # noqa: E402
+
+LOAD = os.path.join(HERE, "load.py")
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+FULL = dict(users=1000, conc=[1, 16, 64], duration=10.0, hot=50, reps=8, large_mb=20, sessions=2000,
+            tls_sessions=2000, max_sessions=10000, probes=30, procs=2, cold_limit=60.0, open_limit=150.0,
+            quiet_limit=20.0, quiet_budget=150.0)
+QUICK = dict(users=200, conc=[16], duration=3.0, hot=50, reps=4, large_mb=20, sessions=300,
+             tls_sessions=300, max_sessions=1000, probes=20, procs=2, cold_limit=20.0, open_limit=40.0,
+             quiet_limit=5.0, quiet_budget=30.0)
+SESSIONS_PER_LOAD_PROC = 2500      # client descriptors per load process (limit 20,000 here)
+TIMEOUT = 10.0                     # every client socket
+
+# The benchmark's configuration (never the defaults): everything from 127.0.0.1, so the
+# per-address connection limit is lifted; caches as large as the user set.
+PROXY_SERVICE = {
+    "PreAuth": True, "HostedDomains": True, "DefaultDomain": "example.com",
+    "LdapCacheSize": 10000, "LdapCacheTTL": 900, "AuthCacheSize": 10000, "AuthCacheTTL": 900,
+    "ConnLimits": "0.0.0.0|0.0.0.0:1000000", "LogLevel": 1, "Timeout": 1800,
+}
+
+# Generic Dovecot limits so the stores are not the bottleneck and can hold the idle sessions:
+# login and mail processes are reused (service_count = 0, as the peers' lab runs its stores), an
+# imap process serves many idle sessions (all users are uid nobody), enough processes and
+# client slots for 10,000 sessions over two stores.
+STORE_CONF = """
+# --- mmproxy bench: limits for thousands of sessions ---
+default_client_limit = 6000
+default_process_limit = 300
+service imap-login {
+  service_count = 0
+  process_min_avail = 2
+}
+service pop3-login {
+  service_count = 0
+  process_min_avail = 2
+}
+service imap {
+  service_count = 0
+  client_limit = 250
+  process_limit = 60
+}
+service pop3 {
+  service_count = 0
+  process_limit = 256
+}
+"""
+
+
+# ------------------------------------------------------------------ /proc accounting
+def proc_children():
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    st = f.read()
+            except OSError:
+                continue
+            ppid = int(st[st.rindex(")") + 2:].split()[1])
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree(roots, kids=None):
+    kids = proc_children() if kids is None else kids
+    out, todo = [], list(roots)
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.append(p)
+            todo.extend(kids.get(p, []))
+    return out
+
+
+def cpu_of(pids):
+    """CPU seconds of a process tree: each live process's own CPU time, ns-precise and including
+    its threads that have already exited (clock_gettime on the process CPU clock, as
+    clock_getcpuclockid() makes it), plus cutime+cstime (ticks) of the children it has reaped."""
+    total = 0.0
+    for p in pids:
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                st = f.read()
+            fs = st[st.rindex(")") + 2:].split()
+            reaped = (int(fs[13]) + int(fs[14])) / CLK
+            try:
+                own = time.clock_gettime_ns(((~p) << 3) | 2) / 1e9    # MAKE_PROCESS_CPUCLOCK(pid, SCHED)
+            except OSError:
+                own = (int(fs[11]) + int(fs[12])) / CLK
+            total += own + reaped
+        except OSError:
+            continue
+    return total
+
+
+def machine_busy():
+    """CPU seconds the whole machine has been busy in processes (user nice system) or stolen by
+    the hypervisor (steal): the other side of "other load" (processes outside this benchmark,
+    e.g. in other containers). irq/softirq time is left out: much of it is this benchmark's own
+    loopback traffic, which no process is charged for."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[7]) / CLK
+
+
+def mem_of(pids):
+    """RSS (statm) and PSS (smaps_rollup) in KB, summed over the processes."""
+    rss = pss = 0
+    for p in pids:
+        try:
+            with open("/proc/%d/statm" % p) as f:
+                rss += int(f.read().split()[1]) * PAGE_KB
+            with open("/proc/%d/smaps_rollup" % p) as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return {"nproc": len(pids), "rss_kb": rss, "pss_kb": pss}
+
+
+def fds_of(pids):
+    n = 0
+    for p in pids:
+        try:
+            n += len(os.listdir("/proc/%d/fd" % p))
+        except OSError:
+            pass
+    return n
+
+
+def pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+
+
+def ms(x):
+    return None if x is None else round(x * 1000, 2)
+
+
+# ------------------------------------------------------------------ load processes
+class Worker:
+    """One bench/load.py process; its stdout lines arrive on a queue (read by a thread)."""
+
+    def __init__(self, job, registry):
+        self.p = subprocess.Popen([sys.executable, LOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, bufsize=1, cwd=HERE)
+        registry.append(self)
+        self.q = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.send(job)
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.q.put(line)
+        self.q.put(None)
+
+    def send(self, obj):
+        self.p.stdin.write(json.dumps(obj) + "\n")
+        self.p.stdin.flush()
+
+    def recv(self, timeout):
+        try:
+            line = self.q.get(timeout=max(0.1, timeout))
+        except queue.Empty:
+            raise RuntimeError("load process %d did not answer within %.0f s" % (self.p.pid, timeout)) from None
+        if line is None:
+            raise RuntimeError("load process %d exited (rc %s)" % (self.p.pid, self.p.wait(5)))
+        return json.loads(line)
+
+    def finish(self):
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(5)
+
+
+def split(n, parts):
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+# ------------------------------------------------------------------ the bench
+class Bench:
+    def __init__(self, cfg, args):
+        self.cfg = cfg
+        self.args = args
+        self.workers = []
+        self.runs = []
+        self.notes = []
+        self.stack = None
+        self.proxy = None
+        self.pop_ok = False
+        self.pop_note = ""
+        self.dir = None
+        self.quiet_budget = cfg["quiet_budget"]     # seconds, over the whole run
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self):
+        self.dir = make_tempdir("mmproxy-bench-")
+        t0 = time.time()
+        self.stack = MailStack(users=self.cfg["users"], workdir=os.path.join(self.dir, "stack"),
+                               store_conf=STORE_CONF, slapd_loglevel="none")
+        self.stack.start()
+        self.info = self.stack.info()
+        self.uids = ["user%d" % k for k in range(1, self.cfg["users"] + 1)]
+        self.add_large_messages()
+        self.cert = make_cert(os.path.join(self.dir, "cert"))
+        self.start_proxy()
+        log("stack up in %.1f s (%d users, stores %s, proxy pid %d, POP %s)" % (
+            time.time() - t0, self.cfg["users"], ", ".join(self.info["stores"]), self.proxy.proc.pid,
+            "on" if self.pop_ok else "n/a"))
+
+    def start_proxy(self):
+        """mmproxy over a legacy config tree; the POP service when mmproxy has one."""
+        want_pop = importlib.util.find_spec("mmproxy.pop") is not None and not self.args.no_pop
+        if not want_pop:
+            self.pop_note = "POP service not available (no mmproxy/pop.py)" if not self.args.no_pop else "--no-pop"
+        aservice = {"LogLevel": 1, "NumThreads": self.args.threads}
+        for pop in ([True, False] if want_pop else [False]):
+            self.proxy = Proxy(self.info, imap=dict(PROXY_SERVICE), pop=dict(PROXY_SERVICE) if pop else None,
+                               aservice=aservice, tls=self.cert, workdir=os.path.join(self.dir, "proxy"))
+            try:
+                self.proxy.start(timeout=30)
+            except RuntimeError as e:
+                if not pop:
+                    raise
+                self.pop_note = "POP service failed to start: %s" % str(e).strip().splitlines()[-1][:200]
+                log("mmproxy with POP did not start; retrying without POP (%s)" % self.pop_note)
+                continue
+            self.pop_ok = pop
+            return
+
+    def restart_proxy(self):
+        """A fresh mmproxy process: empty caches for a cold pass."""
+        self.proxy.stop()
+        self.proxy.start(timeout=30)
+
+    def stop(self):
+        for w in self.workers:
+            w.kill()
+        if self.proxy is not None:
+            try:
+                self.proxy.stop()
+            except Exception as e:  # noqa: BLE001
+                log("stopping mmproxy: %r" % e)
+        if self.stack is not None:
+            self.stack.stop()
+        if self.dir and not self.args.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif self.dir:
+            log("kept %s" % self.dir)
+
+    def add_large_messages(self):
+        """The bulk test's message (large_mb MB) in the INBOX of the first `reps` users, as
+        message 2. One file, hard-linked into each maildir (MailStack(large_bytes=...) would
+        write a copy into every one of the users' mailboxes)."""
+        import grp
+        import pwd
+        nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+        line = b"".join(b"%c" % (65 + (i * 7) % 26) for i in range(76)) + b"\r\n"
+        hdr = (b"From: postmaster@example.com\r\nSubject: bench large message\r\n"
+               b"Date: Tue, 14 Nov 2023 22:14:00 +0000\r\nMessage-ID: <bench.large@mmproxy.test>\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n")
+        size = int(self.cfg["large_mb"] * 2**20)
+        body = line * max(1, (size - len(hdr)) // len(line))
+        template = os.path.join(self.dir, "large.eml")
+        with open(template, "wb") as f:
+            f.write(hdr + body)
+        n = len(hdr) + len(body)
+        os.chown(template, nobody, nogroup)
+        self.large_bytes = n
+        self.large_users = self.uids[:max(2, self.cfg["reps"])]
+        for uid in self.large_users:
+            u = self.info["users"][uid]
+            cur = os.path.join(self.stack.stores[u["mailhost"]].home(u["store_login"]), "Maildir", "cur")
+            os.link(template, os.path.join(cur, "%d.M2P%d.mmproxy-bench,S=%d,W=%d:2," % (
+                time.time(), os.getpid(), n, n)))
+
+    # -- endpoints ---------------------------------------------------------------------------
+    def addr(self, ep, proto, uid):
+        u = self.info["users"][uid]
+        if ep == "direct":
+            port = self.info["imap_port" if proto.startswith("imap") else "pop3_port"]
+            return [u["mailhost"], port, u["store_login"], u["password"]]
+        port = {"imap": self.proxy.imap_port, "imaps": self.proxy.imaps_port, "pop3": self.proxy.pop_port}[proto]
+        return ["127.0.0.1", port, uid, u["password"]]
+
+    def groups(self):
+        return {"proxy": [self.proxy.proc.pid], "slapd": [self.stack.slapd.proc.pid],
+                "stores": [s.proc.pid for s in self.stack.stores.values()]}
+
+    def snap(self):
+        kids = proc_children()
+        out = {g: cpu_of(tree(r, kids)) for g, r in self.groups().items()}
+        out["harness"] = time.process_time()       # this process, its reader threads included
+        out["machine"] = machine_busy()
+        out["t"] = time.time()
+        return out
+
+    @staticmethod
+    def cpu_delta(c0, c1, client):
+        """CPU seconds per group between two snapshots, the load processes' own figure, and
+        "other": what the machine spent beyond all of these (outside load)."""
+        d = {g: round(c1[g] - c0[g], 4) for g in c0 if g not in ("machine", "t")}
+        d["client"] = round(client, 4)
+        d["other"] = round(max(0.0, (c1["machine"] - c0["machine"]) - sum(d.values())), 2)
+        return d, round(d["other"] / max(0.001, c1["t"] - c0["t"]), 2)
+
+    def quiesce(self):
+        """Wait (bounded) until the machine is quiet: no other load, previous sessions closed."""
+        t0 = time.time()
+        while True:
+            a = machine_busy()
+            time.sleep(0.5)
+            busy = (machine_busy() - a) / 0.5
+            waited = time.time() - t0
+            if busy < 0.25 or waited > min(self.cfg["quiet_limit"], self.quiet_budget):
+                self.quiet_budget -= waited
+                if waited > 1:
+                    log("  (waited %.0f s for a quiet machine: %.2f cores busy)" % (waited, busy))
+                return round(waited, 1)
+
+    # -- tests -------------------------------------------------------------------------------
+    def login(self, ep, proto, conc, users="random", duration=None, max_ops=None, label=None, quiet=False):
+        """conc clients over min(procs, conc) load processes. users: "random" (all), "hotN"
+        (first N) or "cold" (each user once, in a fresh proxy for mmproxy)."""
+        duration = duration or self.cfg["duration"]
+        if users == "cold" and ep == "mmproxy":
+            self.restart_proxy()
+        uids = self.uids[:self.cfg["hot"]] if users.startswith("hot") else list(self.uids)
+        if users == "cold":
+            random.Random(conc).shuffle(uids)
+            duration = self.cfg["cold_limit"]
+        nproc = max(1, min(self.cfg["procs"], conc))
+        cs = split(conc, nproc)
+        ws = []
+        for i in range(nproc):
+            us = uids[i::nproc] if users == "cold" else uids
+            ws.append(Worker({"kind": "login", "proto": proto, "conc": cs[i], "all_once": users == "cold",
+                              "users": [self.addr(ep, proto, u) for u in us], "seed": 1 + i,
+                              "max_ops": (split(max_ops, nproc)[i] if max_ops else None), "timeout": TIMEOUT},
+                             self.workers))
+        for w in ws:
+            w.recv(30)
+        waited = self.quiesce() if not quiet else 0
+        t_start = time.time() + 0.2
+        t_end = t_start + duration
+        for w in ws:
+            w.send({"t_start": t_start, "t_end": t_end})
+        time.sleep(max(0.0, t_start - time.time() - 0.01))
+        c0 = self.snap()
+        res = [w.recv(t_end - time.time() + TIMEOUT + 30) for w in ws]
+        c1 = self.snap()
+        for w in ws:
+            w.finish()
+        lat = [x for r in res for x in r["lat"]]
+        llat = [x for r in res for x in r["llat"]]
+        n = len(lat)
+        t_last = max([r["t_last"] or 0 for r in res] + [0])
+        elapsed = (t_last - t_start) if (users == "cold" and n) else duration
+        cpu, other = self.cpu_delta(c0, c1, sum(r["cpu_s"] for r in res))
+        r = {"test": "%s_login" % proto, "endpoint": ep, "concurrency": conc, "users": users,
+             "label": label or "%s %s C=%d %s" % (ep, proto, conc, users),
+             "ops": n, "errors": sum(x["errors"] for x in res),
+             "err_samples": [e for x in res for e in x["err_samples"]][:5],
+             "duration_s": round(elapsed, 3), "rate": round(n / elapsed, 1) if elapsed > 0 and n else 0,
+             "lat_ms": {"p50": ms(pct(lat, .5)), "p99": ms(pct(lat, .99)), "max": ms(max(lat) if lat else None)},
+             "login_ms": {"p50": ms(pct(llat, .5)), "p99": ms(pct(llat, .99))},
+             "cpu_s": cpu, "cpu_s_per_1000": {k: round(v * 1000 / n, 4) for k, v in cpu.items()} if n else None,
+             "other_load_cores": other, "waited_for_quiet_s": waited}
+        if users == "cold" and n + r["errors"] < len(uids):
+            r["note"] = "stopped at the %ds limit after %d of %d users" % (duration, n + r["errors"], len(uids))
+        return self.record(r, quiet)
+
+    def bulk(self, ep, reps, record=True):
+        w = Worker({"kind": "bulk", "users": [self.addr(ep, "imap", u) for u in self.large_users], "seq": 2,
+                    "reps": reps, "timeout": 60.0}, self.workers)
+        w.recv(30)
+        waited = self.quiesce() if record else 0
+        t_start = time.time() + 0.2
+        w.send({"t_start": t_start, "t_end": t_start + 120})
+        time.sleep(max(0.0, t_start - time.time() - 0.01))
+        c0 = self.snap()
+        res = w.recv(200)
+        c1 = self.snap()
+        w.finish()
+        if not record:
+            return res
+        runs = res["runs"]
+        total = sum(x[0] for x in runs)
+        rates = sorted(x[0] / x[1] / 1e6 for x in runs if x[1] > 0)
+        cpu, other = self.cpu_delta(c0, c1, res["cpu_s"])
+        gb = total / 1e9
+        return self.record({
+            "test": "bulk", "endpoint": ep, "label": "%s bulk x%d" % (ep, reps), "reps": reps,
+            "bytes_each": runs[0][0] if runs else None, "errors": len(res["errors"]), "err_samples": res["errors"][:3],
+            "mb_s": {"median": round(rates[len(rates) // 2], 1) if rates else None,
+                     "all": [round(x, 1) for x in rates]},
+            "cpu_s": cpu, "cpu_s_per_gb": {k: round(v / gb, 3) for k, v in cpu.items()} if gb else None,
+            "other_load_cores": other, "waited_for_quiet_s": waited})
+
+    def idle(self, ep, k, tls=False, label=None):
+        """k sessions LOGIN, SELECT, IDLE from several load processes; the proxy's memory before
+        and after; fresh logins while they are held; then every held session must answer DONE."""
+        proto = "imaps" if tls else "imap"
+        roots = [self.proxy.proc.pid] if ep == "mmproxy" else []
+        nproc = max(2, math.ceil(k / SESSIONS_PER_LOAD_PROC))
+        ks = split(k, nproc)
+        ws, start = [], 0
+        for i in range(nproc):
+            us = [self.uids[(start + j) % len(self.uids)] for j in range(ks[i])]
+            start += ks[i]
+            ws.append(Worker({"kind": "idle", "k": ks[i], "tls": tls, "conc": 16, "max_errors": 16,
+                              "users": [self.addr(ep, proto, u) for u in us], "timeout": TIMEOUT}, self.workers))
+        for w in ws:
+            w.recv(30)
+        waited = self.quiesce()
+        # "before" with the load processes already running: they share pages (python's text)
+        # with the proxy, which lowers its PSS; so both measurements see the same set
+        pids0 = tree(roots)
+        m0, f0 = mem_of(pids0), fds_of(pids0)
+        c0 = self.snap()
+        t_start = time.time() + 0.2
+        t_end = t_start + self.cfg["open_limit"]
+        for w in ws:
+            w.send({"t_start": t_start, "t_end": t_end})
+        opened = [w.recv(t_end - time.time() + TIMEOUT + 30) for w in ws]
+        time.sleep(1.0)
+        c1 = self.snap()
+        pids1 = tree(roots)
+        m1, f1 = mem_of(pids1), fds_of(pids1)
+        n = sum(o["opened"] for o in opened)
+        errors = sum(o["errors"] for o in opened)
+        released = 0
+        if errors:
+            # a limit was hit (descriptors, most likely): free a few slots so the probes can log in
+            for w in ws:
+                w.send({"cmd": "release", "n": 5})
+                released += w.recv(30)["released"]
+        probe = self.login(ep, proto, 1, duration=self.cfg["probes"] * 2.0 + 20, max_ops=self.cfg["probes"],
+                           label="%s %s probes with %d held" % (ep, proto, n - released), quiet=True)
+        self.runs.remove(probe)
+        alive = dead = 0
+        samples = []
+        for w in ws:
+            w.send({"cmd": "check"})
+            a = w.recv(TIMEOUT + 90)
+            alive += a["alive"]
+            dead += a["dead"]
+            samples += a["samples"]
+        for w in ws:
+            w.finish()
+        cpu, other = self.cpu_delta(c0, c1, sum(o["cpu_s"] for o in opened))
+        r = {"test": "idle", "endpoint": ep, "tls": tls, "label": label or "%s idle %s K=%d" % (ep, proto, k),
+             "requested": k, "opened": n, "open_errors": errors,
+             "err_samples": [e for o in opened for e in o["err_samples"]][:5],
+             "open_s": max(o["open_s"] for o in opened), "load_procs": nproc,
+             "proxy_mem_before": m0, "proxy_mem_after": m1, "proxy_fds_before": f0, "proxy_fds_after": f1,
+             "kb_per_session_rss": round((m1["rss_kb"] - m0["rss_kb"]) / n, 2) if n and roots else None,
+             "kb_per_session_pss": round((m1["pss_kb"] - m0["pss_kb"]) / n, 2) if n and roots else None,
+             "released_for_probes": released, "held_during_probes": n - released,
+             "probe": {k2: probe[k2] for k2 in ("ops", "errors", "err_samples", "lat_ms", "login_ms")},
+             "alive_after": alive, "dead_after": dead, "dead_samples": samples[:5],
+             "cpu_s_open": cpu, "other_load_cores": other, "waited_for_quiet_s": waited}
+        time.sleep(2.0)        # let the stores close the sessions
+        return self.record(r)
+
+    def record(self, r, quiet=False):
+        self.runs.append(r)
+        if not quiet:
+            log(line_of(r))
+        return r
+
+    # -- the plan ----------------------------------------------------------------------------
+    def plan(self):
+        c = self.cfg
+        tests = self.args.tests
+        hot = "hot%d" % c["hot"]
+        steps = []
+        # the stores' indexes: every user once, directly, over IMAP and POP3 (not reported)
+        steps.append(lambda: self.login("direct", "imap", 16, "cold", label="warm-up direct imap"))
+        steps.append(lambda: self.login("direct", "pop3", 16, "cold", label="warm-up direct pop3"))
+        eps = ["direct", "mmproxy"]
+
+        def both(fn):
+            # alternate which endpoint goes first from step to step (drift hits both alike)
+            def step(i=len(steps)):
+                for ep in (eps if i % 2 else eps[::-1]):
+                    fn(ep)
+            steps.append(step)
+
+        for proto in ("pop3", "imap"):
+            if proto[:3] not in tests and proto not in tests:
+                continue
+            for mode in ("cold", "random", hot):
+                for cc in c["conc"]:
+                    both(lambda ep, p=proto, m=mode, cc=cc: (ep == "direct" or p != "pop3" or self.pop_ok)
+                         and self.login(ep, p, cc, m))
+        if "tls" in tests:
+            for cc in c["conc"]:
+                steps.append(lambda cc=cc: self.login("mmproxy", "imaps", cc, "random"))
+        if "bulk" in tests:
+            steps.append(lambda: self.bulk("direct", c["reps"], record=False))    # page cache, indexes
+            both(lambda ep: self.bulk(ep, c["reps"]))
+        if "idle" in tests:
+            steps.append(lambda: self.idle("direct", c["sessions"]))
+            steps.append(lambda: self.idle("mmproxy", c["sessions"]))
+            if "tls" in tests:
+                steps.append(lambda: self.idle("mmproxy", c["tls_sessions"], tls=True))
+            steps.append(lambda: self.idle("mmproxy", c["max_sessions"],
+                                           label="mmproxy idle imap K=%d (max)" % c["max_sessions"]))
+        for s in steps:
+            s()
+            time.sleep(0.3)
+        self.runs = [r for r in self.runs if not r["label"].startswith("warm-up")]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def line_of(r):
+    if r["test"].endswith("_login"):
+        return "  %-34s %8s/s  p50/p99 %s/%s ms  err %s  proxy CPU-s/1000 %s" % (
+            r["label"], r["rate"], r["lat_ms"]["p50"], r["lat_ms"]["p99"], r["errors"],
+            (r["cpu_s_per_1000"] or {}).get("proxy"))
+    if r["test"] == "bulk":
+        return "  %-34s %8s MB/s  err %s  proxy CPU-s/GB %s" % (
+            r["label"], r["mb_s"]["median"], r["errors"], (r["cpu_s_per_gb"] or {}).get("proxy"))
+    return "  %-34s opened %s/%s (err %s) KB/sess %s (PSS %s)  probe p50/p99 %s/%s ms  alive %s/%s" % (
+        r["label"], r["opened"], r["requested"], r["open_errors"], r["kb_per_session_rss"],
+        r["kb_per_session_pss"], r["probe"]["login_ms"]["p50"], r["probe"]["login_ms"]["p99"],
+        r["alive_after"], r["held_during_probes"])
+
+
+# ------------------------------------------------------------------ report
+def versions():
+    def cmd(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    def pkg(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        pass
+    r = subprocess.run([find_binary("slapd"), "-VV"], capture_output=True, text=True)
+    slapd = ((r.stdout + r.stderr).strip().splitlines() or ["?"])[0]
+    commit = cmd(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "mmproxy"], capture_output=True,
+                           text=True).stdout.strip()
+    return {
+        "nproc": len(os.sched_getaffinity(0)), "cpu": model, "kernel": platform.release(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "nofile_hard": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[1],
+        "python": platform.python_version(), "gevent": pkg("gevent"), "greenlet": pkg("greenlet"),
+        "python-ldap": pkg("python-ldap"), "openssl": ssl.OPENSSL_VERSION,
+        "dovecot": cmd([find_binary("dovecot"), "--version"]), "slapd": slapd.replace("@(#) $OpenLDAP: ", "").strip(" $"),
+        "mmproxy": commit + (" (+ uncommitted changes in mmproxy/)" if dirty else ""),
+    }
+
+
+def find(runs, **kw):
+    for r in runs:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def g(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def fmt(x, nd=2):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return ("%." + str(nd) + "f") % x
+    return str(x)
+
+
+DISTURBED = 0.2     # cores of outside load above which a run is marked
+
+
+def other_load(r):
+    x = r.get("other_load_cores")
+    return "–" if x is None else ("**%.2f** ⚠" % x if x > DISTURBED else "%.2f" % x)
+
+
+def targets(b, runs):
+    """[(target, measured, verdict)] for RESULTS.md; verdicts PASS / MISS / n/a."""
+    mid = 16 if 16 in b.cfg["conc"] else b.cfg["conc"][0]
+    out = []
+
+    def cpu(proto, users):
+        return g(find(runs, endpoint="mmproxy", test=proto + "_login", concurrency=mid, users=users),
+                 "cpu_s_per_1000", "proxy")
+
+    def verdict(x, ok):
+        return "–" if x is None else ("PASS" if ok else "MISS")
+
+    for proto, name in (("imap", "IMAP"), ("pop3", "POP3")):
+        for users, limit, what in (("random", 0.45, "warm"), ("cold", 0.6, "cold")):
+            if proto == "pop3" and not b.pop_ok:
+                out.append(("≤ %.2f CPU-s per 1000 %s logins, %s" % (limit, name, what),
+                            "n/a (%s)" % (b.pop_note or "POP service not available"), "n/a"))
+                continue
+            x = cpu(proto, users)
+            out.append(("≤ %.2f CPU-s per 1000 %s logins, %s (C=%d)" % (limit, name, what, mid),
+                        fmt(x, 3), verdict(x, x is not None and x <= limit)))
+    bd, bm = find(runs, test="bulk", endpoint="direct"), find(runs, test="bulk", endpoint="mmproxy")
+    ratio = None
+    if g(bd, "mb_s", "median") and g(bm, "mb_s", "median"):
+        ratio = bm["mb_s"]["median"] / bd["mb_s"]["median"]
+    out.append(("bulk relay ≥ 0.9× direct throughput", "%s× (%s vs %s MB/s)" % (
+        fmt(ratio), g(bm, "mb_s", "median"), g(bd, "mb_s", "median")), verdict(ratio, ratio is not None and ratio >= 0.9)))
+    x = g(bm, "cpu_s_per_gb", "proxy")
+    out.append(("bulk relay ≤ 0.25 CPU-s/GB", fmt(x, 3), verdict(x, x is not None and x <= 0.25)))
+    i = find(runs, test="idle", endpoint="mmproxy", tls=False, requested=b.cfg["sessions"])
+    x = g(i, "kb_per_session_rss")
+    out.append(("≤ 6 KB per idle plaintext session (K=%d, RSS; PSS %s)" % (b.cfg["sessions"], fmt(g(i, "kb_per_session_pss"))),
+                fmt(x), verdict(x, x is not None and x <= 6)))
+    m = [r for r in runs if r["test"] == "idle" and r["endpoint"] == "mmproxy" and not r["tls"]
+         and r["requested"] == b.cfg["max_sessions"]]
+    if m:
+        m = m[-1]
+        p99 = g(m, "probe", "login_ms", "p99")
+        ok = (m["held_during_probes"] >= 10000 and m["dead_after"] == 0 and p99 is not None and p99 < 50
+              and not g(m, "probe", "errors"))
+        verdict_n = ("PASS" if ok else "MISS") if m["requested"] >= 10000 else "n/a (K=%d < 10,000)" % m["requested"]
+        out.append(("10,000 idle sessions held, new logins p99 < 50 ms",
+                    "%d of %d held in %d process(es)%s; login p99 %s ms (p50 %s, %d probes, %d errors); %d/%d alive after" % (
+                        m["opened"], m["requested"], m["proxy_mem_after"]["nproc"],
+                        " (%d released for the probes)" % m["released_for_probes"] if m["released_for_probes"] else "",
+                        fmt(p99), fmt(g(m, "probe", "login_ms", "p50")), g(m, "probe", "ops") or 0,
+                        g(m, "probe", "errors") or 0, m["alive_after"], m["held_during_probes"]),
+                    verdict_n))
+    t, p = cpu("imaps", "random"), cpu("imap", "random")
+    out.append(("implicit-TLS IMAP logins ≤ 1.9 CPU-s per 1000 (C=%d)" % mid,
+                "%s (TLS handshake ≈ %s)" % (fmt(t, 3), fmt(t - p, 3) if t is not None and p is not None else "–"),
+                verdict(t, t is not None and t <= 1.9)))
+    return out
+
+
+def render(b, runs, meta):
+    c = b.cfg
+    L = []
+    w = L.append
+    w("# mmproxy benchmark results (%s run)" % meta["mode"])
+    w("")
+    w("Generated by `%s` on %s in %s s. Method: bench/README.md." % (meta["command"], meta["date"], meta["wall_s"]))
+    w("")
+    v = meta["versions"]
+    w("Machine: %s CPUs (%s), %s GiB, kernel %s, `ulimit -Hn` %s. Python %s, gevent %s, greenlet %s, "
+      "python-ldap %s, %s; Dovecot %s; slapd %s. mmproxy %s, NumThreads %s." % (
+          v["nproc"], v["cpu"], v["mem_gib"], v["kernel"], v["nofile_hard"], v["python"], v["gevent"], v["greenlet"],
+          v["python-ldap"], v["openssl"], v["dovecot"], v["slapd"], v["mmproxy"], b.args.threads))
+    w("")
+    w("Setup: %d LDAP users; runs of %g s; clients from %d load processes (gevent), on the same CPUs as "
+      "everything else; 127.0.0.1 -> mmproxy -> stores on 127.0.0.2/127.0.0.3. CPU is the proxy's process tree "
+      "(every thread, exited ones too, + reaped children). \"other load\" = CPU the machine spent outside "
+      "this benchmark during a run (e.g. other containers on the same VM); runs above %.1f cores are marked ⚠ "
+      "(their rates and latencies are disturbed; CPU per login much less so)." % (c["users"], c["duration"], c["procs"], DISTURBED))
+    if not b.pop_ok:
+        w("")
+        w("**POP3 through mmproxy: n/a (%s).** Direct POP3 is measured; re-run when the POP service lands."
+          % (b.pop_note or "POP service not available"))
+    w("")
+    w("## Targets")
+    w("")
+    w("| target | measured | verdict |")
+    w("|---|---|---|")
+    for t in targets(b, runs):
+        w("| %s | %s | %s |" % t)
+    w("")
+    w("Peers' reference figures (same methodology, from the lab): nginx 0.51 warm / 1.30 cold CPU-s per 1000 "
+      "IMAP, 0.61 POP3, 0.41 CPU-s/GB, 9.8 KB/session, ~1.9 CPU-s per 1000 implicit-TLS logins; Dovecot proxy "
+      "0.61/0.61, 0.59, 0.92, 32.5 KB.")
+    for proto, name in (("imap", "IMAP"), ("pop3", "POP3"), ("imaps", "IMAPS (implicit TLS, full handshake each)")):
+        rows = [r for r in runs if r["test"] == proto + "_login"]
+        w("")
+        w("## %s logins" % name)
+        w("")
+        if proto == "imap":
+            w("connect, greeting, LOGIN, SELECT INBOX, LOGOUT. cold = every user once, in a freshly started "
+              "mmproxy (empty caches); random = users drawn from all %d after the cold passes (warm caches); "
+              "%s = the first %d users. Latency: whole session / connect to LOGIN OK." % (c["users"], "hot%d" % c["hot"], c["hot"]))
+        elif proto == "pop3":
+            w("connect, greeting, USER, PASS, STAT, QUIT.")
+            if not b.pop_ok:
+                w("")
+                w("mmproxy: n/a (%s)." % (b.pop_note or "POP service not available"))
+        w("")
+        if not rows:
+            w("(not run)")
+            continue
+        w("| endpoint | users | C | logins/s | session p50 / p99 ms | login p50 / p99 ms | errors | "
+          "CPU-s per 1000: proxy | slapd | stores | client | other load (cores) |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            k = r["cpu_s_per_1000"] or {}
+            w("| %s | %s | %d | %s | %s / %s | %s / %s | %s | %s | %s | %s | %s | %s |" % (
+                r["endpoint"], r["users"], r["concurrency"], r["rate"], fmt(r["lat_ms"]["p50"]), fmt(r["lat_ms"]["p99"]),
+                fmt(r["login_ms"]["p50"]), fmt(r["login_ms"]["p99"]), r["errors"],
+                "**%s**" % fmt(k.get("proxy"), 3) if r["endpoint"] == "mmproxy" else "–",
+                fmt(k.get("slapd"), 3), fmt(k.get("stores"), 3), fmt(k.get("client"), 3), other_load(r)))
+        if proto == "imaps":
+            w("")
+            w("TLS handshake cost per login (mmproxy, IMAPS minus plain IMAP, random users):")
+            w("")
+            for cc in c["conc"]:
+                t = g(find(runs, test="imaps_login", concurrency=cc, users="random"), "cpu_s_per_1000", "proxy")
+                p = g(find(runs, test="imap_login", endpoint="mmproxy", concurrency=cc, users="random"),
+                      "cpu_s_per_1000", "proxy")
+                if t is not None and p is not None:
+                    w("- C=%d: %s − %s = **%s ms CPU** per login" % (cc, fmt(t, 3), fmt(p, 3), fmt(t - p, 3)))
+    w("")
+    w("## Bulk FETCH")
+    w("")
+    w("`FETCH 2 BODY.PEEK[]` of a %.1f MB message, %d times, one connection each (MB/s = 10^6 bytes per "
+      "second of FETCH time, median)." % (b.large_bytes / 1e6, c["reps"]))
+    w("")
+    w("| endpoint | MB/s median | all runs | errors | CPU-s per GB: proxy | stores | client | other load (cores) |")
+    w("|---|---|---|---|---|---|---|---|")
+    for r in [r for r in runs if r["test"] == "bulk"]:
+        k = r["cpu_s_per_gb"] or {}
+        w("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["endpoint"], r["mb_s"]["median"], ", ".join(map(str, r["mb_s"]["all"])), r["errors"],
+            "**%s**" % fmt(k.get("proxy"), 3) if r["endpoint"] == "mmproxy" else "–", fmt(k.get("stores"), 3),
+            fmt(k.get("client"), 3), other_load(r)))
+    w("")
+    w("## Idle sessions")
+    w("")
+    w("K sessions LOGIN, SELECT INBOX, IDLE from several load processes and stay open. Memory: the proxy's "
+      "processes before and after opening (RSS from statm, PSS from smaps_rollup). Then %d fresh logins, one "
+      "at a time, while the sessions are held; then every held session must answer DONE with its tagged OK."
+      % c["probes"])
+    w("")
+    w("| endpoint | K requested | opened (errors) | open s | KB/session RSS | KB/session PSS | proxy RSS before → after MB | "
+      "proxy fds after | login p50 / p99 ms while held | session p99 ms | probe errors | alive after | other load (cores) |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in [r for r in runs if r["test"] == "idle"]:
+        w("| %s%s | %d | %d (%d) | %s | %s | %s | %s | %s | %s / %s | %s | %s | %d / %d | %s |" % (
+            r["endpoint"], " TLS" if r["tls"] else "", r["requested"], r["opened"], r["open_errors"], r["open_s"],
+            fmt(r["kb_per_session_rss"]), fmt(r["kb_per_session_pss"]),
+            "%.1f → %.1f" % (r["proxy_mem_before"]["rss_kb"] / 1024, r["proxy_mem_after"]["rss_kb"] / 1024)
+            if r["endpoint"] == "mmproxy" else "–", r["proxy_fds_after"] if r["endpoint"] == "mmproxy" else "–",
+            fmt(g(r, "probe", "login_ms", "p50")), fmt(g(r, "probe", "login_ms", "p99")),
+            fmt(g(r, "probe", "lat_ms", "p99")), g(r, "probe", "errors"), r["alive_after"], r["held_during_probes"],
+            other_load(r)))
+    notes = [(r["label"], r["err_samples"]) for r in runs if r.get("err_samples")]
+    notes += [(r["label"], [r["note"]]) for r in runs if r.get("note")]
+    notes += [(r["label"] + " (dead after)", r["dead_samples"]) for r in runs if r.get("dead_samples")]
+    if notes or b.notes:
+        w("")
+        w("## Notes and error samples")
+        w("")
+        for n in b.notes:
+            w("- %s" % n)
+        for label, samples in notes:
+            w("- %s: %s" % (label, "; ".join(str(s)[:200] for s in samples[:3])))
+    w("")
+    w("Configuration: mmproxy %s; AService NumThreads %s. Stores: MailStack(store_conf=...) with %s" % (
+        ", ".join("%s %s" % (k, v) for k, v in PROXY_SERVICE.items()), b.args.threads,
+        " ".join(ln.strip() for ln in STORE_CONF.strip().splitlines()[1:])))
+    w("")
+    return "\n".join(L)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="200 users, 3 s runs, C=16 only, K=300 (< 3 min)")
+    ap.add_argument("--threads", type=int, default=1, help="AService.cfg NumThreads for mmproxy (default 1)")
+    ap.add_argument("--users", type=int, help="LDAP users (full 1000, quick 200)")
+    ap.add_argument("--duration", type=float, help="seconds per timed run (full 10, quick 3)")
+    ap.add_argument("--conc", help="concurrencies, e.g. 1,16,64")
+    ap.add_argument("--sessions", type=int, help="idle sessions for the memory figure (full 2000, quick 300)")
+    ap.add_argument("--tls-sessions", type=int, help="idle TLS sessions (default = --sessions)")
+    ap.add_argument("--max-sessions", type=int, help="the largest idle test (full 10000, quick 1000)")
+    ap.add_argument("--reps", type=int, help="bulk FETCHes per endpoint (full 8, quick 4)")
+    ap.add_argument("--large-mb", type=float, help="size of the bulk message in MB (20)")
+    ap.add_argument("--tests", default="pop,imap,tls,bulk,idle", help="subset of pop,imap,tls,bulk,idle")
+    ap.add_argument("--no-pop", action="store_true", help="run mmproxy without its POP service")
+    ap.add_argument("--out", help="report file (default bench/RESULTS.md, quick: bench/RESULTS-quick.md); "
+                                  "the raw runs go next to it as .json")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs of slapd, Dovecot, mmproxy)")
+    a = ap.parse_args()
+    cfg = dict(QUICK if a.quick else FULL)
+    for key in ("users", "duration", "sessions", "tls_sessions", "max_sessions", "reps", "large_mb"):
+        if getattr(a, key) is not None:
+            cfg[key] = getattr(a, key)
+    if a.sessions is not None and a.tls_sessions is None:
+        cfg["tls_sessions"] = a.sessions
+    if a.conc:
+        cfg["conc"] = [int(x) for x in a.conc.split(",")]
+    a.tests = set(a.tests.split(","))
+    out = a.out or os.path.join(HERE, "RESULTS-quick.md" if a.quick else "RESULTS.md")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # SIGINT too: a background job ignores it
+        signal.signal(sig, on_term)
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))    # the stores and mmproxy inherit it
+
+    t0 = time.time()
+    b = Bench(cfg, a)
+    try:
+        b.start()
+        b.plan()
+        meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "mode": "quick" if a.quick else "full",
+                "command": " ".join(["bench/bench.py"] + sys.argv[1:]), "config": cfg, "versions": versions(),
+                "pop": b.pop_ok, "pop_note": b.pop_note, "threads": a.threads, "store_conf": STORE_CONF,
+                "proxy_service": PROXY_SERVICE, "wall_s": round(time.time() - t0)}
+        md = render(b, b.runs, meta)
+        with open(out, "w") as f:
+            f.write(md)
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump({"meta": meta, "targets": targets(b, b.runs), "runs": b.runs}, f, indent=1)
+        print(md)
+        log("wrote %s (+ .json) in %d s" % (os.path.relpath(out), time.time() - t0))
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    finally:
+        b.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
