@@ -303,22 +303,22 @@ class PopSession(Session):
         pw = password.encode("utf-8", "surrogateescape")
         if b"\r" in user + pw or b"\n" in user + pw:
             raise AuthFailed("line break in credentials")
-        out = []
+        first = []
         if b"XCLIENT" in caps:
-            out.append(b"XCLIENT ADDR=%s PORT=%d\r\n" % (self.client_ip.encode(), self.client_port))
-        out += [b"USER " + user + b"\r\n", b"PASS " + pw + b"\r\n"]
-        if b"PIPELINING" in caps:
-            store.send(b"".join(out))        # one round trip
-            replies = [store.readline() for _ in out]
-        else:
-            replies = []
-            for cmd in out:
-                store.send(cmd)
-                replies.append(store.readline())
-                if not replies[-1].startswith(b"+OK"):
-                    break
-        if len(replies) == 3 and not replies[0].startswith(b"+OK"):
-            raise BackendProtocolError("store refused XCLIENT: %r" % replies[0][:80])
+            first.append(b"XCLIENT ADDR=%s PORT=%d\r\n" % (self.client_ip.encode(), self.client_port))
+        first.append(b"USER " + user + b"\r\n")
+        # XCLIENT and USER go together when the store pipelines; PASS always alone: Dovecot holds a
+        # PASS that arrives pipelined behind USER for 40 ms before it authenticates.
+        batches = [first, [b"PASS " + pw + b"\r\n"]] if b"PIPELINING" in caps else [[c] for c in first] + [[b"PASS " + pw + b"\r\n"]]
+        replies: List[bytes] = []
+        for batch in batches:
+            store.send(b"".join(batch))
+            replies += [store.readline() for _ in batch]
+            if len(first) == 2 and not replies[0].startswith(b"+OK"):
+                # never log in from the proxy's own address instead of the client's
+                raise BackendProtocolError("store refused XCLIENT: %r" % replies[0][:80])
+            if not replies[-1].startswith(b"+OK"):
+                break
         final = replies[-1]
         if final.startswith(b"+OK"):
             return True, final
