@@ -503,7 +503,7 @@ class Bench:
         for w in ws:
             w.finish()
         cpu, other = self.cpu_delta(c0, c1, sum(o["cpu_s"] for o in opened))
-        r = {"test": "idle", "endpoint": ep, "tls": tls, "label": label or "%s idle %s K=%d" % (ep, proto, k),
+        r = {"test": "idle", "endpoint": ep, "tls": tls, "threads": self.proxy.aservice_settings.get("NumThreads", 1) if ep == "mmproxy" else None, "label": label or "%s idle %s K=%d" % (ep, proto, k),
              "requested": k, "opened": n, "open_errors": errors,
              "err_samples": [e for o in opened for e in o["err_samples"]][:5],
              "open_s": max(o["open_s"] for o in opened), "load_procs": nproc,
@@ -516,6 +516,16 @@ class Bench:
              "cpu_s_open": cpu, "other_load_cores": other, "waited_for_quiet_s": waited}
         time.sleep(2.0)        # let the stores close the sessions
         return self.record(r)
+
+    def idle_more_processes(self, k, threads):
+        """When one process could not hold k sessions: the same with NumThreads = threads."""
+        prev = [r for r in self.runs if r["test"] == "idle" and r["requested"] == k and not r["tls"]]
+        if not prev or prev[-1]["opened"] >= k:
+            return
+        log("  one process held %d of %d: again with NumThreads %d" % (prev[-1]["opened"], k, threads))
+        self.proxy.aservice_settings["NumThreads"] = threads
+        self.login("mmproxy", "imap", 16, "cold", label="warm-up NumThreads %d" % threads)   # restarts it
+        self.idle("mmproxy", k, label="mmproxy idle imap K=%d (max, NumThreads %d)" % (k, threads))
 
     def record(self, r, quiet=False):
         self.runs.append(r)
@@ -561,6 +571,8 @@ class Bench:
                 steps.append(lambda: self.idle("mmproxy", c["tls_sessions"], tls=True))
             steps.append(lambda: self.idle("mmproxy", c["max_sessions"],
                                            label="mmproxy idle imap K=%d (max)" % c["max_sessions"]))
+            if self.args.max_threads > self.args.threads:
+                steps.append(lambda: self.idle_more_processes(c["max_sessions"], self.args.max_threads))
         for s in steps:
             s()
             time.sleep(0.3)
@@ -615,7 +627,8 @@ def versions():
         "nofile_hard": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[1],
         "python": platform.python_version(), "gevent": pkg("gevent"), "greenlet": pkg("greenlet"),
         "python-ldap": pkg("python-ldap"), "openssl": ssl.OPENSSL_VERSION,
-        "dovecot": cmd([find_binary("dovecot"), "--version"]), "slapd": slapd.replace("@(#) $OpenLDAP: ", "").strip(" $"),
+        "dovecot": cmd([find_binary("dovecot"), "--version"]),
+        "slapd": slapd.replace("@(#) $OpenLDAP: slapd ", "").strip(" $"),
         "mmproxy": commit + (" (+ uncommitted changes in mmproxy/)" if dirty else ""),
     }
 
@@ -684,16 +697,14 @@ def targets(b, runs):
     x = g(i, "kb_per_session_rss")
     out.append(("≤ 6 KB per idle plaintext session (K=%d, RSS; PSS %s)" % (b.cfg["sessions"], fmt(g(i, "kb_per_session_pss"))),
                 fmt(x), verdict(x, x is not None and x <= 6)))
-    m = [r for r in runs if r["test"] == "idle" and r["endpoint"] == "mmproxy" and not r["tls"]
-         and r["requested"] == b.cfg["max_sessions"]]
-    if m:
-        m = m[-1]
+    for m in [r for r in runs if r["test"] == "idle" and r["endpoint"] == "mmproxy" and not r["tls"]
+              and r["requested"] == b.cfg["max_sessions"]]:
         p99 = g(m, "probe", "login_ms", "p99")
         ok = (m["held_during_probes"] >= 10000 and m["dead_after"] == 0 and p99 is not None and p99 < 50
               and not g(m, "probe", "errors"))
         verdict_n = ("PASS" if ok else "MISS") if m["requested"] >= 10000 else "n/a (K=%d < 10,000)" % m["requested"]
-        out.append(("10,000 idle sessions held, new logins p99 < 50 ms",
-                    "%d of %d held in %d process(es)%s; login p99 %s ms (p50 %s, %d probes, %d errors); %d/%d alive after" % (
+        out.append(("10,000 idle sessions held, new logins p99 < 50 ms (NumThreads %s)" % m.get("threads", 1),
+                    "%d of %d held (%d proxy process(es))%s; login p99 %s ms (p50 %s, %d probes, %d errors); %d/%d alive after" % (
                         m["opened"], m["requested"], m["proxy_mem_after"]["nproc"],
                         " (%d released for the probes)" % m["released_for_probes"] if m["released_for_probes"] else "",
                         fmt(p99), fmt(g(m, "probe", "login_ms", "p50")), g(m, "probe", "ops") or 0,
@@ -781,8 +792,8 @@ def render(b, runs, meta):
     w("")
     w("## Bulk FETCH")
     w("")
-    w("`FETCH 2 BODY.PEEK[]` of a %.1f MB message, %d times, one connection each (MB/s = 10^6 bytes per "
-      "second of FETCH time, median)." % (b.large_bytes / 1e6, c["reps"]))
+    w("`FETCH 2 BODY.PEEK[]` of a %g MiB (%.1f MB) message, %d times, one connection each (MB/s = 10^6 bytes "
+      "per second of FETCH time, median)." % (c["large_mb"], b.large_bytes / 1e6, c["reps"]))
     w("")
     w("| endpoint | MB/s median | all runs | errors | CPU-s per GB: proxy | stores | client | other load (cores) |")
     w("|---|---|---|---|---|---|---|---|")
@@ -805,13 +816,32 @@ def render(b, runs, meta):
     w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in [r for r in runs if r["test"] == "idle"]:
         w("| %s%s | %d | %d (%d) | %s | %s | %s | %s | %s | %s / %s | %s | %s | %d / %d | %s |" % (
-            r["endpoint"], " TLS" if r["tls"] else "", r["requested"], r["opened"], r["open_errors"], r["open_s"],
+            r["endpoint"], (" TLS" if r["tls"] else "") + (" NumThreads %s" % r["threads"] if r["threads"] not in (1, None) else ""),
+            r["requested"], r["opened"], r["open_errors"], r["open_s"],
             fmt(r["kb_per_session_rss"]), fmt(r["kb_per_session_pss"]),
             "%.1f → %.1f" % (r["proxy_mem_before"]["rss_kb"] / 1024, r["proxy_mem_after"]["rss_kb"] / 1024)
             if r["endpoint"] == "mmproxy" else "–", r["proxy_fds_after"] if r["endpoint"] == "mmproxy" else "–",
             fmt(g(r, "probe", "login_ms", "p50")), fmt(g(r, "probe", "login_ms", "p99")),
             fmt(g(r, "probe", "lat_ms", "p99")), g(r, "probe", "errors"), r["alive_after"], r["held_during_probes"],
             other_load(r)))
+    obs = []
+    for proto, name in (("imap", "IMAP"), ("pop3", "POP3")):
+        for users in ("random", "cold"):
+            d = find(runs, test=proto + "_login", endpoint="direct", concurrency=1, users=users)
+            m = find(runs, test=proto + "_login", endpoint="mmproxy", concurrency=1, users=users)
+            if g(d, "lat_ms", "p50") is not None and g(m, "lat_ms", "p50") is not None:
+                obs.append("%s, %s users, C=1: mmproxy adds %.2f ms to a session (p50 %.2f vs %.2f ms direct); "
+                           "%s logins/s vs %s." % (name, users, m["lat_ms"]["p50"] - d["lat_ms"]["p50"],
+                                                    m["lat_ms"]["p50"], d["lat_ms"]["p50"], m["rate"], d["rate"]))
+    t = find(runs, test="imaps_login", concurrency=1)
+    if g(t, "lat_ms", "p50") is not None:
+        obs.append("IMAPS C=1: session p50 %.2f ms, %s logins/s." % (t["lat_ms"]["p50"], t["rate"]))
+    if obs:
+        w("")
+        w("## Added latency")
+        w("")
+        for o in obs:
+            w("- " + o)
     notes = [(r["label"], r["err_samples"]) for r in runs if r.get("err_samples")]
     notes += [(r["label"], [r["note"]]) for r in runs if r.get("note")]
     notes += [(r["label"] + " (dead after)", r["dead_samples"]) for r in runs if r.get("dead_samples")]
@@ -835,6 +865,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="200 users, 3 s runs, C=16 only, K=300 (< 3 min)")
     ap.add_argument("--threads", type=int, default=1, help="AService.cfg NumThreads for mmproxy (default 1)")
+    ap.add_argument("--max-threads", type=int, default=2,
+                    help="when --threads processes cannot hold --max-sessions, repeat that test with this "
+                         "NumThreads (default 2; 0: never)")
     ap.add_argument("--users", type=int, help="LDAP users (full 1000, quick 200)")
     ap.add_argument("--duration", type=float, help="seconds per timed run (full 10, quick 3)")
     ap.add_argument("--conc", help="concurrencies, e.g. 1,16,64")
