@@ -296,15 +296,17 @@ class ImapSession(Session):
 
     def replay(self, store: Store, target: Target, tag: str, password: str) -> Tuple[bool, bytes]:
         """Tell the store the real client, replay LOGIN; (logged in?, the reply for the client)."""
-        greeting = store.readline()
-        if not greeting.upper().startswith(b"* OK"):
-            raise BackendUnavailable("store greeted with %r" % greeting[:80])
         ident = ('X0 ID ("x-originating-ip" "%s" "x-originating-port" "%d" "x-connected-ip" "%s" "x-connected-port" "%d")'
                  % (self.client_ip, self.client_port, self.server_ip, self.server_port)).encode()
         user_q, pass_q = quote(target.replay), quote(password)
-        if user_q is not None and pass_q is not None:
-            store.send(ident + b"\r\nX1 LOGIN " + user_q + b" " + pass_q + b"\r\n")   # one round trip
-        else:
+        quoted = user_q is not None and pass_q is not None
+        if quoted:
+            # One round trip: the commands wait in the store's socket until it has greeted.
+            store.send(ident + b"\r\nX1 LOGIN " + user_q + b" " + pass_q + b"\r\n")
+        greeting = store.readline()
+        if not greeting.upper().startswith(b"* OK"):
+            raise BackendUnavailable("store greeted with %r" % greeting[:80])
+        if not quoted:
             store.send(ident + b"\r\nX1 LOGIN ")
             for i, (value, q) in enumerate(((target.replay, user_q), (password, pass_q))):
                 if i:

@@ -290,15 +290,18 @@ class PopSession(Session):
         greeting = store.readline()
         if not greeting.startswith(b"+OK"):
             raise BackendUnavailable("store greeted with %r" % greeting[:80])
-        store.send(b"CAPA\r\n")
-        caps = {b"XCLIENT"} if b"[XCLIENT]" in greeting.upper() else set()   # Dovecot says it in the greeting
-        line = store.readline()
-        if line.startswith(b"+OK"):
-            while True:
-                line = store.readline()
-                if line == b".":
-                    break
-                caps.add(line.split(b" ", 1)[0].upper())
+        if b"[XCLIENT]" in greeting.upper():
+            # Dovecot names XCLIENT in its greeting (not in CAPA), and it pipelines: no CAPA round trip.
+            caps = {b"XCLIENT", b"PIPELINING"}
+        else:
+            caps = set()
+            store.send(b"CAPA\r\n")
+            if store.readline().startswith(b"+OK"):
+                while True:
+                    line = store.readline()
+                    if line == b".":
+                        break
+                    caps.add(line.split(b" ", 1)[0].upper())
         user = target.replay.encode("utf-8", "surrogateescape")
         pw = password.encode("utf-8", "surrogateescape")
         if b"\r" in user + pw or b"\n" in user + pw:
