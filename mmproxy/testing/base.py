@@ -231,7 +231,19 @@ class Daemon:
 
     def _logs(self) -> list:
         """Files whose tail goes into a start failure message."""
-        return [self.out_file]
+        return [self.out_file] if self.log_file == self.out_file else [self.out_file, self.log_file]
+
+    @property
+    def log_file(self) -> str:
+        """The daemon's own log (its output unless a subclass says otherwise)."""
+        return self.out_file
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log_file, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property

@@ -79,16 +79,6 @@ class DovecotStore(Daemon):
         """Dovecot's log (log_path): logins, with user=<...> rip=... lip=..."""
         return os.path.join(self.dir, "dovecot.log")
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log_file, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def _logs(self) -> list:
-        return [self.out_file, self.log_file]
-
     def home(self, login: str) -> str:
         return os.path.join(self.mail_root, self.ip, login.lower())
 

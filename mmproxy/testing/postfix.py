@@ -53,16 +53,6 @@ class Postfix(Daemon):
     def sink_file(self) -> str:
         return os.path.join(self.dir, "sink", "sink.mbox")
 
-    def read_log(self) -> str:
-        try:
-            with open(self.log_file, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def _logs(self) -> list:
-        return [self.out_file, self.log_file]
-
     def _env(self) -> dict:
         return dict(os.environ, MAIL_CONFIG=self.conf_dir)
 

@@ -46,14 +46,6 @@ class Slapd(Daemon):
     def url(self) -> str:
         return "ldap://%s:%d" % (self.host, self.port)
 
-    @property
-    def log_file(self) -> str:
-        return self.out_file
-
-    def read_log(self) -> str:
-        with open(self.log_file, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
     def _prepare(self) -> None:
         db = os.path.join(self.dir, "db")
         os.makedirs(db, exist_ok=True)
