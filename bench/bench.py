@@ -43,10 +43,10 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 FULL = dict(users=1000, conc=[1, 16, 64], duration=10.0, hot=50, reps=8, large_mb=20, sessions=2000,
             tls_sessions=2000, max_sessions=10000, probes=30, procs=2, cold_limit=60.0, open_limit=150.0,
-            quiet_limit=20.0, quiet_budget=150.0)
+            quiet_limit=20.0, quiet_budget=240.0)
 QUICK = dict(users=200, conc=[16], duration=3.0, hot=50, reps=4, large_mb=20, sessions=300,
              tls_sessions=300, max_sessions=1000, probes=20, procs=2, cold_limit=20.0, open_limit=40.0,
-             quiet_limit=5.0, quiet_budget=30.0)
+             quiet_limit=5.0, quiet_budget=40.0)
 SESSIONS_PER_LOAD_PROC = 2500      # client descriptors per load process (limit 20,000 here)
 TIMEOUT = 10.0                     # every client socket
 
@@ -274,6 +274,8 @@ class Bench:
         self.dir = None
         self.quiet_budget = cfg["quiet_budget"]     # seconds, over the whole run
         self.calibration = []                        # (when, microseconds) see calibrate()
+        self.best_cal = None
+        self.slowdown = None                         # at the start of the last run, see quiesce()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self):
@@ -385,21 +387,30 @@ class Bench:
         "other": what the machine spent beyond all of these (outside load)."""
         d = {g: round(c1[g] - c0[g], 4) for g in c0 if g not in ("machine", "t")}
         d["client"] = round(client, 4)
-        d["other"] = round(max(0.0, (c1["machine"] - c0["machine"]) - sum(d.values())), 2)
-        return d, round(d["other"] / max(0.001, c1["t"] - c0["t"]), 2)
+        # /proc/stat counts in 10 ms ticks: short windows may come out slightly negative; not
+        # clipped here, so sums over many windows stay unbiased
+        d["other"] = round((c1["machine"] - c0["machine"]) - sum(d.values()), 3)
+        return d, round(max(0.0, d["other"]) / max(0.001, c1["t"] - c0["t"]), 2)
 
     def quiesce(self):
-        """Wait (bounded) until the machine is quiet: no other load, previous sessions closed."""
+        """Wait (bounded) until the machine is quiet and at its usual speed: no outside load in
+        /proc/stat, and the calibration workload within 25% of the fastest time seen in this run
+        (neighbours on the host slow this VM down without showing as load or steal)."""
         t0 = time.time()
         while True:
             a = machine_busy()
             time.sleep(0.5)
             busy = (machine_busy() - a) / 0.5
+            cal = calibrate()
+            self.best_cal = min(self.best_cal or cal, cal)
+            slow = cal / self.best_cal
             waited = time.time() - t0
-            if busy < 0.25 or waited > min(self.cfg["quiet_limit"], self.quiet_budget):
+            if (busy < 0.25 and slow < 1.25) or waited > min(self.cfg["quiet_limit"], self.quiet_budget):
                 self.quiet_budget -= waited
+                self.slowdown = round(slow, 2)
                 if waited > 1:
-                    log("  (waited %.0f s for a quiet machine: %.2f cores busy)" % (waited, busy))
+                    log("  (waited %.0f s for a quiet machine: %.2f cores busy, %.2fx slower than its best)"
+                        % (waited, busy, slow))
                 return round(waited, 1)
 
     # -- tests -------------------------------------------------------------------------------
@@ -449,16 +460,17 @@ class Bench:
              "lat_ms": {"p50": ms(pct(lat, .5)), "p99": ms(pct(lat, .99)), "max": ms(max(lat) if lat else None)},
              "login_ms": {"p50": ms(pct(llat, .5)), "p99": ms(pct(llat, .99))},
              "cpu_s": cpu, "cpu_s_per_1000": {k: round(v * 1000 / n, 4) for k, v in cpu.items()} if n else None,
-             "other_load_cores": other, "waited_for_quiet_s": waited}
+             "other_load_cores": other, "waited_for_quiet_s": waited, "slowdown": self.slowdown if not quiet else None}
         if users == "cold" and n + r["errors"] < len(uids):
             r["note"] = "stopped at the %ds limit after %d of %d users" % (duration, n + r["errors"], len(uids))
         return self.record(r, quiet)
 
-    def bulk(self, ep, reps, record=True):
-        w = Worker({"kind": "bulk", "users": [self.addr(ep, "imap", u) for u in self.large_users], "seq": 2,
+    def fetch(self, ep, users, reps, quiesce=True):
+        """One load process FETCHes the large message reps times; (its result, CPU, other load, wait)."""
+        w = Worker({"kind": "bulk", "users": [self.addr(ep, "imap", u) for u in users], "seq": 2,
                     "reps": reps, "timeout": 60.0}, self.workers)
         w.recv(30)
-        waited = self.quiesce() if record else 0
+        waited = self.quiesce() if quiesce else 0
         t_start = time.time() + 0.2
         w.send({"t_start": t_start, "t_end": t_start + 120})
         time.sleep(max(0.0, t_start - time.time() - 0.01))
@@ -466,20 +478,40 @@ class Bench:
         res = w.recv(200)
         c1 = self.snap()
         w.finish()
-        if not record:
-            return res
-        runs = res["runs"]
-        total = sum(x[0] for x in runs)
-        rates = sorted(x[0] / x[1] / 1e6 for x in runs if x[1] > 0)
         cpu, other = self.cpu_delta(c0, c1, res["cpu_s"])
-        gb = total / 1e9
-        return self.record({
-            "test": "bulk", "endpoint": ep, "label": "%s bulk x%d" % (ep, reps), "reps": reps,
-            "bytes_each": runs[0][0] if runs else None, "errors": len(res["errors"]), "err_samples": res["errors"][:3],
-            "mb_s": {"median": round(rates[len(rates) // 2], 1) if rates else None,
-                     "all": [round(x, 1) for x in rates]},
-            "cpu_s": cpu, "cpu_s_per_gb": {k: round(v / gb, 3) for k, v in cpu.items()} if gb else None,
-            "other_load_cores": other, "waited_for_quiet_s": waited})
+        return res, cpu, c1["t"] - c0["t"], waited
+
+    def bulk(self, reps):
+        """reps FETCHes per endpoint, one connection each, direct and mmproxy taking turns (so a
+        change in machine speed hits both alike)."""
+        eps = ("direct", "mmproxy")
+        acc = {ep: {"runs": [], "errors": [], "cpu": {}, "wall": 0.0, "waited": 0.0, "slow": []} for ep in eps}
+        for i in range(reps):
+            for ep in (eps if i % 2 else eps[::-1]):
+                res, cpu, wall, waited = self.fetch(ep, [self.large_users[i % len(self.large_users)]], 1)
+                a = acc[ep]
+                a["runs"] += res["runs"]
+                a["errors"] += res["errors"]
+                for k, v in cpu.items():
+                    a["cpu"][k] = a["cpu"].get(k, 0.0) + v
+                a["wall"] += wall
+                a["waited"] += waited
+                a["slow"].append(self.slowdown or 1.0)
+        for ep in eps:
+            a = acc[ep]
+            total = sum(x[0] for x in a["runs"])
+            rates = sorted(x[0] / x[1] / 1e6 for x in a["runs"] if x[1] > 0)
+            cpu = {k: round(v, 4) for k, v in a["cpu"].items()}
+            gb = total / 1e9
+            self.record({
+                "test": "bulk", "endpoint": ep, "label": "%s bulk x%d" % (ep, reps), "reps": reps,
+                "bytes_each": a["runs"][0][0] if a["runs"] else None, "errors": len(a["errors"]),
+                "err_samples": a["errors"][:3],
+                "mb_s": {"median": round(rates[len(rates) // 2], 1) if rates else None,
+                         "all": [round(x, 1) for x in rates]},
+                "cpu_s": cpu, "cpu_s_per_gb": {k: round(v / gb, 3) for k, v in cpu.items()} if gb else None,
+                "other_load_cores": round(max(0.0, cpu.get("other", 0.0)) / max(0.001, a["wall"]), 2),
+                "waited_for_quiet_s": round(a["waited"], 1), "slowdown": max(a["slow"]) if a["slow"] else None})
 
     def idle(self, ep, k, tls=False, label=None):
         """k sessions LOGIN, SELECT, IDLE from several load processes; the proxy's memory before
@@ -543,7 +575,8 @@ class Bench:
              "released_for_probes": released, "held_during_probes": n - released,
              "probe": {k2: probe[k2] for k2 in ("ops", "errors", "err_samples", "lat_ms", "login_ms")},
              "alive_after": alive, "dead_after": dead, "dead_samples": samples[:5],
-             "cpu_s_open": cpu, "other_load_cores": other, "waited_for_quiet_s": waited}
+             "cpu_s_open": cpu, "other_load_cores": other, "waited_for_quiet_s": waited,
+             "slowdown": self.slowdown}
         time.sleep(2.0)        # let the stores close the sessions
         return self.record(r)
 
@@ -592,8 +625,8 @@ class Bench:
             for cc in c["conc"]:
                 steps.append(lambda cc=cc: self.login("mmproxy", "imaps", cc, "random"))
         if "bulk" in tests:
-            steps.append(lambda: self.bulk("direct", c["reps"], record=False))    # page cache, indexes
-            both(lambda ep: self.bulk(ep, c["reps"]))
+            steps.append(lambda: self.fetch("direct", self.large_users, len(self.large_users), quiesce=False))
+            steps.append(lambda: self.bulk(c["reps"]))    # after one untimed pass: page cache, indexes
         if "idle" in tests:
             steps.append(lambda: self.idle("direct", c["sessions"]))
             steps.append(lambda: self.idle("mmproxy", c["sessions"]))
@@ -693,8 +726,13 @@ DISTURBED = 0.2     # cores of outside load above which a run is marked
 
 
 def other_load(r):
-    x = r.get("other_load_cores")
-    return "–" if x is None else ("**%.2f** ⚠" % x if x > DISTURBED else "%.2f" % x)
+    """The "outside load" cell: cores busy outside the benchmark / machine slowdown (1.00 = the
+    fastest seen in this run); marked when either disturbs the run."""
+    x, sl = r.get("other_load_cores"), r.get("slowdown")
+    if x is None:
+        return "–"
+    cell = "%.2f / ×%.2f" % (x, sl) if sl else "%.2f" % x
+    return "**%s** ⚠" % cell if (x > DISTURBED or (sl or 1) >= 1.25) else cell
 
 
 def targets(b, runs):
@@ -779,9 +817,12 @@ def render(b, runs, meta):
     w("")
     w("Setup: %d LDAP users; runs of %g s; clients from %d load processes (gevent), on the same CPUs as "
       "everything else; 127.0.0.1 -> mmproxy -> stores on 127.0.0.2/127.0.0.3. CPU is the proxy's process tree "
-      "(every thread, exited ones too, + reaped children). \"other load\" = CPU the machine spent outside "
-      "this benchmark during a run (e.g. other containers on the same VM); runs above %.1f cores are marked ⚠ "
-      "(their rates and latencies are disturbed; CPU per login much less so)." % (c["users"], c["duration"], c["procs"], DISTURBED))
+      "(every thread, exited ones too, + reaped children). \"outside load\" = cores the machine spent outside "
+      "this benchmark during a run (e.g. other containers on the same VM); \"slowdown\" = the calibration "
+      "workload's time just before the run over its best time in this run (neighbours on the host slow the VM "
+      "without showing as load). Before each run the benchmark waits (bounded) for < 0.25 cores of outside load "
+      "and < ×1.25; runs above %.1f cores or at ×1.25 and more are marked ⚠: their rates, latencies and CPU "
+      "figures are disturbed." % (c["users"], c["duration"], c["procs"], DISTURBED))
     if not b.pop_ok:
         w("")
         w("**POP3 through mmproxy: n/a (%s).** Direct POP3 is measured; re-run when the POP service lands."
@@ -816,7 +857,7 @@ def render(b, runs, meta):
             w("(not run)")
             continue
         w("| endpoint | users | C | logins/s | session p50 / p99 ms | login p50 / p99 ms | errors | "
-          "CPU-s per 1000: proxy | slapd | stores | client | other load (cores) |")
+          "CPU-s per 1000: proxy | slapd | stores | client | outside load: cores / slowdown |")
         w("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             k = r["cpu_s_per_1000"] or {}
@@ -841,7 +882,7 @@ def render(b, runs, meta):
     w("`FETCH 2 BODY.PEEK[]` of a %g MiB (%.1f MB) message, %d times, one connection each (MB/s = 10^6 bytes "
       "per second of FETCH time, median)." % (c["large_mb"], b.large_bytes / 1e6, c["reps"]))
     w("")
-    w("| endpoint | MB/s median | all runs | errors | CPU-s per GB: proxy | stores | client | other load (cores) |")
+    w("| endpoint | MB/s median | all runs | errors | CPU-s per GB: proxy | stores | client | outside load: cores / slowdown |")
     w("|---|---|---|---|---|---|---|---|")
     for r in [r for r in runs if r["test"] == "bulk"]:
         k = r["cpu_s_per_gb"] or {}
@@ -858,7 +899,7 @@ def render(b, runs, meta):
       % c["probes"])
     w("")
     w("| endpoint | K requested | opened (errors) | open s | KB/session RSS | KB/session PSS | proxy RSS before → after MB | "
-      "proxy fds after | login p50 / p99 ms while held | session p99 ms | probe errors | alive after | other load (cores) |")
+      "proxy fds after | login p50 / p99 ms while held | session p99 ms | probe errors | alive after | outside load: cores / slowdown |")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in [r for r in runs if r["test"] == "idle"]:
         w("| %s%s | %d | %d (%d) | %s | %s | %s | %s | %s | %s / %s | %s | %s | %d / %d | %s |" % (
