@@ -26,7 +26,7 @@ class DovecotStore(Daemon):
     lower-cased (auth_username_format = %Lu): 'carol@example.org' stays 'carol@example.org'.
     Each INBOX (maildir, home <mail_root>/<ip>/<login>, owned by nobody:nogroup) holds a message
     with Subject `Welcome <login> on <ip>`, and, when large_bytes > 0, a second message
-    `Large message for <login>` of about that size.
+    `Large message` of about that size (one file per store, hard-linked into every INBOX).
     login_trusted_networks = 127.0.0.0/8: the IMAP ID x-originating-ip/-port and POP3 XCLIENT
     of a proxy on loopback are honoured, so the login lines in `log_file` show the real client
     as rip=. `extra_conf` is appended to the generated configuration.
@@ -122,18 +122,22 @@ class DovecotStore(Daemon):
         md = os.path.join(home, "Maildir")
         for sub in ("cur", "new", "tmp"):
             os.makedirs(os.path.join(md, sub), exist_ok=True)
-        msgs = [self._welcome(login)]
+        msgs: list = [self._welcome(login)]
         if self.large_bytes > 0:
-            msgs.append(self._large(login))
+            msgs.append(self._large_file())
         t0 = int(time.time())
         uidlist = []
         for i, data in enumerate(msgs):
+            size = os.path.getsize(data) if isinstance(data, str) else len(data)
             # CRLF on disk and S=/W= in the name: the sizes Dovecot reports need no recount
-            base = "%d.M%dP%d.mmproxy-test,S=%d,W=%d" % (t0, i + 1, os.getpid(), len(data), len(data))
+            base = "%d.M%dP%d.mmproxy-test,S=%d,W=%d" % (t0, i + 1, os.getpid(), size, size)
             path = os.path.join(md, "cur", base + ":2,")
-            with open(path, "wb") as f:
-                f.write(data)
-            os.chown(path, nobody, nogroup)
+            if isinstance(data, str):
+                os.link(data, path)           # one copy on disk, however many mailboxes
+            else:
+                with open(path, "wb") as f:
+                    f.write(data)
+                os.chown(path, nobody, nogroup)
             uidlist.append("%d :%s\n" % (i + 1, base))
         # fix the UIDs (welcome = UID 1) even if LMTP delivers before the first IMAP/POP3 login
         path = os.path.join(md, "dovecot-uidlist")
@@ -150,14 +154,20 @@ class DovecotStore(Daemon):
                 % (login, welcome_subject(login, self.ip), login.replace("@", "."), self.ip, login, self.ip)
                 ).encode("utf-8")
 
-    def _large(self, login: str) -> bytes:
-        hdr = ("From: postmaster@example.com\r\nTo: %s\r\nSubject: Large message for %s\r\n"
-               "Date: Tue, 14 Nov 2023 22:14:00 +0000\r\nMessage-ID: <large.%s.%s@mmproxy.test>\r\n"
-               "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
-               "Content-Transfer-Encoding: base64\r\n\r\n"
-               % (login, login, login.replace("@", "."), self.ip)).encode("utf-8")
-        line = base64.b64encode(bytes(range(256)))[:76] + b"\r\n"
-        return hdr + line * max(1, (self.large_bytes - len(hdr)) // len(line))
+    def _large_file(self) -> str:
+        """The large message, written once per store and hard-linked into every INBOX."""
+        path = os.path.join(self.mail_root, "large-message-%s" % self.ip)
+        if not os.path.exists(path):
+            hdr = ("From: postmaster@example.com\r\nTo: users@example.com\r\nSubject: Large message\r\n"
+                   "Date: Tue, 14 Nov 2023 22:14:00 +0000\r\nMessage-ID: <large.%s@mmproxy.test>\r\n"
+                   "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+                   "Content-Transfer-Encoding: base64\r\n\r\n" % self.ip).encode("utf-8")
+            line = base64.b64encode(bytes(range(256)))[:76] + b"\r\n"
+            os.makedirs(self.mail_root, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(hdr + line * max(1, (self.large_bytes - len(hdr)) // len(line)))
+            os.chown(path, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+        return path
 
     # -- daemon ------------------------------------------------------------------------------
     def _prepare(self) -> None:
