@@ -26,22 +26,25 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="log in once through the proxy, then stop")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
-    with MailStack(users=4, keep=args.keep) as stack:
+    with MailStack(users=4, keep=args.keep, postfix=True) as stack:
         info = stack.info()
         cert = make_cert(os.path.join(stack.dir, "tls"))
         with Proxy(info, tls=cert, workdir=os.path.join(stack.dir, "mmproxy"),
                    imap_port=_port(1143), imaps_port=_port(1993), pop={},
-                   pop_port=_port(1110), pops_port=_port(1995)) as proxy:
+                   pop_port=_port(1110), pops_port=_port(1995),
+                   smtp={"SmtpRelays": "%s:%d" % (info["smtp"]["host"], info["smtp"]["port"]),
+                         "SmtpProxyPassword": "demo"}, smtp_port=_port(1025), smtps_port=_port(1465)) as proxy:
             alice, carol = info["users"]["alice"], info["users"]["carol"]
             print(f"""
 mmproxy is running in front of a local directory and two mail stores.
 
   IMAP   127.0.0.1:{proxy.imap_port}  (STARTTLS)     IMAPS  127.0.0.1:{proxy.imaps_port}  (self-signed certificate)
   POP3   127.0.0.1:{proxy.pop_port}  (STLS)         POP3S  127.0.0.1:{proxy.pops_port}
+  SMTP   127.0.0.1:{proxy.smtp_port}  (STARTTLS)     SMTPS  127.0.0.1:{proxy.smtps_port}  -> Postfix at {info['smtp']['host']}:{info['smtp']['port']} (XCLIENT)
   LDAP   {info['ldap']['url']}  (o=internet; hosted domains example.com, example.org)
   stores 127.0.0.2:{info['imap_port']} and 127.0.0.3:{info['imap_port']} (Dovecot)
 
-  configuration  {proxy.config_dir}   (legacy AService.cfg, ImapProxyAService.cfg, PopProxyAService.cfg)
+  configuration  {proxy.config_dir}   (legacy AService.cfg and the three service files)
   logs           {proxy.log_dir}
 
 Users (the proxy finds each one's store by mailHost):
@@ -55,6 +58,7 @@ Try:
   curl -u alice:{alice['password']} 'imap://127.0.0.1:{proxy.imap_port}/INBOX;UID=1'
   curl -k -u 'carol@example.org:{carol['password']}' 'imaps://127.0.0.1:{proxy.imaps_port}/INBOX;UID=1'
   curl -u alice:{alice['password']} pop3://127.0.0.1:{proxy.pop_port}/1
+  printf 'Subject: hi\\r\\n\\r\\nhello\\r\\n' | curl -sS smtp://127.0.0.1:{proxy.smtp_port} --mail-from you@example.org --mail-rcpt bob@example.com -T -
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{proxy.imap_port}
   .venv/bin/mmproxy check-config --config-dir {proxy.config_dir}
 """, flush=True)
@@ -63,9 +67,14 @@ Try:
                                       "imap://127.0.0.1:%d/INBOX;UID=1" % proxy.imap_port],
                                      capture_output=True, text=True)
                 ok = out.returncode == 0 and "Welcome alice on 127.0.0.2" in out.stdout
-                print("check: %s" % ("OK, alice's message came from 127.0.0.2 through mmproxy" if ok
-                                     else "FAILED: %s%s" % (out.stderr, proxy.output()[-2000:])))
-                return 0 if ok else 1
+                sent = subprocess.run(["curl", "-sS", "--max-time", "10", "smtp://127.0.0.1:%d" % proxy.smtp_port,
+                                       "--mail-from", "you@example.org", "--mail-rcpt", "bob@example.com", "-T", "-"],
+                                      input="Subject: hi\r\n\r\nhello\r\n", capture_output=True, text=True)
+                ok_smtp = sent.returncode == 0
+                print("check: %s" % ("OK, alice's message came from 127.0.0.2 through mmproxy, and a message to "
+                                     "bob went through mmproxy to Postfix" if ok and ok_smtp
+                                     else "FAILED: %s%s%s" % (out.stderr, sent.stderr, proxy.output()[-2000:])))
+                return 0 if ok and ok_smtp else 1
             print("Press Ctrl-C to stop everything.", flush=True)
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -48,7 +48,7 @@ class Proxy:
                  tls: Optional[tuple] = None, workdir: Optional[str] = None, host: str = "127.0.0.1",
                  imap_port: int = 0, imaps_port: int = 0, pop: Optional[Dict[str, object]] = None,
                  smtp: Optional[Dict[str, object]] = None, keep: bool = False,
-                 pop_port: int = 0, pops_port: int = 0) -> None:
+                 pop_port: int = 0, pops_port: int = 0, smtp_port: int = 0, smtps_port: int = 0) -> None:
         self.info = info
         self.host = host
         self.own_dir = workdir is None and not keep      # a temp dir we made goes away at stop()
@@ -64,7 +64,7 @@ class Proxy:
             self.settings["pop"] = dict(pop)
         if smtp is not None:
             self.settings["smtp"] = dict(smtp)
-        fixed = {"imap": (imap_port, imaps_port), "pop": (pop_port, pops_port)}
+        fixed = {"imap": (imap_port, imaps_port), "pop": (pop_port, pops_port), "smtp": (smtp_port, smtps_port)}
         self.ports = {k: fixed.get(k, (0, 0))[0] or free_port(host) for k in self.settings}
         self.tls_ports = {k: fixed.get(k, (0, 0))[1] or free_port(host) for k in self.settings} if tls else {}
         self.tls = tls
