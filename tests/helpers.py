@@ -1,13 +1,14 @@
 """Client-side helpers for the end-to-end tests: real clients bound to chosen loopback addresses."""
 import imaplib
+import poplib
 import socket
 import time
 
 from mmproxy.testing.base import free_port
 
 
-class ImapFrom(imaplib.IMAP4):
-    """imaplib connecting from a chosen 127.x source address, so per-address behaviour is real."""
+class _FromAddress:
+    """A stdlib client connecting from a chosen 127.x source address, so per-address behaviour is real."""
 
     def __init__(self, host, port, source="127.0.0.1", timeout=10):
         self._source = source
@@ -15,6 +16,14 @@ class ImapFrom(imaplib.IMAP4):
 
     def _create_socket(self, timeout):
         return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+
+
+class ImapFrom(_FromAddress, imaplib.IMAP4):
+    pass
+
+
+class PopFrom(_FromAddress, poplib.POP3):
+    pass
 
 
 class RawClient:

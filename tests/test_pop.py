@@ -11,7 +11,7 @@ import pytest
 
 from mmproxy.testing.proxy import Proxy, make_cert
 
-from helpers import RawClient, unused_port
+from helpers import PopFrom, RawClient, unused_port
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +30,6 @@ def proxy(mail_stack, certs):
 def proxy_nopreauth(mail_stack):
     with Proxy(mail_stack.info(), imap=False, pop={"PreAuth": False}) as p:
         yield p
-
-
-class PopFrom(poplib.POP3):
-    def __init__(self, host, port, source="127.0.0.1", timeout=10):
-        self._source = source
-        super().__init__(host, port, timeout=timeout)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
 def pw(stack, uid):
