@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import click
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple, Union
 
 from mmproxy import __version__
 from mmproxy.backend import Store
-from mmproxy.errors import (AuthFailed, AuthTempFail, BackendProtocolError, BackendUnavailable, ClientGone,
+from mmproxy.errors import (AuthFailed, AuthTempFail, BackendProtocolError, BackendUnavailable,
                             ClientSyntaxError, ClientTooLong, MMProxyError)
 from mmproxy.session import Service, Session, Target, failure_kind
 

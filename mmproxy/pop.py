@@ -22,7 +22,7 @@ from typing import List, Optional
 from mmproxy import __version__
 from mmproxy.authservice import RECORDS
 from mmproxy.backend import Store
-from mmproxy.errors import (AuthFailed, AuthTempFail, BackendProtocolError, BackendUnavailable, ClientTooLong,
+from mmproxy.errors import (AuthFailed, BackendProtocolError, BackendUnavailable, ClientTooLong,
                             ConfigError, MMProxyError)
 from mmproxy.session import Service, Session, Target, failure_kind
 

@@ -301,10 +301,6 @@ def _ensure_sweeper() -> None:
         _sweeper = gevent.spawn(_sweep)
 
 
-def live_relays() -> Set[Relay]:
-    return _RELAYS
-
-
 def close_all(reason: str) -> None:
     for r in list(_RELAYS):
         r.close(reason)

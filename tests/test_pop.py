@@ -1,9 +1,7 @@
 """POP3 end to end: real slapd, real Dovecot stores, mmproxy as operators start it, poplib and curl."""
 import base64
-import hashlib
 import poplib
 import re
-import socket
 import subprocess
 import time
 
