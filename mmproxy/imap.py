@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 from mmproxy import __version__
 from mmproxy.backend import Store
@@ -114,6 +114,8 @@ class ImapSession(Session):
         if self.service.tls is not None and not self.tls_active:
             caps.append("STARTTLS")
         caps.append("LOGINDISABLED" if self.plaintext_refused else "AUTH=PLAIN")
+        if cfg.CRAMs:
+            caps.append("AUTH=CRAM-MD5")
         return " ".join(dict.fromkeys(caps))
 
     def greet(self) -> None:
@@ -231,7 +233,19 @@ class ImapSession(Session):
         if not cmd.args or not isinstance(cmd.args[0], bytes) or len(cmd.args) > 2:
             self.send(cmd.tag + " BAD AUTHENTICATE expects a mechanism")
             return None
-        if cmd.args[0].upper() != b"PLAIN":
+        mech = cmd.args[0].upper()
+        if mech == b"CRAM-MD5" and self.cfg.CRAMs and len(cmd.args) == 1:
+            # RFC 2195: no clear-text password on the wire, so allowed before TLS too
+            try:
+                exchange = self.cram_md5()
+            except ClientSyntaxError:
+                self.send(cmd.tag + " BAD Malformed CRAM-MD5 response")
+                return None
+            if exchange is None:
+                self.send(cmd.tag + " BAD Authentication cancelled")
+                return None
+            return self.login(cmd.tag, exchange[0], None, exchange[1])
+        if mech != b"PLAIN":
             self.send(cmd.tag + " NO Unsupported authentication mechanism")
             return None
         if self.plaintext_refused:
@@ -260,11 +274,18 @@ class ImapSession(Session):
         return self.login(cmd.tag, authcid, password)
 
     # ------------------------------------------------------------------ login
-    def login(self, tag: str, user: str, password: str) -> Optional[bool]:
-        """Find the store, log in there, answer the client; False ends the session."""
+    def login(self, tag: str, user: str, password: Optional[str], check: Optional[Callable] = None) -> Optional[bool]:
+        """Find the store, log in there, answer the client; False ends the session.
+
+        ``check(target) -> password`` verifies a challenge-response login (CRAM-MD5) instead of PreAuth.
+        """
         store: Optional[Store] = None
         try:
-            target = self.locate(user, password)
+            if check is not None:
+                target = self.locate(user, "", preauth=False)
+                password = check(target)
+            else:
+                target = self.locate(user, password)
             store = self.connect_store(target)
             ok, reply = self.replay(store, target, tag, password)
         except MMProxyError as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import ipaddress
 import os
 import time
@@ -22,8 +21,8 @@ from typing import List, Optional
 from mmproxy import __version__
 from mmproxy.authservice import RECORDS
 from mmproxy.backend import Store
-from mmproxy.errors import (AuthFailed, BackendProtocolError, BackendUnavailable, ClientTooLong,
-                            ConfigError, MMProxyError)
+from mmproxy.errors import (AuthFailed, BackendProtocolError, BackendUnavailable, ClientSyntaxError,
+                            ClientTooLong, ConfigError, MMProxyError)
 from mmproxy.session import Service, Session, Target, failure_kind
 
 MAX_COMMAND = 255            # RFC 2449 section 4: a command line, CRLF included
@@ -115,12 +114,17 @@ class PopSession(Session):
             if handler(arg) is False or self.handed_off:
                 return
 
+    def sasl_mechanisms(self) -> List[str]:
+        return (["PLAIN"] if not self.plaintext_refused else []) + (["CRAM-MD5"] if self.cfg.CRAMs else [])
+
     # ------------------------------------------------------------------ commands
     def cmd_CAPA(self, arg: str) -> None:
         """RFC 2449 section 5."""
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.sasl_mechanisms():
+            caps.append("SASL " + " ".join(self.sasl_mechanisms()))
         if not self.plaintext_refused:
-            caps += ["USER", "SASL PLAIN"]
+            caps.append("USER")
         if self.service.tls is not None and not self.tls_active:
             caps.append("STLS")
         caps.append("IMPLEMENTATION mmproxy")
@@ -175,12 +179,8 @@ class PopSession(Session):
             return None
 
         def check(target: Target) -> str:
-            secret = self.service.directory.read_password(target.user)
-            good = secret is not None and hmac.compare_digest(
-                hashlib.md5((self.timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest(), digest.lower())
-            if not good:
-                raise AuthFailed("APOP digest does not match" if secret is not None else "no clear-text password")
-            return secret
+            return self.verify_challenge(target, lambda secret: hashlib.md5(
+                (self.timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest(), digest)
         return self.login(user, None, check)
 
     def cmd_AUTH(self, arg: str) -> Optional[bool]:
@@ -188,9 +188,20 @@ class PopSession(Session):
         mech, _, initial = arg.partition(" ")
         if not mech:
             self.send("+OK")
-            self.send("PLAIN")
+            for m in self.sasl_mechanisms():
+                self.send(m)
             self.send(".")
             return None
+        if mech.upper() == "CRAM-MD5" and self.cfg.CRAMs and not initial:
+            try:
+                exchange = self.cram_md5()
+            except ClientSyntaxError:
+                self.send("-ERR Malformed CRAM-MD5 response")
+                return None
+            if exchange is None:
+                self.send("-ERR Authentication cancelled")
+                return None
+            return self.login(exchange[0], None, exchange[1])
         if mech.upper() != "PLAIN":
             self.send("-ERR Unsupported authentication mechanism")
             return None

@@ -7,19 +7,25 @@ its own replies in one place (``reply_for``).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import itertools
 import logging
+import os
 import socket
 import ssl
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
 from mmproxy import tls
 from mmproxy.backend import Store
 from mmproxy.directory import Directory, User
-from mmproxy.errors import AuthFailed, AuthTempFail, BackendUnavailable, ClientGone
+from mmproxy.errors import AuthFailed, AuthTempFail, BackendUnavailable, ClientGone, ClientSyntaxError
 from mmproxy.formats import LoginId, has_control_chars, replay_id, split_login
 from mmproxy.logs import DETAIL
 from mmproxy.relay import Relay
@@ -232,6 +238,36 @@ class Session:
         if not user.mailhost:
             raise BackendUnavailable("%s has none of %s" % (user.dn, " ".join(cfg.MailHostAttrs)))
         return Target(lid, user, cfg, user.mailhost, replay_id(cfg.ReplayFormat, lid, user.attrs))
+
+    def verify_challenge(self, target: Target, expected: Callable[[str], str], digest: str) -> str:
+        """Challenge-response logins (APOP, CRAM-MD5): the user's clear-text directory password
+        must produce ``digest``.  Returns that password, which the store login then replays."""
+        secret = self.service.directory.read_password(target.user)
+        if secret is None:
+            raise AuthFailed("%s has no clear-text userPassword for a challenge-response login" % target.user.dn)
+        if not hmac.compare_digest(expected(secret), digest.lower()):
+            raise AuthFailed("challenge-response digest does not match")
+        return secret
+
+    def cram_md5(self) -> Optional[Tuple[str, Callable[[Target], str]]]:
+        """The RFC 2195 exchange after ``AUTHENTICATE``/``AUTH CRAM-MD5``: (user, check), or None
+        when the client cancels with ``*``.  ClientSyntaxError for a response that does not parse."""
+        challenge = "<%d.%d@mmproxy>" % (int.from_bytes(os.urandom(6), "big"), time.time_ns() // 1000)
+        self.send("+ " + base64.b64encode(challenge.encode()).decode())
+        response = self.reader.readline()
+        if response.strip() == b"*":
+            return None
+        try:
+            user, _, digest = base64.b64decode(response, validate=True).decode("utf-8", "surrogateescape").rpartition(" ")
+        except (binascii.Error, ValueError):
+            raise ClientSyntaxError("malformed CRAM-MD5 response") from None
+        if not user or len(digest) != 32:
+            raise ClientSyntaxError("malformed CRAM-MD5 response")
+
+        def check(target: Target) -> str:
+            return self.verify_challenge(target, lambda secret: hmac.new(
+                secret.encode("utf-8", "surrogateescape"), challenge.encode(), hashlib.md5).hexdigest(), digest)
+        return user, check
 
     def connect_store(self, target: Target) -> Store:
         return Store(target.host, target.cfg.BacksidePort)

@@ -434,3 +434,28 @@ def test_eight_bit_password_is_replayed_as_a_literal(proxy, mail_stack):
     assert r.expect(b"a ").startswith(b"a OK")
     r.send(b"b SELECT INBOX\r\n")
     assert r.expect(b"b ").startswith(b"b OK")
+
+
+def _clear_text_password(mail_stack, uid):
+    """Store the user's password in clear text in LDAP, as challenge-response logins need."""
+    u = mail_stack.info()["users"][uid]
+    mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\nreplace: userPassword\nuserPassword: %s\n"
+                                % (u["dn"], u["password"]))
+    return u
+
+
+def test_authenticate_cram_md5(mail_stack):
+    """CRAMs yes: AUTH=CRAM-MD5 is offered, also where plaintext is refused, and checked against LDAP."""
+    u = _clear_text_password(mail_stack, "user5")
+    with Proxy(mail_stack.info(), imap={"CRAMs": True, "RestrictPlainPasswords": True}) as p:
+        c = ImapFrom(p.host, p.imap_port)
+        assert "AUTH=CRAM-MD5" in c.capabilities and "LOGINDISABLED" in c.capabilities
+        typ, _ = c.login_cram_md5("user5", u["password"])
+        assert typ == "OK" and "Welcome user5 on 127.0.0.2" in inbox_subjects(c)
+        c.logout()
+        c = ImapFrom(p.host, p.imap_port)
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.login_cram_md5("user5", "wrong")
+        c = ImapFrom(p.host, p.imap_port)            # a hashed directory password cannot do CRAM-MD5
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.login_cram_md5("alice", mail_stack.info()["users"]["alice"]["password"])

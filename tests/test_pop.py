@@ -66,7 +66,7 @@ def test_capa_before_login(proxy):
     c = PopFrom(proxy.host, proxy.pop_port)
     caps = c.capa()
     assert {"USER", "SASL", "STLS", "RESP-CODES", "AUTH-RESP-CODE"} <= set(caps)
-    assert caps["SASL"] == ["PLAIN"]
+    assert caps["SASL"] == ["PLAIN", "CRAM-MD5"]            # this proxy has CRAMs yes
     c.quit()
 
 
@@ -124,8 +124,10 @@ def test_stls_then_login_and_pipelined_plaintext_dropped(proxy, mail_stack):
 
 
 def test_curl_pop3(proxy, mail_stack):
+    # CRAMs yes makes curl prefer CRAM-MD5, which alice's hashed directory password cannot do
     out = subprocess.run(["curl", "-sS", "--max-time", "10", "-u", "alice:%s" % pw(mail_stack, "alice"),
-                          "pop3://%s:%d/1" % (proxy.host, proxy.pop_port)], capture_output=True, text=True, timeout=20)
+                          "--login-options", "AUTH=PLAIN", "pop3://%s:%d/1" % (proxy.host, proxy.pop_port)],
+                         capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
     assert "Welcome alice on 127.0.0.2" in out.stdout
 
@@ -295,3 +297,21 @@ def test_store_in_use_code_passes_through():
         with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
             second.pass_(pw(stack, "alice"))
         first.quit()
+
+
+def test_auth_cram_md5(proxy, mail_stack):
+    import hashlib
+    import hmac
+    u = mail_stack.info()["users"]["user7"]
+    mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\nreplace: userPassword\nuserPassword: %s\n"
+                                % (u["dn"], u["password"]))
+    r = RawClient(proxy.host, proxy.pop_port)
+    r.expect(b"+OK")
+    r.send(b"CAPA\r\n")
+    assert r.expect(b"SASL ").strip() == b"SASL PLAIN CRAM-MD5"
+    r.send(b"AUTH CRAM-MD5\r\n")
+    challenge = base64.b64decode(r.expect(b"+ ")[2:].strip())
+    digest = hmac.new(u["password"].encode(), challenge, hashlib.md5).hexdigest()
+    r.send(base64.b64encode(b"user7 " + digest.encode()) + b"\r\nSTAT\r\n")
+    assert r.readline().startswith(b"+OK")
+    assert re.match(rb"\+OK 1 \d+", r.readline())
