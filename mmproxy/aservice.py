@@ -265,6 +265,7 @@ class AService:
 
     def _swap(self, old: Service, new: Service) -> None:
         # The listeners' handlers hold the old object: give it the new settings in place.
+        new.limits.counts = old.limits.counts          # sessions already counted stay counted
         old_directory = old.directory
         old.__dict__.update({k: v for k, v in new.__dict__.items() if k != "sessions"})
         if old_directory is not None:                   # SMTP has none

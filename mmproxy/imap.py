@@ -105,6 +105,7 @@ def quote(value: str) -> Optional[bytes]:
 class ImapSession(Session):
     proto = "imap"
     bye_auth_failures = "* BYE Too many authentication failures"
+    too_many_connections = "* BYE [UNAVAILABLE] Too many connections from your address"
 
     # ------------------------------------------------------------------ capabilities and greeting
     def capabilities(self) -> str:

@@ -80,6 +80,7 @@ class PopSession(Session):
     proto = "pop"
     max_line = MAX_COMMAND
     bye_auth_failures = ERR_TOO_MANY
+    too_many_connections = "-ERR [SYS/TEMP] Too many connections from your address"
     service: PopService
 
     def __init__(self, *args: object) -> None:

@@ -27,6 +27,7 @@ from mmproxy.backend import Store
 from mmproxy.directory import Directory, User
 from mmproxy.errors import AuthFailed, AuthTempFail, BackendUnavailable, ClientGone, ClientSyntaxError
 from mmproxy.formats import LoginId, has_control_chars, replay_id, split_login
+from mmproxy.guard import ConnLimits
 from mmproxy.logs import DETAIL
 from mmproxy.relay import Relay
 from mmproxy.wire import LineReader
@@ -54,6 +55,7 @@ class Service:
         self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self._needs_tls() else None
         self.ssl_ports = {(e.host, e.port) for e in (self.cfg.SSLPorts or [])}
         self.sessions: set = set()
+        self.limits = ConnLimits(self.cfg.ConnLimits or ())
 
     def _needs_tls(self) -> bool:
         return bool(self.cfg.SSLEnable)
@@ -62,12 +64,33 @@ class Service:
         return (host, port) in self.ssl_ports or ("", port) in self.ssl_ports
 
     def handle(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
+        ip = addr[0]
+        if not self.limits.acquire(ip):
+            self.refuse(sock, addr, implicit_tls)
+            return
         session = self.session_class(self, sock, addr)
+        session.release = lambda: self.limits.release(ip)
         self.sessions.add(session)
         try:
             session.run(implicit_tls)
         finally:
             self.sessions.discard(session)
+            if not session.handed_off:
+                session.release()
+
+    def refuse(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
+        """ConnLimits: say why in the protocol's words (in clear text only: no TLS for this one) and close."""
+        logging.getLogger("mmproxy." + self.name).warning(
+            "[%s:%d] refused: more than %s connections from this address (ConnLimits)",
+            addr[0], addr[1], self.limits.limit_for(addr[0]))
+        try:
+            if not implicit_tls:
+                sock.settimeout(5)
+                sock.sendall(self.session_class.too_many_connections.encode() + b"\r\n")
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def overrides_for(self, server_ip: str) -> Dict[str, Any]:
         vd = getattr(self.entry, "vdomains", None)
@@ -167,6 +190,8 @@ class Session:
         """The daemon is stopping: say goodbye in protocol terms."""
 
     bye_auth_failures = ""      # the protocol's goodbye after MAX_AUTH_FAILURES refused logins
+    too_many_connections = ""   # the protocol's greeting-time refusal (ConnLimits)
+    release: Callable[[], None] = staticmethod(lambda: None)   # gives the ConnLimits slot back
 
     def auth_failed(self, bad_credentials: bool) -> Optional[bool]:
         """Count a refused login (not a temporary failure); False ends the session."""
@@ -286,7 +311,10 @@ class Session:
         started = gevent.get_hub().loop.now()
         lg = self.log
 
+        release = self.release
+
         def closed(r: Relay) -> None:
+            release()
             lg.log(DETAIL, "logout user=%s: %s (%ds, client->store %d B, store->client %d B)", user, r.reason or "closed",
                     gevent.get_hub().loop.now() - started, r.bytes_up, r.bytes_down)
         Relay(self.sock, store.sock, float(idle), closed, to_store, to_client)

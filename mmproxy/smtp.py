@@ -223,6 +223,7 @@ class RelayLink(Store):
 class SmtpSession(Session):
     proto = "smtp"
     max_line = MAX_COMMAND_LINE
+    too_many_connections = "421 4.7.0 Too many connections from your address"
 
     def __init__(self, service: "SmtpService", sock: socket.socket, addr: Tuple[str, int]) -> None:
         super().__init__(service, sock, addr)

@@ -114,7 +114,7 @@ def test_help_and_params(cmd):
 def test_out_of_descriptors_pauses_accepts_without_spinning(mail_stack):
     """EMFILE on accept: no busy loop, no crash, and service resumes when descriptors free up."""
     from mmproxy.testing.proxy import Proxy
-    p = Proxy(mail_stack.info())
+    p = Proxy(mail_stack.info(), imap={"ConnLimits": "0.0.0.0|0.0.0.0:1000"})
     p.wrapper = ["prlimit", "--nofile=48"]
     with p:
         conns = []

@@ -29,7 +29,7 @@ LdapCacheSize LdapCacheTTL AuthCacheSize AuthCacheTTL LdapRefreshInterval Backsi
 SSLEnable SSLPorts SSLCacheDir SSLCertPrefix SSLCertFile SSLCertNicknames SSLKeyFile SSLKeyPasswdFile SSLCipherSpecs
 SSLSecmodFile RestrictPlainPasswords VirtualDomainFile CRAMs SpoofEmptyMailbox SpoofMessageFile AuthService
 AuthServiceTTL SmtpRelays SmtpProxyPassword EhloKeywords FailoverTimeout PopBeforeSmtpKludgeChannel ClientLookup
-SmtpRelayProxyProtocol BeTheUser BeTheGroup""".split()
+SmtpRelayProxyProtocol BeTheUser BeTheGroup ConnLimits""".split()
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

@@ -459,3 +459,30 @@ def test_authenticate_cram_md5(mail_stack):
         c = ImapFrom(p.host, p.imap_port)            # a hashed directory password cannot do CRAM-MD5
         with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
             c.login_cram_md5("alice", mail_stack.info()["users"]["alice"]["password"])
+
+
+def test_conn_limits_per_client_address(mail_stack):
+    """ConnLimits: the most specific rule decides; relayed sessions count until they end."""
+    with Proxy(mail_stack.info(), imap={"ConnLimits": "0.0.0.0|0.0.0.0:20,127.0.0.11|255.255.255.255:2"},
+               pop={"ConnLimits": "127.0.0.0|255.0.0.0:1"}) as p:
+        pw = users(mail_stack)["alice"]["password"]
+        a = login(p, "alice", pw, source="127.0.0.11")            # relayed
+        b = RawClient(p.host, p.imap_port, source="127.0.0.11")   # still before login
+        b.expect(b"* OK")
+        refused = RawClient(p.host, p.imap_port, source="127.0.0.11")
+        assert refused.read_all() == b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+        other = RawClient(p.host, p.imap_port, source="127.0.0.12")   # the 0.0.0.0 rule: 20
+        assert other.readline().startswith(b"* OK")
+        a.logout()
+        deadline = time.time() + 5
+        while True:                                                # the relay's end gives the slot back
+            c = RawClient(p.host, p.imap_port, source="127.0.0.11")
+            if c.readline().startswith(b"* OK"):
+                break
+            assert time.time() < deadline
+            time.sleep(0.1)
+        first = RawClient(p.host, p.pop_port, source="127.0.0.13")
+        assert first.readline().startswith(b"+OK")
+        assert RawClient(p.host, p.pop_port, source="127.0.0.13").read_all().startswith(b"-ERR [SYS/TEMP] Too many")
+        assert "ConnLimits" in open(os.path.join(p.log_dir, sorted(f for f in os.listdir(p.log_dir)
+                                                                 if f.startswith("ImapProxy"))[0])).read()

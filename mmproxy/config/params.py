@@ -159,7 +159,8 @@ _group(
      "else [UNAVAILABLE]); no benefit for IMAP and POP, as the legacy manual says",
      {"per_domain": True, "supported": True}),
     ("ConnLimits", t.ConnLimits(), "0.0.0.0|0.0.0.0:20", _IPS,
-     "simultaneous connections per client address: IP|MASK:NUM,... or a file, most specific first"),
+     "simultaneous connections per client address: IP|MASK:NUM,... or a file, most specific first "
+     "(counted per worker process)", _SUP),
     ("BGMax", t.Int(min=0), 10000, "I P", "BadGuys: how many failing client addresses are tracked"),
     ("BGPenalty", t.Int(min=0), 2, "I P", "BadGuys: seconds added per authentication failure"),
     ("BGMaxBadness", t.Int(min=0), 60, "I P", "BadGuys: longest delay in seconds"),
