@@ -12,13 +12,14 @@ touched: nothing here can block the hub.
 """
 from __future__ import annotations
 
-import ipaddress
 import mmap
 import struct
 import time
 import zlib
 from dataclasses import dataclass
 from typing import Optional
+
+from mmproxy.guard import unmapped
 
 SLOTS = 16384            # distinct client addresses remembered at once
 SLOT = 256               # bytes per slot
@@ -36,14 +37,11 @@ class Record:
 
 
 def _key(ip: str) -> str:
-    """One spelling per address (an IPv4-mapped IPv6 address is the IPv4 one)."""
+    """One spelling per address."""
     try:
-        a = ipaddress.ip_address(ip)
+        return str(unmapped(ip))
     except ValueError:
         return ip
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
-        a = a.ipv4_mapped
-    return str(a)
 
 
 class AuthRecords:

@@ -11,14 +11,23 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
-def _address(ip: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
-    try:
-        a = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def unmapped(ip: str) -> Address:
+    """One spelling per client address: an IPv4-mapped IPv6 address is the IPv4 one, a zone is
+    dropped.  ValueError when ``ip`` is no address."""
+    a = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
         return a.ipv4_mapped
     return a
+
+
+def _address(ip: str) -> Optional[Address]:
+    try:
+        return unmapped(ip)
+    except ValueError:
+        return None
 
 
 class ConnLimits:

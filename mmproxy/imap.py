@@ -282,11 +282,7 @@ class ImapSession(Session):
         """
         store: Optional[Store] = None
         try:
-            if check is not None:
-                target = self.locate(user, "", preauth=False)
-                password = check(target)
-            else:
-                target = self.locate(user, password)
+            target, password = self.authorise(user, password, check)
             store = self.connect_store(target)
             ok, reply = self.replay(store, target, tag, password)
         except MMProxyError as e:
@@ -295,14 +291,7 @@ class ImapSession(Session):
             self.log.info("login failed user=%r: %s: %s", user, failure_kind(e), e)
             self.send(self.reply_for(tag, e))
             return self.auth_failed(isinstance(e, AuthFailed))
-        self.send(reply)
-        if not ok:
-            store.close()
-            self.log.info("login refused by store user=%r", user)
-            return self.auth_failed(True)
-        self.log.info("login user=%s store=%s:%d", target.login.canonical, target.host, target.cfg.BacksidePort)
-        self.hand_off(store, target.login.canonical, target.cfg.Timeout)
-        return False
+        return self.finish_login(user, store, target, ok, reply)
 
     def reply_for(self, tag: str, e: BaseException) -> str:
         """The one place where the failure taxonomy becomes IMAP replies."""

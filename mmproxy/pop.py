@@ -255,13 +255,8 @@ class PopSession(Session):
         ``check(target) -> password`` verifies a challenge-response login (APOP) instead of PreAuth.
         """
         store: Optional[Store] = None
-        target: Optional[Target] = None
         try:
-            if check is not None:
-                target = self.locate(user, "", preauth=False)
-                password = check(target)
-            else:
-                target = self.locate(user, password)
+            target, password = self.authorise(user, password, check)
             try:
                 store = self.connect_store(target)
                 ok, reply = self.replay(store, target, password)
@@ -278,16 +273,10 @@ class PopSession(Session):
             self.log.info("login failed user=%r: %s: %s", user, failure_kind(e), e)
             self.send(self.reply_for(e))
             return self.auth_failed(isinstance(e, AuthFailed))
-        self.send(reply)
-        if not ok:
-            store.close()
-            self.log.info("login refused by store user=%r", user)
-            return self.auth_failed(b"[IN-USE]" not in reply and b"[SYS/" not in reply)
         if ok:                                       # the directory or the store verified the password
             RECORDS.record(self.client_ip, target.login.canonical, target.cfg.AuthServiceTTL)
-        self.log.info("login user=%s store=%s:%d", target.login.canonical, target.host, target.cfg.BacksidePort)
-        self.hand_off(store, target.login.canonical, target.cfg.Timeout)
-        return False
+        return self.finish_login(user, store, target, ok, reply,
+                                 bad_credentials=b"[IN-USE]" not in reply and b"[SYS/" not in reply)
 
     def reply_for(self, e: BaseException) -> str:
         """The one place where the failure taxonomy becomes POP3 replies."""

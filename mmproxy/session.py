@@ -264,6 +264,27 @@ class Session:
             raise BackendUnavailable("%s has none of %s" % (user.dn, " ".join(cfg.MailHostAttrs)))
         return Target(lid, user, cfg, user.mailhost, replay_id(cfg.ReplayFormat, lid, user.attrs))
 
+    def authorise(self, user: str, password: Optional[str],
+                  check: Optional[Callable[[Target], str]] = None) -> Tuple[Target, str]:
+        """locate() with PreAuth; or, for a challenge-response login, locate() and then
+        ``check(target)``, which verifies the response and returns the password to replay."""
+        if check is None:
+            return self.locate(user, password or ""), password or ""
+        target = self.locate(user, "", preauth=False)
+        return target, check(target)
+
+    def finish_login(self, user: str, store: Store, target: Target, ok: bool, reply: bytes,
+                     bad_credentials: bool = True) -> Optional[bool]:
+        """Pass the store's answer on; hand the session to the relay, or count a refused login."""
+        self.send(reply)
+        if not ok:
+            store.close()
+            self.log.info("login refused by store user=%r", user)
+            return self.auth_failed(bad_credentials)
+        self.log.info("login user=%s store=%s:%d", target.login.canonical, target.host, target.cfg.BacksidePort)
+        self.hand_off(store, target.login.canonical, target.cfg.Timeout)
+        return False
+
     def verify_challenge(self, target: Target, expected: Callable[[str], str], digest: str) -> str:
         """Challenge-response logins (APOP, CRAM-MD5): the user's clear-text directory password
         must produce ``digest``.  Returns that password, which the store login then replays."""

@@ -77,6 +77,7 @@ from mmproxy.authservice import RECORDS
 from mmproxy.backend import MAX_STORE_LINE, Store
 from mmproxy.errors import (BackendProtocolError, BackendUnavailable, ClientGone, ClientSyntaxError, ClientTooLong,
                             MMProxyError)
+from mmproxy.guard import unmapped
 from mmproxy.session import Service, Session
 from mmproxy.wire import LineReader
 
@@ -405,7 +406,7 @@ class SmtpSession(Session):
             self.log.info("handed over to relay %s by the PROXY protocol", link)
             return
         offered = set(link.keywords["XCLIENT"].upper().split())
-        ip = _unmapped(self.client_ip)
+        ip = unmapped(self.client_ip)
         attrs: List[Tuple[str, str]] = []
         if helo:
             attrs.append(("HELO", xtext(helo)))      # over 255 octets: [UNAVAILABLE] (xclient_commands)
@@ -421,7 +422,7 @@ class SmtpSession(Session):
                 self.log.warning("relay %s does not take XCLIENT LOGIN (smtpd_sasl_auth_enable?): "
                                  "POP-before-SMTP login of %s not passed on", link, self.login)
                 self.login = None
-        attrs += [("PORT", str(self.client_port)), ("DESTADDR", xtext(str(_unmapped(self.server_ip)).encode())),
+        attrs += [("PORT", str(self.client_port)), ("DESTADDR", xtext(str(unmapped(self.server_ip)).encode())),
                   ("DESTPORT", str(self.server_port)), ("NAME", self.client_name()),
                   ("ADDR", xclient_addr(self.client_ip))]
         if offered:
@@ -454,7 +455,7 @@ class SmtpSession(Session):
         """The client's verified host name for XCLIENT NAME (ClientLookup), else [UNAVAILABLE]/[TEMPUNAVAIL]."""
         if not self.cfg.ClientLookup:
             return "[UNAVAILABLE]"
-        ip = str(_unmapped(self.client_ip))
+        ip = str(unmapped(self.client_ip))
         try:
             with gevent.Timeout(LOOKUP_TIMEOUT):
                 name = socket.gethostbyaddr(ip)[0].rstrip(".").lower()
@@ -462,7 +463,7 @@ class SmtpSession(Session):
                     self.log.info("reverse DNS of %s is not a host name: %r", ip, name[:100])
                     return "[UNAVAILABLE]"
                 # forward-confirmed: a PTR record alone is the client's own claim
-                addrs = {str(_unmapped(ai[4][0])) for ai in socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)}
+                addrs = {str(unmapped(ai[4][0])) for ai in socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)}
         except gevent.Timeout:
             return "[TEMPUNAVAIL]"
         except (OSError, UnicodeError, ValueError):
@@ -782,7 +783,7 @@ def xclient_commands(attrs: Sequence[Tuple[str, str]]) -> List[str]:
 
 def proxy_header(version: int, client: Tuple[str, int], server: Tuple[str, int]) -> bytes:
     """The PROXY protocol header (v1 text, v2 binary) for a TCP connection from ``client`` to ``server``."""
-    src, dst = _unmapped(client[0]), _unmapped(server[0])
+    src, dst = unmapped(client[0]), unmapped(server[0])
     if src.version != dst.version:          # a v4 client on a v6 listener: say both in v6
         src, dst = _as_v6(src), _as_v6(dst)
     if version == 1:
@@ -794,15 +795,8 @@ def proxy_header(version: int, client: Tuple[str, int], server: Tuple[str, int])
 
 def xclient_addr(ip: str) -> str:
     """XCLIENT ADDR: IPv4 as is, IPv6 as IPV6:..., an IPv4-mapped IPv6 address as the IPv4 one."""
-    a = _unmapped(ip)
+    a = unmapped(ip)
     return ("IPV6:%s" % a) if a.version == 6 else str(a)
-
-
-def _unmapped(ip: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
-    a = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        return a.ipv4_mapped
-    return a
 
 
 def _as_v6(a: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]) -> ipaddress.IPv6Address:

@@ -83,10 +83,7 @@ class ServiceConfig:
             if isinstance(value, str):
                 if value == "":
                     continue
-                try:
-                    value = p.type.convert(value, Ctx(self._dir, self.kind))
-                except ValueError as e:
-                    raise ValueError("%s: %s" % (p.name, e)) from None
+                value = p.convert(value, Ctx(self._dir, self.kind))
             explicit[p.key] = (value, None)
         return ServiceConfig(self.kind, explicit, self._dir)
 
@@ -231,9 +228,9 @@ def _settings(entries: List[Entry], section: str, code: str, kind: Optional[str]
             continue
         ctx = Ctx(config_dir, kind)
         try:
-            value = p.type.convert(e.value, ctx)
+            value = p.convert(e.value, ctx)
         except ValueError as ex:
-            problems.append(error(e.file, e.line, "%s: %s" % (p.name, ex)))
+            problems.append(error(e.file, e.line, str(ex)))
             failed.add(p.key)
             continue
         problems += [warning(e.file, e.line, w) for w in ctx.warnings]

@@ -42,6 +42,13 @@ class Param:
     def honoured(self, code: str) -> bool:
         return code in self.files or code in self.honoured_in
 
+    def convert(self, raw: str, ctx: Any = None) -> Any:
+        """The typed value of ``raw``; ValueError("<Name>: what is wrong") when it does not parse."""
+        try:
+            return self.type.convert(raw, ctx)
+        except ValueError as e:
+            raise ValueError("%s: %s" % (self.name, e)) from None
+
 
 _ALL: List[Param] = []   # in declaration order: templates and docs follow it
 

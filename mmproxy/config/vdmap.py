@@ -93,9 +93,9 @@ def read_vdmap(path: str, *, config_dir: str = "", service: Optional[str] = None
             continue
         ctx = Ctx(config_dir, service)
         try:
-            value = p.type.convert(e.value, ctx)
+            value = p.convert(e.value, ctx)
         except ValueError as ex:
-            problems.append(error(path, e.line, "%s: %s" % (p.name, ex)))
+            problems.append(error(path, e.line, str(ex)))
             continue
         problems += [warning(path, e.line, w) for w in ctx.warnings]
         status = support_problem(p, value)
