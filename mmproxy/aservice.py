@@ -27,29 +27,24 @@ from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from mmproxy import logs, relay
+from mmproxy import logs, pump, session
 from mmproxy.config import Problem, load_config
 from mmproxy.errors import ConfigError
+from mmproxy.imap import ImapService
+from mmproxy.pop import PopService
 from mmproxy.session import Service
+from mmproxy.smtp import SmtpService
 
 log = logging.getLogger("mmproxy.aservice")
 
-# kind -> (module, class): one line per protocol module.
-SERVICES = {"imap": ("mmproxy.imap", "ImapService"), "pop": ("mmproxy.pop", "PopService"),
-            "smtp": ("mmproxy.smtp", "SmtpService")}
-NOT_YET = {"pop": "POP3", "smtp": "SMTP"}
+SERVICE_CLASSES: Dict[str, type] = {cls.kind: cls for cls in (ImapService, PopService, SmtpService)}
 
 
 def service_class(kind: str) -> Optional[type]:
-    """The Service class for a ServiceList kind, or None while that protocol is not implemented."""
-    import importlib
-    module, name = SERVICES[kind]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return None
+    """The Service class for a ServiceList kind (None for a kind no protocol module serves)."""
+    return SERVICE_CLASSES.get(kind)
+
+
 BACKLOG = 1024
 
 
@@ -58,7 +53,7 @@ class AcceptBackoff(OSError):
 
 
 class Listener(StreamServer):
-    """A StreamServer that leaves the socket to the session (after login the relay owns it) and
+    """A StreamServer that leaves the socket to the session (after login the pump owns it) and
     treats running out of descriptors as a reason to pause accepting, not as a crash."""
 
     def do_read(self) -> Any:
@@ -175,6 +170,7 @@ class AService:
     def start(self) -> None:
         a = self.config.aservice
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
+        session.set_worker(self.worker)
         _raise_nofile()
         gevent.get_hub().NOT_ERROR += (AcceptBackoff,)     # paused accepts are not worth a traceback
         try:
@@ -182,8 +178,8 @@ class AService:
                 kind = entry.spec.kind
                 cls = service_class(kind)
                 if cls is None:
-                    log.warning("%s service (%s) is not implemented yet: its listeners %s are not opened",
-                                NOT_YET.get(kind, kind), entry.spec.instance, _eps(entry.spec.listeners))
+                    log.warning("%s (%s) is not served: its listeners %s are not opened",
+                                kind, entry.spec.instance, _eps(entry.spec.listeners))
                     continue
                 logs.configure(kind, entry.cfg.LogDir, entry.cfg.LogLevel, self.foreground)
                 service = cls(entry)
@@ -226,14 +222,14 @@ class AService:
         self.listeners = []
 
     def stop(self) -> None:
-        """SIGTERM: stop accepting, say BYE to sessions still logging in, end the relays."""
+        """SIGTERM: stop accepting, say goodbye to sessions not yet pumped, end the pumps."""
         if self.stopped.is_set():
             return
         log.info("stopping")
         self.close_listeners()
         greenlets = [s.greenlet for svc in self.services.values() for s in list(svc.sessions) if s.greenlet]
         gevent.killall(greenlets, block=True, timeout=5)
-        relay.close_all("server shutting down")
+        pump.close_all("server shutting down")
         for svc in self.services.values():
             svc.close()
         if self.worker is None:
@@ -266,7 +262,7 @@ class AService:
     def _swap(self, old: Service, new: Service) -> None:
         # The listeners' handlers hold the old object: give it the new settings in place.
         new.limits.counts = old.limits.counts          # sessions already counted stay counted
-        old_directory = old.directory
+        old_directory = getattr(old, "directory", None)
         old.__dict__.update({k: v for k, v in new.__dict__.items() if k != "sessions"})
         if old_directory is not None:                   # SMTP has none
             gevent.spawn_later(60, old_directory.close)     # lookups in flight may still use it

@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Optional
 
-from mmproxy.guard import unmapped
+from mmproxy.addresses import address_key
 
 SLOTS = 16384            # distinct client addresses remembered at once
 SLOT = 256               # bytes per slot
@@ -34,14 +34,6 @@ class Record:
     user: str
     when: float          # time.time() of the login
     expires: float
-
-
-def _key(ip: str) -> str:
-    """One spelling per address."""
-    try:
-        return str(unmapped(ip))
-    except ValueError:
-        return ip
 
 
 class AuthRecords:
@@ -72,7 +64,7 @@ class AuthRecords:
     def record(self, ip: str, user: str, ttl: float) -> None:
         if ttl <= 0:
             return
-        key = _key(ip)
+        key = address_key(ip)
         raw_user = user.encode("utf-8", "surrogateescape")
         if len(raw_user) > MAX_USER or len(key) > 40:
             return
@@ -93,7 +85,7 @@ class AuthRecords:
         _HEAD.pack_into(self.map, off, (seq | 1) + 1, now, now + ttl, len(key), key.encode(), len(raw_user))
 
     def lookup(self, ip: str) -> Optional[Record]:
-        key = _key(ip)
+        key = address_key(ip)
         now = time.time()
         for j in self._slots(key):
             rec = self._read(j % self.slots)

@@ -8,38 +8,44 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import time
 from typing import Optional
 
 from gevent import socket as gsocket
 
-from mmproxy.errors import BackendProtocolError, BackendUnavailable, ClientGone, ClientTooLong
-from mmproxy.wire import LineReader
+from mmproxy.errors import BackendUnavailable
+from mmproxy.linereader import BackendReader
 
 CONNECT_TIMEOUT = 10.0    # a store that does not accept in 10 s is down for this login
-REPLY_TIMEOUT = 30.0      # a store that accepted must greet and answer the login within this
+REPLY_TIMEOUT = 30.0      # a store that accepted must greet and answer the login within this, in all
 MAX_STORE_LINE = 65536    # capability lines can be long; anything longer is not a store we know
 
 
 class Store:
-    """A connected store: a socket and a bounded line reader; raises Backend* errors only."""
+    """A connected store: a socket and a bounded line reader; raises Backend* errors only.
 
-    def __init__(self, host: str, port: int, source: Optional[str] = None,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    The whole dialogue up to the pump (greeting, who the client is, the login) must end within
+    REPLY_TIMEOUT seconds of the connect: a store that trickles its answers cannot hold a login.
+    """
+
+    def __init__(self, host: str, port: int, connect_timeout: float = CONNECT_TIMEOUT,
+                 deadline: Optional[float] = REPLY_TIMEOUT) -> None:
         self.host, self.port = host, port
         try:
             self.sock = _connect(host, port, connect_timeout)
         except (OSError, gsocket.timeout) as e:
             raise BackendUnavailable("cannot connect to %s:%d: %s" % (host, port, _why(e))) from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = LineReader(self.sock, MAX_STORE_LINE, REPLY_TIMEOUT)
+        self.reader = BackendReader(self.sock, MAX_STORE_LINE, REPLY_TIMEOUT, "%s:%d" % (host, port))
+        if deadline is not None:
+            self.reader.deadline = time.monotonic() + deadline
+
+    def __str__(self) -> str:
+        return "%s:%d" % (self.host, self.port)
 
     def readline(self) -> bytes:
-        try:
-            return self.reader.readline()
-        except ClientTooLong:
-            raise BackendProtocolError("%s:%d sent an overlong line" % (self.host, self.port)) from None
-        except ClientGone as e:
-            raise BackendUnavailable("%s:%d: %s" % (self.host, self.port, e)) from None
+        """One line from the store; BackendUnavailable or BackendProtocolError."""
+        return self.reader.readline()
 
     def send(self, data: bytes) -> None:
         try:

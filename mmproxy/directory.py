@@ -30,7 +30,8 @@ import ldap
 import ldap.dn
 
 from mmproxy.errors import AuthFailed, AuthTempFail
-from mmproxy.formats import LoginId, format_attrs, is_dns_name, search_filter
+from mmproxy.addresses import is_host_name
+from mmproxy.loginid import LoginId, format_attrs, search_filter
 
 # python-ldap guards each connection with threading.Lock as looked up at import time, i.e. gevent's
 # after patch_all(); the jobs run on native threads, so give them a native lock.
@@ -228,7 +229,7 @@ class Directory:
         """The DC-tree node of a hosted domain (dc=example,dc=com,<base>); None when there is none."""
         if not self.hosted:
             return Domain(name, self.base, self.base)
-        if not is_dns_name(name):
+        if not is_host_name(name):
             return None            # never let a client-typed string shape a DN
         dn = ",".join("dc=" + ldap.dn.escape_dn_chars(label) for label in name.split("."))
         dn = dn + "," + self.base if self.base else dn
@@ -264,22 +265,29 @@ class Directory:
             return User(dn, a, host)
         return domain, self._cached(("user", domain.user_base, flt, tuple(attrs)), load)
 
-    def read_password(self, user: User) -> Optional[str]:
-        """The clear-text userPassword for a challenge-response login (APOP), read with BindDN.
+    def read_password(self, user: User) -> Optional[bytes]:
+        """The clear-text userPassword (octets, as stored) for a challenge-response login (APOP,
+        CRAM-MD5), read with BindDN.
 
         Never cached: the caches must not hold passwords.  None when it is missing or hashed.
         """
-        rows = self._search(user.dn, ldap.SCOPE_BASE, "(objectClass=*)", ["userPassword"])
-        values = rows[0][1].get("userpassword", []) if rows else []
-        clear = [v for v in values if not (v.startswith("{") and "}" in v)]
+        def fn(conn: Any) -> Any:
+            try:
+                return conn.search_ext_s(user.dn, ldap.SCOPE_BASE, "(objectClass=*)", ["userPassword"],
+                                         timeout=OP_TIMEOUT, sizelimit=1)
+            except ldap.NO_SUCH_OBJECT:
+                return []
+        rows = self._job(self.searchers, True, fn)
+        values = [v for dn, a in rows if dn is not None for k, vs in a.items() if k.lower() == "userpassword" for v in vs]
+        clear = [v for v in values if not (v.startswith(b"{") and b"}" in v)]
         return clear[0] if clear else None
 
-    def authenticate(self, user: User, password: str) -> None:
-        """PreAuth: bind as the user.  AuthFailed on a wrong password, AuthTempFail when unsure."""
+    def authenticate(self, user: User, password: bytes) -> None:
+        """PreAuth: a simple bind as the user with the password's octets (RFC 4511 section 4.2).
+        AuthFailed on a wrong password, AuthTempFail when the directory cannot say."""
         if not password:
             raise AuthFailed("empty password")      # an empty password would be an anonymous bind
-        key = hmac.new(self._auth_key, user.dn.encode() + b"\0" + password.encode("utf-8", "surrogateescape"),
-                       hashlib.sha256).digest()
+        key = hmac.new(self._auth_key, user.dn.encode() + b"\0" + password, hashlib.sha256).digest()
         if key in self.auth_cache:
             return
 

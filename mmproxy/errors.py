@@ -1,4 +1,32 @@
-"""The failure taxonomy.  Shared code raises these; each protocol maps them to replies in one place."""
+"""The failure taxonomy.  Shared code raises these; each protocol turns them into replies in one
+place (``reply_for``), after the model of Dovecot's ``login_proxy_failure_type``.
+
+    MMProxyError
+      ConfigError                 the configuration cannot be used
+      ClientError                 about the client's connection or bytes
+        ClientGone                  closed or reset: no reply is possible
+        ClientTimeout               a deadline passed: the protocol's goodbye, then close
+        ClientTooLong               over a size limit: the protocol's "too big" reply
+        CommandError                one command refused; the session goes on (a bad command)
+          ClientSyntaxError           does not parse
+          UnknownCommand              no such verb
+          NotNow                      a verb not valid in the session's state
+          AuthCancelled               the client cancelled a SASL exchange ("*")
+          MechanismUnsupported        AUTHENTICATE/AUTH with a mechanism we do not offer
+          PrivacyRequired             a clear-text password before TLS (RestrictPlainPasswords)
+      AuthFailed                  bad credentials (counted as a failed login)
+      AuthzFailed                 authorization identity differs (refused, not counted)
+      AuthTempFail                the directory could not answer (never a bad password)
+      StoreRefused                the store said no to a replayed login; carries its reply
+      BackendError                the store or SMTP relay behind the proxy
+        BackendUnavailable          cannot connect, closed, timed out
+          HandOverRefused             an SMTP relay will not take the real client (XCLIENT)
+        BackendProtocolError        said something we cannot understand (or far too long)
+      ServerShutdown              the daemon is stopping: say goodbye
+"""
+from __future__ import annotations
+
+from typing import Optional
 
 
 class MMProxyError(Exception):
@@ -9,29 +37,103 @@ class ConfigError(MMProxyError):
     """The configuration cannot be used (bad file, bad value, missing mandatory value)."""
 
 
-class ClientSyntaxError(MMProxyError):
-    """The client sent something that does not parse: answered with BAD/-ERR/5xx, the session survives."""
+class ClientError(MMProxyError):
+    """Something about the client's connection or what it sent."""
 
 
-class ClientTooLong(ClientSyntaxError):
-    """A line or literal over its limit."""
+class ClientGone(ClientError):
+    """The client closed, half-closed or reset the connection: end the session without a reply."""
 
 
-class ClientGone(MMProxyError):
-    """The client closed, half-closed or timed out: end the session without a reply."""
+class ClientTimeout(ClientError):
+    """The client let a deadline pass (idle, or a phase that took too long): goodbye, then close."""
+
+
+class ClientTooLong(ClientError):
+    """A line, string, literal or command over its limit.
+
+    ``recoverable``: nothing of the oversized item is left unread (a synchronizing literal that was
+    never invited, an SMTP line skipped to its end), so the session may go on; otherwise it ends.
+    """
+
+    def __init__(self, message: str, recoverable: bool = False) -> None:
+        super().__init__(message)
+        self.recoverable = recoverable
+
+
+class CommandError(ClientError):
+    """One command is refused and the session goes on; counts towards the bad-command budget.
+
+    ``reply`` is the text after the protocol's status word (``BAD``, ``-ERR``, a 5xx code) when the
+    protocol has no better one for the class.
+    """
+
+    def __init__(self, reply: str, detail: Optional[str] = None) -> None:
+        super().__init__(detail or reply)
+        self.reply = reply
+
+
+class ClientSyntaxError(CommandError):
+    """The command does not parse."""
+
+
+class UnknownCommand(CommandError):
+    """No such command."""
+
+
+class NotNow(CommandError):
+    """A command the protocol knows, but not in the session's present state."""
+
+
+class AuthCancelled(CommandError):
+    """The client answered a SASL challenge with ``*`` (RFC 4422 section 3.5)."""
+
+
+class MechanismUnsupported(CommandError):
+    """A SASL mechanism the proxy does not offer (now)."""
+
+
+class PrivacyRequired(CommandError):
+    """RestrictPlainPasswords: a password in clear text before TLS is refused unseen."""
 
 
 class AuthFailed(MMProxyError):
     """Wrong user name or password (a permanent answer: NO [AUTHENTICATIONFAILED], -ERR [AUTH], 535)."""
 
 
+class AuthzFailed(MMProxyError):
+    """The SASL authorization identity differs from the authentication identity."""
+
+
 class AuthTempFail(MMProxyError):
     """The directory could not answer: never reported as a bad password."""
 
 
-class BackendUnavailable(MMProxyError):
-    """The store could not be reached or did not greet."""
+class StoreRefused(MMProxyError):
+    """The store refused the replayed login.  ``reply`` is what the client is told (the store's own
+    words under the client's tag); ``bad_credentials`` whether it counts as a failed login."""
+
+    def __init__(self, reply: bytes, bad_credentials: bool) -> None:
+        super().__init__(reply.decode("utf-8", "replace")[:200])
+        self.reply = reply
+        self.bad_credentials = bad_credentials
 
 
-class BackendProtocolError(MMProxyError):
-    """The store said something we could not understand."""
+class BackendError(MMProxyError):
+    """The store (IMAP, POP) or relay (SMTP) behind the proxy failed."""
+
+
+class BackendUnavailable(BackendError):
+    """The store or relay could not be reached, closed, or did not answer in time."""
+
+
+class HandOverRefused(BackendUnavailable):
+    """An SMTP relay will not take the real client (no XCLIENT for the proxy, or XCLIENT refused)."""
+
+
+class BackendProtocolError(BackendError):
+    """The store or relay said something we could not understand (or a line far too long)."""
+
+
+class ServerShutdown(MMProxyError):
+    """The daemon is stopping: each session says the protocol's goodbye."""

@@ -1,337 +1,368 @@
-"""IMAP4 (RFC 3501 / 9051) before login, the login replay to the store, then the relay."""
+"""IMAP4 (RFC 3501 / 9051) before login, the login replay to the store, then the pump.
+
+Before login the proxy answers CAPABILITY, NOOP, ID, STARTTLS and LOGOUT itself and takes LOGIN
+and AUTHENTICATE (PLAIN, LOGIN, CRAM-MD5 with CRAMs; SASL-IR); the verbs that need a login are known
+(``BAD Command not valid before login``), everything else is unknown.  Whenever a command's tag can
+be read, its completion is tagged.
+
+Limits sit on what can grow, sized so that every RFC-legal pre-login command fits (an RFC 2971 ID
+of 30 pairs with 1024-octet values is about 32 KB on one line): a line, a string (quoted or
+literal), the number of arguments, the whole command.  An over-limit command gets one
+``BAD [TOOBIG]`` and a clean close; a synchronizing literal that is too big is refused before the
+client sends it, and the session goes on.
+"""
 from __future__ import annotations
 
-import base64
-import binascii
+import enum
 import re
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Union
 
 from mmproxy import __version__
 from mmproxy.backend import Store
-from mmproxy.errors import (AuthFailed, AuthTempFail, BackendProtocolError, BackendUnavailable,
-                            ClientSyntaxError, ClientTooLong, MMProxyError)
-from mmproxy.session import Service, Session, Target, failure_kind
+from mmproxy.errors import (AuthFailed, AuthTempFail, AuthzFailed, BackendError, BackendProtocolError,
+                            BackendUnavailable, ClientError, ClientGone, ClientSyntaxError, ClientTimeout,
+                            ClientTooLong, CommandError, MechanismUnsupported, NotNow, PrivacyRequired,
+                            ServerShutdown, StoreRefused)
+from mmproxy.login import LoginService, LoginSession, Target, credentials
+from mmproxy.session import Line, Request, Verb, one_line
 
-MAX_LITERAL = 4096          # pre-login literals carry a user name or a password (RFC 7888 LITERAL- bound)
-MAX_COMMAND = 16384         # one command with all its literals
-LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}$")
+MAX_LINE = 65536            # one line of a command (Dovecot's imap_max_line_length is 64k too)
+MAX_COMMAND = 65536         # a command with all its lines and literals
+MAX_STRING = 8192           # one atom, quoted string or literal (a user name, a password, an ID value)
+MAX_NONSYNC_LITERAL = 4096  # RFC 7888 LITERAL-
+MAX_ARGS = 256              # arguments, list members included (an ID of 30 pairs has 62)
+MAX_DEPTH = 4               # nested parentheses
+
+TAG = re.compile(rb"[\x21-\x7e]{1,64}")
+_TAG_SPECIALS = re.compile(rb'[(){%*"\\+]')
+VERB = re.compile(rb"[A-Za-z]{1,32}")
+LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\Z")
+_TOKEN = re.compile(rb' *(?:(\()|(\))|"((?:[^"\\]|\\.)*)("?)|([^ ()"\x00-\x1f\x7f]+)|(.))', re.S)
+_ESCAPE = re.compile(rb"\\(.)", re.S)
 
 # Replies, as constants the tests import too.
-BAD_UNKNOWN = "BAD Unknown command"
-BAD_NOT_NOW = "BAD Command not valid before login"
-BAD_SYNTAX = "BAD Syntax error"
-BAD_TOO_LONG = "BAD [TOOBIG] Command line too long"
+BAD_UNKNOWN = "Unknown command"
+BAD_NOT_NOW = "Command not valid before login"
+BAD_UNTAGGED = "* BAD Error in IMAP command received by server"
 NO_AUTH = "NO [AUTHENTICATIONFAILED] Authentication failed."
 NO_AUTHZ = "NO [AUTHORIZATIONFAILED] Authorization identity differs from authentication identity"
 NO_TEMP = "NO [UNAVAILABLE] Temporary authentication failure, try again later"
 NO_STORE = "NO [UNAVAILABLE] Mail store not available, try again later"
+NO_INTERNAL = "NO [UNAVAILABLE] Internal error, try again later"
 NO_PRIVACY = "NO [PRIVACYREQUIRED] Plaintext authentication is disallowed without TLS"
-BYE_TOO_MANY = "* BYE Too many errors"
+NO_MECHANISM = "NO [CANNOT] Unsupported authentication mechanism"
+BYE_TOO_MANY = "* BYE Too many invalid commands"
+BYE_AUTH_FAILURES = "* BYE Too many authentication failures"
+BYE_TOO_BIG = "* BYE Command too long, closing connection"
+BYE_IDLE = "* BYE Disconnected for inactivity."
 BYE_SHUTDOWN = "* BYE [UNAVAILABLE] Server shutting down"
-BYE_TIMEOUT = "* BYE Autologout; idle for too long"
+BYE_INTERNAL = "* BYE [UNAVAILABLE] Internal error, closing connection"
+BYE_LOGOUT = "* BYE Logging out"
+TOO_MANY_CONNECTIONS = "* BYE [UNAVAILABLE] Too many connections from your address"
 
-# Commands a client may send after login only: known, so they get a clearer answer than "unknown".
-AUTHENTICATED_VERBS = {
-    "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB", "STATUS",
-    "APPEND", "CHECK", "CLOSE", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "UID", "IDLE",
-    "NAMESPACE", "ENABLE", "GETQUOTA", "GETQUOTAROOT", "GETACL", "SETACL", "MYRIGHTS", "UNSELECT", "GETMETADATA",
-}
-# Capabilities mmproxy decides itself, whatever the Capability parameter says.
-MANAGED = ("STARTTLS", "LOGINDISABLED", "AUTH=", "SASL-IR", "ID", "LITERAL-", "LITERAL+")
+# Capabilities the proxy decides itself before login, whatever the Capability parameter says
+# (it supplies the rest, e.g. IMAP4rev1 IMAP4rev2; after login the store's own list is passed on).
+OWN_CAPABILITIES = frozenset({"LITERAL-", "LITERAL+", "SASL-IR", "ID", "STARTTLS", "LOGINDISABLED"})
 
-Token = Union[bytes, str]   # bytes: atom, quoted string or literal; str: "(" or ")"
+Arg = Union[bytes, List[Any]]     # an atom or string (bytes), or a parenthesised list
 
 
-class Command:
-    def __init__(self, tag: str, verb: str, args: List[Token]) -> None:
-        self.tag, self.verb, self.args = tag, verb, args
+class ImapState(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATING = "authenticating"
+    RELAYING = "relaying"
+    LOGOUT = "logout"
 
 
-class TaggedError(Exception):
-    """A problem with one command, answered under its tag (or '*' before the tag is known)."""
-
-    def __init__(self, tag: str, reply: str, fatal: bool = False) -> None:
-        super().__init__(reply)
-        self.tag, self.reply, self.fatal = tag, reply, fatal
+_PRE = frozenset({ImapState.NOT_AUTHENTICATED})
+_AUTH = frozenset({ImapState.RELAYING})
 
 
-def tokenize(line: bytes) -> List[Token]:
-    """Split an IMAP command line into atoms, quoted strings (unescaped) and parentheses."""
-    out: List[Token] = []
-    i, n = 0, len(line)
-    while i < n:
-        c = line[i:i + 1]
-        if c == b" ":
-            i += 1
-        elif c in (b"(", b")"):
-            out.append(c.decode())
-            i += 1
-        elif c == b'"':
-            i += 1
-            buf = bytearray()
-            while True:
-                if i >= n:
-                    raise ClientSyntaxError("unterminated quoted string")
-                c = line[i:i + 1]
-                if c == b"\\":
-                    if i + 1 >= n or line[i + 1:i + 2] not in (b"\\", b'"'):
-                        raise ClientSyntaxError("bad escape in quoted string")
-                    buf += line[i + 1:i + 2]
-                    i += 2
-                elif c == b'"':
-                    i += 1
-                    break
-                else:
-                    buf += c
-                    i += 1
-            out.append(bytes(buf))
-        else:
-            j = i
-            while j < n and line[j:j + 1] not in (b" ", b"(", b")"):
-                j += 1
-            out.append(line[i:j])
-            i = j
-    return out
+class ArgParser:
+    """The arguments of one command (RFC 9051 section 4) as they arrive: line segments and literals.
+
+    Atoms and strings are ``bytes``, parenthesised lists are lists.  A quoted string may escape
+    only ``\\`` and ``"`` and cannot span lines.  ClientSyntaxError for what does not parse,
+    ClientTooLong past MAX_STRING, MAX_ARGS or MAX_DEPTH.
+    """
+
+    def __init__(self) -> None:
+        self.stack: List[List[Arg]] = [[]]
+        self.count = 0
+
+    def _add(self, value: Arg) -> None:
+        self.count += 1
+        if self.count > MAX_ARGS:
+            raise ClientTooLong("Too many arguments")
+        self.stack[-1].append(value)
+
+    def feed(self, text: bytes) -> None:
+        """A piece of a command line (between literals)."""
+        pos, n = 0, len(text)
+        while pos < n:
+            m = _TOKEN.match(text, pos)
+            assert m is not None        # the last alternative matches any byte
+            pos = m.end()
+            opened, closed, quoted, quote_end, atom, bad = m.groups()
+            if opened:
+                if len(self.stack) > MAX_DEPTH:
+                    raise ClientTooLong("Lists nested too deep")
+                inner: List[Arg] = []
+                self._add(inner)
+                self.stack.append(inner)
+            elif closed:
+                if len(self.stack) == 1:
+                    raise ClientSyntaxError("Unexpected ')'")
+                self.stack.pop()
+            elif quoted is not None:
+                if not quote_end:
+                    raise ClientSyntaxError("Missing '\"'")
+                if b"\\" in quoted and any(c not in b'\\"' for c in _ESCAPE.findall(quoted)):
+                    raise ClientSyntaxError("Only \\\\ and \\\" may be escaped in a quoted string")
+                if len(quoted) > MAX_STRING:
+                    raise ClientTooLong("String too long")
+                self._add(_ESCAPE.sub(rb"\1", quoted) if b"\\" in quoted else quoted)
+            elif atom:
+                if len(atom) > MAX_STRING:
+                    raise ClientTooLong("Argument too long")
+                self._add(atom)
+            elif bad and bad != b" ":
+                raise ClientSyntaxError("Invalid characters in command")
+
+    def literal(self, data: bytes) -> None:
+        self._add(data)
+
+    def finish(self) -> List[Arg]:
+        if len(self.stack) != 1:
+            raise ClientSyntaxError("Missing ')'")
+        return self.stack[0]
 
 
-def quote(value: str) -> Optional[bytes]:
+def parse_args(text: bytes) -> List[Arg]:
+    """The arguments of a one-line command (no literals)."""
+    p = ArgParser()
+    p.feed(text)
+    return p.finish()
+
+
+def quote(value: bytes) -> Optional[bytes]:
     """An IMAP quoted string, or None when the value needs a literal (8-bit, CR/LF, long)."""
-    raw = value.encode("utf-8", "surrogateescape")
-    if len(raw) > 1000 or any(b > 0x7E or b < 0x20 for b in raw):
+    if len(value) > 1000 or any(b > 0x7E or b < 0x20 for b in value):
         return None
-    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-class ImapSession(Session):
-    proto = "imap"
-    bye_auth_failures = "* BYE Too many authentication failures"
-    too_many_connections = "* BYE [UNAVAILABLE] Too many connections from your address"
+class ImapSession(LoginSession):
+    kind = "imap"
+    max_line = MAX_LINE
+    State = ImapState
+    INITIAL = LOGIN_STATE = ImapState.NOT_AUTHENTICATED
+    AUTHENTICATING = ImapState.AUTHENTICATING
+    RELAYING = ImapState.RELAYING
+    CLOSED = ImapState.LOGOUT
+    FINAL = frozenset({ImapState.RELAYING, ImapState.LOGOUT})
+    BYE_TOO_MANY = BYE_TOO_MANY
+    BYE_AUTH_FAILURES = BYE_AUTH_FAILURES
+    TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    GOODBYE_IDLE = BYE_IDLE.encode() + b"\r\n"
 
     # ------------------------------------------------------------------ capabilities and greeting
     def capabilities(self) -> str:
+        """What the client is told before login."""
         cfg = self.cfg
-        base = [c for c in cfg.Capability.split() if not c.upper().startswith(MANAGED)] if cfg.Capability else ["IMAP4rev1"]
+        base = [c for c in (cfg.Capability or "IMAP4rev1").split()
+                if c.upper() not in OWN_CAPABILITIES and not c.upper().startswith("AUTH=")]
         caps = base + ["LITERAL-", "SASL-IR", "ID"]
         if self.service.tls is not None and not self.tls_active:
             caps.append("STARTTLS")
-        caps.append("LOGINDISABLED" if self.plaintext_refused else "AUTH=PLAIN")
-        if cfg.CRAMs:
-            caps.append("AUTH=CRAM-MD5")
+        if self.plaintext_refused:
+            caps.append("LOGINDISABLED")
+        caps += ["AUTH=" + m for m in self.mechanisms()]
         return " ".join(dict.fromkeys(caps))
 
     def greet(self) -> None:
-        banner = self.cfg.Banner or "mmproxy %s IMAP4rev1 proxy ready" % __version__
+        banner = one_line(self.cfg.Banner) or "mmproxy %s IMAP4rev1 proxy ready" % __version__
         self.send("* OK [CAPABILITY %s] %s" % (self.capabilities(), banner))
 
-    def on_shutdown(self) -> None:
-        self.send(BYE_SHUTDOWN)
-
     # ------------------------------------------------------------------ reading commands
-    def read_command(self) -> Command:
-        """One command with its literals: {n} gets a '+' only when within bounds, {n+} must be."""
-        parts: List[Token] = []
-        tag = "*"
-        total = 0
-        line = self.reader.readline()
+    def read_request(self) -> Request:
+        """One command with its literals.  A ``{n}`` literal gets ``+`` only when it is within
+        bounds; a command that fails to parse is still read to its end (non-synchronizing
+        literals skipped) before it is answered, so nothing of it is ever taken for a command."""
+        self.tag = ""
+        try:
+            line = self.reader.readline()
+        except ClientTooLong:
+            self.tag = _tag_of(bytes(self.reader.buf[:80]))    # answer a too-long command under its tag
+            raise
+        tag, _, rest = line.partition(b" ")
+        if not TAG.fullmatch(tag) or _TAG_SPECIALS.search(tag):
+            raise ClientSyntaxError("Error in IMAP command received by server", "no valid tag")
+        self.tag = tag.decode("ascii")
+        verb_raw, _, rest = rest.partition(b" ")
+        if not VERB.fullmatch(verb_raw):
+            m = LITERAL_AT_END.search(verb_raw)
+            rest, verb_raw = (verb_raw, b"") if m else (rest, verb_raw)
+        verb = verb_raw.decode("ascii", "replace").upper()
+        error: Optional[ClientError] = None
+        try:
+            if not verb:
+                raise ClientSyntaxError("Missing command")
+            self.lookup(verb)
+        except CommandError as e:
+            error = e
+        parser = ArgParser()
+        total = len(line)
         while True:
-            total += len(line)
-            m = LITERAL_AT_END.search(line)
-            parts.extend(tokenize(line[:m.start()] if m else line))
-            if parts and isinstance(parts[0], bytes) and tag == "*":
-                tag = parts[0].decode("ascii", "replace")
-                if not _valid_tag(tag):
-                    raise TaggedError("*", BAD_SYNTAX)
-            if not m:
+            m = LITERAL_AT_END.search(rest)
+            if error is None:
+                try:
+                    parser.feed(rest[:m.start()] if m else rest)
+                except ClientSyntaxError as e:
+                    error = e
+            if m is None:
                 break
             size, nonsync = int(m.group(1)), bool(m.group(2))
-            total += size
-            if size > MAX_LITERAL or total > MAX_COMMAND:
+            if nonsync and size > MAX_NONSYNC_LITERAL:
+                raise ClientTooLong("Literal too big (LITERAL- allows %d octets)" % MAX_NONSYNC_LITERAL)
+            if size > MAX_STRING or total + size > MAX_COMMAND:
                 if nonsync:
-                    # The bytes are already on their way and must never be parsed as commands.
-                    raise TaggedError(tag, "BAD [TOOBIG] Literal too big", fatal=True)
-                raise TaggedError(tag, "BAD [TOOBIG] Literal too big")     # no '+': the client sends nothing
-            if not nonsync:
-                self.send("+ Ready for literal data")
-            parts.append(self.reader.read_exact(size))
-            line = self.reader.readline()
-        if len(parts) < 2 or not all(isinstance(p, bytes) for p in parts[:2]):
-            raise TaggedError(tag, BAD_SYNTAX)
-        return Command(tag, parts[1].decode("ascii", "replace").upper(), parts[2:])
+                    raise ClientTooLong("Command too long")
+                raise ClientTooLong("Literal too big", recoverable=True)     # no '+': the client sends nothing
+            if error is not None:
+                if not nonsync:
+                    raise error                   # no '+': the rest of the command never comes
+                self.reader.discard(size)
+            else:
+                if not nonsync:
+                    self.send("+ Ready for literal data")
+                parser.literal(self.reader.read_exact(size))
+            rest = self.reader.readline()
+            total += size + len(rest)
+            if total > MAX_COMMAND:
+                raise ClientTooLong("Command too long")
+        if error is not None:
+            raise error
+        return Request(verb, parser.finish(), line, self.tag)
 
-    def loop(self) -> None:
-        while True:
-            try:
-                cmd = self.read_command()
-            except TaggedError as e:
-                self.send("%s %s" % (e.tag, e.reply))
-                if e.fatal or self.count_bad():
-                    self.send(BYE_TOO_MANY if not e.fatal else "* BYE Closing connection")
-                    return
-                continue
-            except ClientSyntaxError:
-                # Unparsable line: we may not even know the tag.
-                self.send("* " + BAD_SYNTAX)
-                if self.count_bad():
-                    self.send(BYE_TOO_MANY)
-                    return
-                continue
-            except ClientTooLong:
-                self.send("* " + BAD_TOO_LONG)
-                self.send("* BYE Closing connection")
-                return
-            handler = getattr(self, "cmd_" + cmd.verb, None) if cmd.verb.isalpha() else None
-            if handler is None:
-                self.send("%s %s" % (cmd.tag, BAD_NOT_NOW if cmd.verb in AUTHENTICATED_VERBS else BAD_UNKNOWN))
-                if self.count_bad():
-                    self.send(BYE_TOO_MANY)
-                    return
-                continue
-            if handler(cmd) is False or self.handed_off:
-                return
+    # ------------------------------------------------------------------ failures
+    def reply_for(self, e: BaseException) -> tuple:
+        """The one place where the failure taxonomy becomes IMAP replies: (lines, end?)."""
+        tag = self.tag or "*"
+        if isinstance(e, ClientGone):
+            return [], True
+        if isinstance(e, ClientTimeout):
+            return [BYE_IDLE], True
+        if isinstance(e, ClientTooLong):
+            bad = "%s BAD [TOOBIG] %s" % (tag, e)
+            return ([bad], False) if e.recoverable else ([bad, BYE_TOO_BIG], True)
+        if isinstance(e, PrivacyRequired):
+            return ["%s %s" % (tag, NO_PRIVACY)], False
+        if isinstance(e, MechanismUnsupported):
+            return ["%s %s" % (tag, NO_MECHANISM)], False
+        if isinstance(e, CommandError):
+            return [("%s BAD %s" % (tag, e.reply)) if self.tag else BAD_UNTAGGED], False
+        if isinstance(e, AuthFailed):
+            return ["%s %s" % (tag, NO_AUTH)], False
+        if isinstance(e, AuthzFailed):
+            return ["%s %s" % (tag, NO_AUTHZ)], False
+        if isinstance(e, StoreRefused):
+            return [e.reply], False
+        if isinstance(e, AuthTempFail):
+            return ["%s %s" % (tag, NO_TEMP)], False
+        if isinstance(e, BackendError):
+            # One response code per response: the alert goes in an untagged OK of its own.
+            return ["* OK [ALERT] " + one_line(self.cfg.ServerDownAlert), "%s %s" % (tag, NO_STORE)], False
+        if isinstance(e, ServerShutdown):
+            return [BYE_SHUTDOWN], True
+        return ([("%s %s" % (tag, NO_INTERNAL))] if self.tag else []) + [BYE_INTERNAL], True
 
     # ------------------------------------------------------------------ commands
-    def cmd_CAPABILITY(self, cmd: Command) -> None:
+    def cmd_CAPABILITY(self, req: Request) -> None:
         """RFC 9051 6.1.1."""
         self.send("* CAPABILITY " + self.capabilities())
-        self.send(cmd.tag + " OK Capability completed")
+        self.send(req.tag + " OK Capability completed")
 
-    def cmd_NOOP(self, cmd: Command) -> None:
+    def cmd_NOOP(self, req: Request) -> None:
         """RFC 9051 6.1.2."""
-        self.send(cmd.tag + " OK NOOP completed")
+        self.send(req.tag + " OK NOOP completed")
 
-    def cmd_LOGOUT(self, cmd: Command) -> bool:
+    def cmd_LOGOUT(self, req: Request) -> None:
         """RFC 9051 6.1.3."""
-        self.send("* BYE Logging out")
-        self.send(cmd.tag + " OK Logout completed")
-        return False
+        self.send(BYE_LOGOUT)
+        self.send(req.tag + " OK Logout completed")
+        self.finish("logout")
 
-    def cmd_ID(self, cmd: Command) -> None:
+    def cmd_ID(self, req: Request) -> None:
         """RFC 2971: answered by the proxy before login (the store hears about the client from us)."""
+        arg = req.args[0]
+        if not (arg == b"NIL" or (isinstance(arg, list) and len(arg) % 2 == 0
+                                  and all(isinstance(a, bytes) for a in arg))):
+            raise ClientSyntaxError("Syntax: ID (field value ...) or ID NIL")
         self.send('* ID ("name" "mmproxy" "version" "%s")' % __version__)
-        self.send(cmd.tag + " OK ID completed")
+        self.send(req.tag + " OK ID completed")
 
-    def cmd_STARTTLS(self, cmd: Command) -> None:
+    def cmd_STARTTLS(self, req: Request) -> None:
         """RFC 9051 6.2.1; anything pipelined behind it is discarded (CVE-2011-0411)."""
         if self.service.tls is None or self.tls_active:
-            self.send(cmd.tag + " BAD STARTTLS not available")
-            return
-        self.send(cmd.tag + " OK Begin TLS negotiation now")
+            raise NotNow("STARTTLS not available")
+        self.send(req.tag + " OK Begin TLS negotiation now")
         self.starttls()
 
-    def cmd_LOGIN(self, cmd: Command) -> Optional[bool]:
+    def cmd_LOGIN(self, req: Request) -> None:
         """RFC 9051 6.2.3."""
-        if len(cmd.args) != 2 or not all(isinstance(a, bytes) for a in cmd.args):
-            self.send(cmd.tag + " BAD LOGIN expects a user name and a password")
-            return None
         if self.plaintext_refused:
-            self.send(cmd.tag + " " + NO_PRIVACY)
-            return None
-        user, password = (a.decode("utf-8", "surrogateescape") for a in cmd.args)
-        return self.login(cmd.tag, user, password)
+            raise PrivacyRequired("Plaintext authentication is disallowed without TLS")
+        self.login(credentials(req.args[0], req.args[1]))
 
-    def cmd_AUTHENTICATE(self, cmd: Command) -> Optional[bool]:
-        """RFC 9051 6.2.2 with SASL PLAIN (RFC 4616) and SASL-IR (RFC 4959)."""
-        if not cmd.args or not isinstance(cmd.args[0], bytes) or len(cmd.args) > 2:
-            self.send(cmd.tag + " BAD AUTHENTICATE expects a mechanism")
-            return None
-        mech = cmd.args[0].upper()
-        if mech == b"CRAM-MD5" and self.cfg.CRAMs and len(cmd.args) == 1:
-            # RFC 2195: no clear-text password on the wire, so allowed before TLS too
-            try:
-                exchange = self.cram_md5()
-            except ClientSyntaxError:
-                self.send(cmd.tag + " BAD Malformed CRAM-MD5 response")
-                return None
-            if exchange is None:
-                self.send(cmd.tag + " BAD Authentication cancelled")
-                return None
-            return self.login(cmd.tag, exchange[0], None, exchange[1])
-        if mech != b"PLAIN":
-            self.send(cmd.tag + " NO Unsupported authentication mechanism")
-            return None
-        if self.plaintext_refused:
-            self.send(cmd.tag + " " + NO_PRIVACY)
-            return None
-        if len(cmd.args) == 2:
-            response = cmd.args[1]
-            if not isinstance(response, bytes):
-                self.send(cmd.tag + " " + BAD_SYNTAX)
-                return None
-        else:
-            self.send("+ ")
-            response = self.reader.readline()
-        if response.strip() == b"*":
-            self.send(cmd.tag + " BAD Authentication cancelled")
-            return None
-        try:
-            data = b"" if response == b"=" else base64.b64decode(response, validate=True)
-            authzid, authcid, password = (p.decode("utf-8", "surrogateescape") for p in data.split(b"\0"))
-        except (binascii.Error, ValueError):
-            self.send(cmd.tag + " BAD Malformed SASL PLAIN response")
-            return None
-        if authzid and authzid != authcid:
-            self.send(cmd.tag + " " + NO_AUTHZ)
-            return None
-        return self.login(cmd.tag, authcid, password)
+    def cmd_AUTHENTICATE(self, req: Request) -> None:
+        """RFC 9051 6.2.2 with SASL PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195) and SASL-IR (RFC 4959)."""
+        self.login(self.sasl(req.args[0], req.args[1] if len(req.args) > 1 else None))
 
-    # ------------------------------------------------------------------ login
-    def login(self, tag: str, user: str, password: Optional[str], check: Optional[Callable] = None) -> Optional[bool]:
-        """Find the store, log in there, answer the client; False ends the session.
+    COMMANDS = {
+        "CAPABILITY": Verb(cmd_CAPABILITY, _PRE),
+        "NOOP": Verb(cmd_NOOP, _PRE),
+        "LOGOUT": Verb(cmd_LOGOUT, _PRE),
+        "ID": Verb(cmd_ID, _PRE, (1, 1), "ID (field value ...)", strings=False),
+        "STARTTLS": Verb(cmd_STARTTLS, _PRE),
+        "LOGIN": Verb(cmd_LOGIN, _PRE, (2, 2), "LOGIN user password"),
+        "AUTHENTICATE": Verb(cmd_AUTHENTICATE, _PRE, (1, 2), "AUTHENTICATE mechanism [initial-response]"),
+        # Served by the store after login: known, so they get a clearer answer than "unknown".
+        **{v: Verb(None, _AUTH, (0, -1), strings=False, not_now=BAD_NOT_NOW) for v in (
+            "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
+            "STATUS", "APPEND", "CHECK", "CLOSE", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "UID",
+            "IDLE", "NAMESPACE", "ENABLE", "GETQUOTA", "GETQUOTAROOT", "GETACL", "SETACL", "MYRIGHTS",
+            "UNSELECT", "GETMETADATA", "SETMETADATA", "COMPRESS", "NOTIFY", "ESEARCH", "UNAUTHENTICATE")},
+    }
 
-        ``check(target) -> password`` verifies a challenge-response login (CRAM-MD5) instead of PreAuth.
-        """
-        store: Optional[Store] = None
-        try:
-            target, password = self.authorise(user, password, check)
-            store = self.connect_store(target)
-            ok, reply = self.replay(store, target, tag, password)
-        except MMProxyError as e:
-            if store is not None:
-                store.close()
-            self.log.info("login failed user=%r: %s: %s", user, failure_kind(e), e)
-            self.send(self.reply_for(tag, e))
-            return self.auth_failed(isinstance(e, AuthFailed))
-        return self.finish_login(user, store, target, ok, reply)
-
-    def reply_for(self, tag: str, e: BaseException) -> str:
-        """The one place where the failure taxonomy becomes IMAP replies."""
-        if isinstance(e, AuthFailed):
-            return "%s %s" % (tag, NO_AUTH)
-        if isinstance(e, AuthTempFail):
-            return "%s %s" % (tag, NO_TEMP)
-        if isinstance(e, (BackendUnavailable, BackendProtocolError)):
-            # One response code per response: the alert goes in an untagged OK of its own.
-            self.send("* OK [ALERT] " + _one_line(self.cfg.ServerDownAlert))
-            return "%s %s" % (tag, NO_STORE)
-        return "%s %s" % (tag, NO_TEMP)
-
-    def replay(self, store: Store, target: Target, tag: str, password: str) -> Tuple[bool, bytes]:
-        """Tell the store the real client, replay LOGIN; (logged in?, the reply for the client)."""
+    # ------------------------------------------------------------------ the login replay
+    def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:
+        """Tell the store the real client (ID, RFC 2971, as Dovecot takes it from
+        login_trusted_networks), replay LOGIN; the tagged OK with the store's capabilities.
+        StoreRefused with the store's NO; counts as bad credentials when it carries no response
+        code or [AUTHENTICATIONFAILED]."""
         ident = ('X0 ID ("x-originating-ip" "%s" "x-originating-port" "%d" "x-connected-ip" "%s" "x-connected-port" "%d")'
                  % (self.client_ip, self.client_port, self.server_ip, self.server_port)).encode()
-        user_q, pass_q = quote(target.replay), quote(password)
-        quoted = user_q is not None and pass_q is not None
-        if quoted:
+        user = target.replay.encode("utf-8")
+        user_q, pass_q = quote(user), quote(password)
+        if user_q is not None and pass_q is not None:
             # One round trip: the commands wait in the store's socket until it has greeted.
             store.send(ident + b"\r\nX1 LOGIN " + user_q + b" " + pass_q + b"\r\n")
-        greeting = store.readline()
-        if not greeting.upper().startswith(b"* OK"):
-            raise BackendUnavailable("store greeted with %r" % greeting[:80])
-        if not quoted:
+            _greeting(store)
+        else:
+            _greeting(store)
             store.send(ident + b"\r\nX1 LOGIN ")
-            for i, (value, q) in enumerate(((target.replay, user_q), (password, pass_q))):
+            for i, (value, q) in enumerate(((user, user_q), (password, pass_q))):
                 if i:
                     store.send(b" ")
                 if q is not None:
                     store.send(q)
                     continue
-                raw = value.encode("utf-8", "surrogateescape")
-                store.send(b"{%d}\r\n" % len(raw))
-                self._await_continuation(store)
-                store.send(raw)
+                store.send(b"{%d}\r\n" % len(value))
+                _await_continuation(store)
+                store.send(value)
             store.send(b"\r\n")
         caps: Optional[bytes] = None
-        untagged: List[bytes] = []
         while True:
             line = store.readline()
             if line.startswith(b"X0 "):
@@ -340,19 +371,19 @@ class ImapSession(Session):
                 if line[2:].upper().startswith(b"CAPABILITY "):
                     caps = line[13:]
                 elif not line[2:].upper().startswith(b"ID "):
-                    untagged.append(line)
+                    self.send(line)               # e.g. an [ALERT] from the store
                 continue
             if line.startswith(b"X1 "):
                 break
-            raise BackendProtocolError("unexpected store line %r" % line[:80])
+            raise BackendProtocolError("%s: unexpected line %r" % (store, line[:80]))
         status, _, rest = line[3:].partition(b" ")
         status = status.upper()
-        for u in untagged:
-            self.send(u)
+        tag = self.tag.encode()
         if status != b"OK":
             if status != b"NO":
-                raise BackendProtocolError("store answered LOGIN with %r" % line[:80])
-            return False, tag.encode() + b" NO " + rest
+                raise BackendProtocolError("%s answered LOGIN with %r" % (store, line[:80]))
+            code = rest[1:].split(b"]", 1)[0].upper() if rest.startswith(b"[") else None
+            raise StoreRefused(tag + b" NO " + rest, code in (None, b"AUTHENTICATIONFAILED"))
         if not rest.upper().startswith(b"[CAPABILITY "):
             if caps is None:
                 store.send(b"X2 CAPABILITY\r\n")
@@ -364,25 +395,30 @@ class ImapSession(Session):
                         break
             if caps:
                 rest = b"[CAPABILITY " + caps + b"] " + rest
-        return True, tag.encode() + b" OK " + rest
-
-    def _await_continuation(self, store: Store) -> None:
-        while True:
-            line = store.readline()
-            if line.startswith(b"+"):
-                return
-            if line.startswith(b"X1 "):
-                raise BackendProtocolError("store refused the login literal: %r" % line[:80])
+        return tag + b" OK " + rest
 
 
-def _valid_tag(tag: str) -> bool:
-    return bool(tag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\+' for c in tag)
+def _greeting(store: Store) -> None:
+    greeting = store.readline()
+    if not greeting.upper().startswith(b"* OK"):
+        raise BackendUnavailable("%s greeted with %r" % (store, greeting[:80]))
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text or "").split())
+def _await_continuation(store: Store) -> None:
+    while True:
+        line = store.readline()
+        if line.startswith(b"+"):
+            return
+        if line.startswith(b"X1 "):
+            raise BackendProtocolError("%s refused the login literal: %r" % (store, line[:80]))
 
 
-class ImapService(Service):
-    name = "imap"
+def _tag_of(start: bytes) -> str:
+    """The tag at the start of a command, if it is one ("" otherwise)."""
+    tag = start.split(b" ", 1)[0] if b" " in start else b""
+    return tag.decode("ascii") if TAG.fullmatch(tag) and not _TAG_SPECIALS.search(tag) else ""
+
+
+class ImapService(LoginService):
+    kind = "imap"
     session_class = ImapSession

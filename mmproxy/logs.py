@@ -11,7 +11,8 @@ import sys
 import time
 from typing import Optional
 
-FILE_PREFIX = {"imap": "ImapProxy", "pop": "PopProxy", "smtp": "SmtpProxy", "aservice": "AService"}
+from mmproxy.config import kinds
+
 FORMAT = "%(asctime)s %(levelname)s [%(ctx)s] %(message)s"
 
 # A few log lines per login are a visible share of a login's CPU: skip what we never print
@@ -119,9 +120,9 @@ def configure(kind: str, log_dir: Optional[str], log_level: int, foreground: boo
     fmt = _Formatter(FORMAT)
     handlers: list = []
     if log_dir and os.path.isdir(log_dir):
-        handlers.append(DailyFile(log_dir, FILE_PREFIX[kind]))
+        handlers.append(DailyFile(log_dir, kinds.BY_NAME[kind].log_prefix))
     elif log_dir:
-        print("mmproxy: LogDir %s does not exist: no %s log file" % (log_dir, FILE_PREFIX[kind]), file=sys.stderr)
+        print("mmproxy: LogDir %s does not exist: no %s log file" % (log_dir, kinds.BY_NAME[kind].log_prefix), file=sys.stderr)
     logger.propagate = kind == "aservice"      # a service's lines go to its own file only
     if foreground:
         err = _Stderr(sys.stderr)

@@ -1,7 +1,8 @@
 """POP3 (RFC 1939, 2449, 5034) before login, the login replay to the store, store-down spoofing.
 
 Replies carry RFC 2449/3206 response codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` for
-directory or store trouble, the store's own ``[IN-USE]`` passed through.
+directory or store trouble; a store's reply with a code of its own (``[IN-USE]``) passes through
+unchanged, and so does a bare refusal of a password the proxy had already verified (PreAuth).
 
 XQUERYAUTH (AuthService yes, best per virtual domain): ``XQUERYAUTH <ip>`` answers
 ``+OK <user> <unix time of the login>`` when a verified POP login from that address is fresher
@@ -10,34 +11,51 @@ enabled`` unless AuthService is on for the address the client connected to.
 """
 from __future__ import annotations
 
-import base64
-import binascii
+import enum
 import hashlib
-import ipaddress
 import os
 import time
 from typing import List, Optional
 
-from mmproxy import __version__
+from mmproxy import __version__, sasl
+from mmproxy.addresses import unmapped
 from mmproxy.authservice import RECORDS
 from mmproxy.backend import Store
-from mmproxy.errors import (AuthFailed, BackendProtocolError, BackendUnavailable, ClientSyntaxError,
-                            ClientTooLong, ConfigError, MMProxyError)
-from mmproxy.session import Service, Session, Target, failure_kind
+from mmproxy.errors import (AuthFailed, AuthTempFail, AuthzFailed, BackendError, BackendProtocolError,
+                            BackendUnavailable, ClientGone, ClientSyntaxError, ClientTimeout, ClientTooLong,
+                            CommandError, ConfigError, NotNow, PrivacyRequired, ServerShutdown, StoreRefused,
+                            UnknownCommand)
+from mmproxy.login import LoginService, LoginSession, Target, credentials
+from mmproxy.session import Line, Request, Verb, one_line
 
 MAX_COMMAND = 255            # RFC 2449 section 4: a command line, CRLF included
-MAX_SASL_LINE = 8192         # a SASL response line (RFC 5034 sets no lower bound)
 
 ERR_AUTH = "-ERR [AUTH] Authentication failed."
+ERR_AUTHZ = "-ERR [AUTH] Authorization identity differs from authentication identity"
 ERR_TEMP = "-ERR [SYS/TEMP] Temporary authentication failure, try again later"
 ERR_STORE = "-ERR [SYS/TEMP] Mail store not available, try again later"
+ERR_INTERNAL = "-ERR [SYS/TEMP] Internal error, closing connection"
 ERR_PRIVACY = "-ERR [AUTH] Plaintext authentication is disallowed without TLS"
-ERR_UNKNOWN = "-ERR Unknown command"
-ERR_NOT_NOW = "-ERR Command not valid before login"
+ERR_TOO_LONG = "-ERR Line too long, closing connection"
+ERR_IDLE = "-ERR Disconnected for inactivity."
+ERR_NOT_NOW = "Command not valid before login"
 ERR_TOO_MANY = "-ERR Too many errors, closing connection"
+ERR_AUTH_FAILURES = "-ERR [AUTH] Too many authentication failures, closing connection"
 ERR_SHUTDOWN = "-ERR [SYS/TEMP] Server shutting down"
+TOO_MANY_CONNECTIONS = "-ERR [SYS/TEMP] Too many connections from your address"
+NO_SUCH_MESSAGE = "No such message"
 
-TRANSACTION_VERBS = {"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST"}
+# What the proxy says in CAPA (RFC 2449); the login part only before login.
+CAPABILITIES = ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING")
+
+
+class PopState(enum.Enum):
+    AUTHORIZATION = "authorization"
+    USER_GIVEN = "authorization, USER given"
+    AUTHENTICATING = "authenticating"
+    SPOOFED = "spoofed transaction"
+    RELAYING = "relaying"
+    CLOSED = "closed"
 
 
 class Spool:
@@ -63,8 +81,8 @@ class Spool:
         return cls(b"".join(l + b"\r\n" for l in lines))
 
 
-class PopService(Service):
-    name = "pop"
+class PopService(LoginService):
+    kind = "pop"
 
     def __init__(self, entry: object) -> None:
         super().__init__(entry)
@@ -76,221 +94,260 @@ class PopService(Service):
             self.spool = Spool.from_file(cfg.SpoofMessageFile)
 
 
-class PopSession(Session):
-    proto = "pop"
+_LOGIN = frozenset({PopState.AUTHORIZATION, PopState.USER_GIVEN})
+_SPOOF = frozenset({PopState.SPOOFED})
+
+
+class PopSession(LoginSession):
+    kind = "pop"
     max_line = MAX_COMMAND
-    bye_auth_failures = ERR_TOO_MANY
-    too_many_connections = "-ERR [SYS/TEMP] Too many connections from your address"
+    State = PopState
+    INITIAL = LOGIN_STATE = PopState.AUTHORIZATION
+    AUTHENTICATING = PopState.AUTHENTICATING
+    RELAYING = PopState.RELAYING
+    CLOSED = PopState.CLOSED
+    FINAL = frozenset({PopState.RELAYING, PopState.CLOSED})
+    BYE_TOO_MANY = ERR_TOO_MANY
+    BYE_AUTH_FAILURES = ERR_AUTH_FAILURES
+    TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    GOODBYE_IDLE = ERR_IDLE.encode() + b"\r\n"
     service: PopService
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
-        self.pending_user: Optional[str] = None
-        self.timestamp = "<%d.%d@%s>" % (os.getpid(), time.time_ns() // 1000, "mmproxy")
+        self.pending_user = b""
+        self.timestamp = b"<%d.%d@mmproxy>" % (os.getpid(), time.time_ns() // 1000)
+        self.deleted = False                     # the spoofed message, marked by DELE
 
-    # ------------------------------------------------------------------ greeting and loop
     def greet(self) -> None:
-        banner = self.cfg.Banner or "mmproxy %s POP3 proxy ready" % __version__
-        self.send("+OK %s%s" % (banner, (" " + self.timestamp) if self.cfg.CRAMs else ""))
+        banner = one_line(self.cfg.Banner) or "mmproxy %s POP3 proxy ready" % __version__
+        self.send("+OK %s%s" % (banner, (" " + self.timestamp.decode()) if self.cfg.CRAMs else ""))
 
-    def on_shutdown(self) -> None:
-        self.send(ERR_SHUTDOWN)
+    def read_request(self) -> Request:
+        """One command line: a verb and its blank-separated arguments (RFC 1939 section 3)."""
+        line = self.reader.readline()
+        verb, _, rest = line.partition(b" ")
+        return Request(verb.decode("ascii", "replace").upper(), rest.split(), line)
 
-    def loop(self) -> None:
-        while True:
-            try:
-                line = self.reader.readline()
-            except ClientTooLong:
-                self.send("-ERR Line too long")
-                return
-            verb, _, arg = line.decode("utf-8", "surrogateescape").partition(" ")
-            verb = verb.upper()
-            handler = getattr(self, "cmd_" + verb, None) if verb.isalpha() else None
-            if handler is None:
-                self.send(ERR_NOT_NOW if verb in TRANSACTION_VERBS else ERR_UNKNOWN)
-                if self.count_bad():
-                    self.send(ERR_TOO_MANY)
-                    return
-                continue
-            if handler(arg) is False or self.handed_off:
-                return
+    def reply_for(self, e: BaseException) -> tuple:
+        """The one place where the failure taxonomy becomes POP3 replies: (lines, end?)."""
+        if isinstance(e, ClientGone):
+            return [], True
+        if isinstance(e, ClientTimeout):
+            return [ERR_IDLE], True
+        if isinstance(e, ClientTooLong):
+            return (["-ERR %s" % e], False) if e.recoverable else ([ERR_TOO_LONG], True)
+        if isinstance(e, PrivacyRequired):
+            return [ERR_PRIVACY], False
+        if isinstance(e, CommandError):
+            return ["-ERR " + e.reply], False
+        if isinstance(e, AuthFailed):
+            return [ERR_AUTH], False
+        if isinstance(e, AuthzFailed):
+            return [ERR_AUTHZ], False
+        if isinstance(e, StoreRefused):
+            return [e.reply], False
+        if isinstance(e, AuthTempFail):
+            return [ERR_TEMP], False
+        if isinstance(e, BackendError):
+            return [ERR_STORE], False
+        if isinstance(e, ServerShutdown):
+            return [ERR_SHUTDOWN], True
+        return [ERR_INTERNAL], True
 
-    def sasl_mechanisms(self) -> List[str]:
-        return (["PLAIN"] if not self.plaintext_refused else []) + (["CRAM-MD5"] if self.cfg.CRAMs else [])
+    def capabilities(self) -> List[str]:
+        """RFC 2449 CAPA; the login capabilities only while logging in."""
+        caps = list(CAPABILITIES)
+        if self.state in _LOGIN:
+            if self.mechanisms():
+                caps.append("SASL " + " ".join(self.mechanisms()))
+            if not self.plaintext_refused:
+                caps.append("USER")
+            if self.service.tls is not None and not self.tls_active:
+                caps.append("STLS")
+        return caps + ["IMPLEMENTATION mmproxy"]
 
-    # ------------------------------------------------------------------ commands
-    def cmd_CAPA(self, arg: str) -> None:
+    # ------------------------------------------------------------------ commands before login
+    def cmd_CAPA(self, req: Request) -> None:
         """RFC 2449 section 5."""
-        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
-        if self.sasl_mechanisms():
-            caps.append("SASL " + " ".join(self.sasl_mechanisms()))
-        if not self.plaintext_refused:
-            caps.append("USER")
-        if self.service.tls is not None and not self.tls_active:
-            caps.append("STLS")
-        caps.append("IMPLEMENTATION mmproxy")
         self.send("+OK Capability list follows")
-        for c in caps:
+        for c in self.capabilities():
             self.send(c)
         self.send(".")
 
-    def cmd_QUIT(self, arg: str) -> bool:
-        """RFC 1939 section 5 (AUTHORIZATION state)."""
+    def cmd_QUIT(self, req: Request) -> None:
+        """RFC 1939 sections 5 and 6 (nothing is ever deleted by the proxy)."""
         self.send("+OK Bye")
-        return False
+        self.finish("quit")
 
-    def cmd_NOOP(self, arg: str) -> None:
-        self.send(ERR_NOT_NOW)
-
-    def cmd_STLS(self, arg: str) -> None:
+    def cmd_STLS(self, req: Request) -> None:
         """RFC 2595 section 4; anything pipelined behind it is discarded."""
         if self.service.tls is None or self.tls_active:
-            self.send("-ERR STLS not available")
-            return
+            raise NotNow("STLS not available")
         self.send("+OK Begin TLS negotiation")
+        self.state, self.pending_user = PopState.AUTHORIZATION, b""
         self.starttls()
 
-    def cmd_USER(self, arg: str) -> None:
-        """RFC 1939 section 7."""
+    def cmd_USER(self, req: Request) -> None:
+        """RFC 1939 section 7: the name is the rest of the line."""
         if self.plaintext_refused:
-            self.send(ERR_PRIVACY)
-            return
-        if not arg:
-            self.send("-ERR USER needs a name")
-            return
-        self.pending_user = arg
+            raise PrivacyRequired("Plaintext authentication is disallowed without TLS")
+        self.pending_user = req.line.partition(b" ")[2]
+        self.state = PopState.USER_GIVEN
         self.send("+OK")
 
-    def cmd_PASS(self, arg: str) -> Optional[bool]:
-        """RFC 1939 section 7: the password is the rest of the line, spaces included."""
-        if self.pending_user is None:
-            self.send("-ERR USER first")
-            return None
-        user, self.pending_user = self.pending_user, None
-        return self.login(user, arg)
+    def cmd_PASS(self, req: Request) -> None:
+        """RFC 1939 section 7: the password is the rest of the line, blanks included."""
+        user, self.pending_user = self.pending_user, b""
+        self.state = PopState.AUTHORIZATION
+        self.login(credentials(user, req.line.partition(b" ")[2]))
 
-    def cmd_APOP(self, arg: str) -> Optional[bool]:
+    def cmd_APOP(self, req: Request) -> None:
         """RFC 1939 section 7: needs CRAMs and a clear-text userPassword readable with BindDN."""
         if not self.cfg.CRAMs:
-            self.send(ERR_UNKNOWN)
-            return None
-        user, _, digest = arg.rpartition(" ")
-        if not user or len(digest) != 32:
-            self.send("-ERR APOP needs a name and a digest")
-            return None
+            raise UnknownCommand("Unknown command")
+        user, digest = req.args[0], req.args[1].decode("ascii", "replace").lower()
+        if len(digest) != 32:
+            raise ClientSyntaxError("Syntax: APOP name digest")
+        self.login(credentials(user, verify=lambda target: self.verify_challenge(
+            target, lambda secret: sasl.apop_digest(self.timestamp, secret), digest)))
 
-        def check(target: Target) -> str:
-            return self.verify_challenge(target, lambda secret: hashlib.md5(
-                (self.timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest(), digest)
-        return self.login(user, None, check)
-
-    def cmd_AUTH(self, arg: str) -> Optional[bool]:
-        """RFC 5034 with SASL PLAIN (RFC 4616)."""
-        mech, _, initial = arg.partition(" ")
-        if not mech:
+    def cmd_AUTH(self, req: Request) -> None:
+        """RFC 5034 (PLAIN, LOGIN, CRAM-MD5); without a mechanism, the list of them (RFC 1734 style)."""
+        if not req.args:
             self.send("+OK")
-            for m in self.sasl_mechanisms():
+            for m in self.mechanisms():
                 self.send(m)
             self.send(".")
-            return None
-        if mech.upper() == "CRAM-MD5" and self.cfg.CRAMs and not initial:
-            try:
-                exchange = self.cram_md5()
-            except ClientSyntaxError:
-                self.send("-ERR Malformed CRAM-MD5 response")
-                return None
-            if exchange is None:
-                self.send("-ERR Authentication cancelled")
-                return None
-            return self.login(exchange[0], None, exchange[1])
-        if mech.upper() != "PLAIN":
-            self.send("-ERR Unsupported authentication mechanism")
-            return None
-        if self.plaintext_refused:
-            self.send(ERR_PRIVACY)
-            return None
-        if initial:
-            response = initial.encode("utf-8", "surrogateescape")
-        else:
-            self.send("+ ")
-            self.reader.max_line = MAX_SASL_LINE
-            try:
-                response = self.reader.readline()
-            finally:
-                self.reader.max_line = MAX_COMMAND
-        if response.strip() == b"*":
-            self.send("-ERR Authentication cancelled")
-            return None
-        try:
-            data = b"" if response == b"=" else base64.b64decode(response, validate=True)
-            authzid, authcid, password = (p.decode("utf-8", "surrogateescape") for p in data.split(b"\0"))
-        except (binascii.Error, ValueError):
-            self.send("-ERR Malformed SASL PLAIN response")
-            return None
-        if authzid and authzid != authcid:
-            self.send("-ERR [AUTH] Authorization identity differs from authentication identity")
-            return None
-        return self.login(authcid, password)
+            return
+        self.login(self.sasl(req.args[0], req.args[1] if len(req.args) > 1 else None))
 
-    def cmd_XQUERYAUTH(self, arg: str) -> None:
+    def cmd_XQUERYAUTH(self, req: Request) -> None:
         """MMP extension: who logged in over POP from this address (POP before SMTP)."""
         if not self.cfg.AuthService:
-            self.send("-ERR XQUERYAUTH is not enabled")
-            return
+            raise NotNow("XQUERYAUTH is not enabled")
         try:
-            ip = str(ipaddress.ip_address(arg.strip()))
-        except ValueError:
-            self.send("-ERR XQUERYAUTH needs an IP address")
-            return
+            ip = str(unmapped(req.args[0].decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            raise ClientSyntaxError("XQUERYAUTH needs an IP address") from None
         rec = RECORDS.lookup(ip)
         if rec is None:
             self.send("-ERR [AUTH] No login from %s" % ip)
         else:
             self.send("+OK %s %d" % (rec.user, int(rec.when)))
 
-    # ------------------------------------------------------------------ login
-    def login(self, user: str, password: Optional[str], check=None) -> Optional[bool]:
-        """Find the store, log in there, answer the client; False ends the session.
+    # ------------------------------------------------------------------ the spoofed maildrop
+    # A consistent maildrop of zero or one message while the store is down; nothing is deleted anywhere.
+    def _message(self, arg: Optional[bytes] = None) -> bytes:
+        msg = self.service.spool.message if self.service.spool else None
+        if msg is None or self.deleted or (arg is not None and arg != b"1"):
+            raise CommandError(NO_SUCH_MESSAGE)
+        return msg
 
-        ``check(target) -> password`` verifies a challenge-response login (APOP) instead of PreAuth.
-        """
-        store: Optional[Store] = None
+    def cmd_STAT(self, req: Request) -> None:
+        """RFC 1939 section 5."""
         try:
-            target, password = self.authorise(user, password, check)
-            try:
-                store = self.connect_store(target)
-                ok, reply = self.replay(store, target, password)
-            except (BackendUnavailable, BackendProtocolError):
-                if self.service.spool is None:
-                    raise
-                if store is not None:
-                    store.close()
-                self.log.warning("store %s down for %s: showing a spoofed mailbox", target.host, target.login.canonical)
-                return self.spoof(self.service.spool)
-        except MMProxyError as e:
-            if store is not None:
-                store.close()
-            self.log.info("login failed user=%r: %s: %s", user, failure_kind(e), e)
-            self.send(self.reply_for(e))
-            return self.auth_failed(isinstance(e, AuthFailed))
-        if ok:                                       # the directory or the store verified the password
-            RECORDS.record(self.client_ip, target.login.canonical, target.cfg.AuthServiceTTL)
-        return self.finish_login(user, store, target, ok, reply,
-                                 bad_credentials=b"[IN-USE]" not in reply and b"[SYS/" not in reply)
+            self.send("+OK 1 %d" % len(self._message()))
+        except CommandError:
+            self.send("+OK 0 0")
 
-    def reply_for(self, e: BaseException) -> str:
-        """The one place where the failure taxonomy becomes POP3 replies."""
-        if isinstance(e, AuthFailed):
-            return ERR_AUTH
-        if isinstance(e, (BackendUnavailable, BackendProtocolError)):
-            return ERR_STORE
-        return ERR_TEMP
+    def _listing(self, req: Request, value: object) -> None:
+        if req.args:
+            self._message(req.args[0])
+            self.send("+OK 1 %s" % value)
+            return
+        self.send("+OK")
+        try:
+            self._message()
+            self.send("1 %s" % value)
+        except CommandError:
+            pass
+        self.send(".")
 
-    def replay(self, store: Store, target: Target, password: str) -> tuple:
+    def cmd_LIST(self, req: Request) -> None:
+        """RFC 1939 section 5."""
+        msg = self.service.spool.message if self.service.spool else None
+        self._listing(req, len(msg or b""))
+
+    def cmd_UIDL(self, req: Request) -> None:
+        """RFC 1939 section 7."""
+        self._listing(req, self.service.spool.uid if self.service.spool else "")
+
+    def cmd_RETR(self, req: Request) -> None:
+        """RFC 1939 section 5."""
+        msg = self._message(req.args[0])
+        self._send_text(msg, msg)
+
+    def cmd_TOP(self, req: Request) -> None:
+        """RFC 1939 section 7."""
+        msg = self._message(req.args[0])
+        if not req.args[1].isdigit():
+            raise ClientSyntaxError("Syntax: TOP msg n")
+        self._send_text(msg, _top(msg, int(req.args[1])))
+
+    def _send_text(self, msg: bytes, text: bytes) -> None:
+        self.send("+OK %d octets" % len(msg))
+        for line in text.split(b"\r\n")[:-1]:
+            self.send(b"." + line if line.startswith(b".") else line)
+        self.send(".")
+
+    def cmd_DELE(self, req: Request) -> None:
+        """RFC 1939 section 5 (only marked: nothing is deleted anywhere)."""
+        self._message(req.args[0])
+        self.deleted = True
+        self.send("+OK Message deleted")
+
+    def cmd_RSET(self, req: Request) -> None:
+        """RFC 1939 section 5."""
+        self.deleted = False
+        self.send("+OK")
+
+    def cmd_NOOP(self, req: Request) -> None:
+        """RFC 1939 section 5."""
+        self.send("+OK")
+
+    COMMANDS = {
+        "CAPA": Verb(cmd_CAPA, _LOGIN | _SPOOF),
+        "QUIT": Verb(cmd_QUIT, _LOGIN | _SPOOF),
+        "STLS": Verb(cmd_STLS, _LOGIN),
+        "USER": Verb(cmd_USER, _LOGIN, (1, -1), "USER name"),
+        "PASS": Verb(cmd_PASS, frozenset({PopState.USER_GIVEN}), (1, -1), "PASS password", not_now="USER first"),
+        "APOP": Verb(cmd_APOP, _LOGIN, (2, 2), "APOP name digest"),
+        "AUTH": Verb(cmd_AUTH, _LOGIN, (0, 2), "AUTH mechanism [initial-response]"),
+        "XQUERYAUTH": Verb(cmd_XQUERYAUTH, _LOGIN, (1, 1), "XQUERYAUTH address"),
+        "STAT": Verb(cmd_STAT, _SPOOF, not_now=ERR_NOT_NOW),
+        "LIST": Verb(cmd_LIST, _SPOOF, (0, 1), "LIST [msg]", not_now=ERR_NOT_NOW),
+        "UIDL": Verb(cmd_UIDL, _SPOOF, (0, 1), "UIDL [msg]", not_now=ERR_NOT_NOW),
+        "RETR": Verb(cmd_RETR, _SPOOF, (1, 1), "RETR msg", not_now=ERR_NOT_NOW),
+        "TOP": Verb(cmd_TOP, _SPOOF, (2, 2), "TOP msg n", not_now=ERR_NOT_NOW),
+        "DELE": Verb(cmd_DELE, _SPOOF, (1, 1), "DELE msg", not_now=ERR_NOT_NOW),
+        "RSET": Verb(cmd_RSET, _SPOOF, not_now=ERR_NOT_NOW),
+        "NOOP": Verb(cmd_NOOP, _SPOOF, not_now=ERR_NOT_NOW),
+        "LAST": Verb(None, frozenset(), not_now=ERR_NOT_NOW),
+    }
+
+    # ------------------------------------------------------------------ the login
+    def logged_in(self, target: Target) -> None:
+        """POP before SMTP: a verified login (directory or store) is recorded for AuthServiceTTL."""
+        RECORDS.record(self.client_ip, target.login.canonical, target.cfg.AuthServiceTTL)
+
+    def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
+        """As for every protocol, but a store that cannot be reached shows the spoofed maildrop
+        when SpoofEmptyMailbox or SpoofMessageFile is set."""
+        try:
+            super().enter_store(target, password, verified)
+        except BackendError as e:
+            if self.service.spool is None:
+                raise
+            self.log.warning("store %s down for %s (%s): showing a spoofed mailbox", target, target.login.canonical, e)
+            self.state, self.deleted = PopState.SPOOFED, False
+            self.send("+OK Maildrop ready")
+
+    def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:
         """Tell the store the real client (XCLIENT when offered), replay USER/PASS."""
         greeting = store.readline()
         if not greeting.startswith(b"+OK"):
-            raise BackendUnavailable("store greeted with %r" % greeting[:80])
+            raise BackendUnavailable("%s greeted with %r" % (store, greeting[:80]))
         if b"[XCLIENT]" in greeting.upper():
             # Dovecot names XCLIENT in its greeting (not in CAPA), and it pipelines: no CAPA round trip.
             caps = {b"XCLIENT", b"PIPELINING"}
@@ -303,103 +360,41 @@ class PopSession(Session):
                     if line == b".":
                         break
                     caps.add(line.split(b" ", 1)[0].upper())
-        user = target.replay.encode("utf-8", "surrogateescape")
-        pw = password.encode("utf-8", "surrogateescape")
-        if b"\r" in user + pw or b"\n" in user + pw:
-            raise AuthFailed("line break in credentials")
+        user = target.replay.encode("utf-8")
+        if b"\r" in user or b"\n" in user:
+            raise AuthFailed("line break in the login id replayed to the store")
         first = []
         if b"XCLIENT" in caps:
             first.append(b"XCLIENT ADDR=%s PORT=%d\r\n" % (self.client_ip.encode(), self.client_port))
         first.append(b"USER " + user + b"\r\n")
         # XCLIENT and USER go together when the store pipelines; PASS always alone: Dovecot holds a
         # PASS that arrives pipelined behind USER for 40 ms before it authenticates.
-        batches = [first, [b"PASS " + pw + b"\r\n"]] if b"PIPELINING" in caps else [[c] for c in first] + [[b"PASS " + pw + b"\r\n"]]
+        pass_line = [b"PASS " + password + b"\r\n"]
+        batches = [first, pass_line] if b"PIPELINING" in caps else [[c] for c in first] + [pass_line]
         replies: List[bytes] = []
         for batch in batches:
             store.send(b"".join(batch))
             replies += [store.readline() for _ in batch]
             if len(first) == 2 and not replies[0].startswith(b"+OK"):
                 # never log in from the proxy's own address instead of the client's
-                raise BackendProtocolError("store refused XCLIENT: %r" % replies[0][:80])
+                raise BackendProtocolError("%s refused XCLIENT: %r" % (store, replies[0][:80]))
             if not replies[-1].startswith(b"+OK"):
                 break
         final = replies[-1]
         if final.startswith(b"+OK"):
-            return True, final
+            return final
         if not final.startswith(b"-ERR"):
-            raise BackendProtocolError("store answered PASS with %r" % final[:80])
-        if not final.startswith(b"-ERR ["):
-            final = b"-ERR [AUTH]" + final[4:]       # a bare -ERR to PASS is a refusal (RFC 3206)
-        return False, final
-
-    # ------------------------------------------------------------------ spoofed maildrop
-    def spoof(self, spool: Spool) -> bool:
-        """A consistent maildrop of zero or one message; nothing is deleted anywhere."""
-        msg = spool.message
-        deleted = False
-        self.send("+OK Maildrop ready")
-        while True:
-            try:
-                line = self.reader.readline()
-            except ClientTooLong:
-                self.send("-ERR Line too long")
-                return False
-            verb, _, arg = line.decode("utf-8", "surrogateescape").partition(" ")
-            verb, args = verb.upper(), arg.split()
-            live = msg is not None and not deleted
-            if verb == "QUIT":
-                self.send("+OK Bye")
-                return False
-            if verb == "STAT":
-                self.send("+OK %d %d" % ((1, len(msg)) if live else (0, 0)))
-            elif verb in ("LIST", "UIDL"):
-                value = (len(msg) if verb == "LIST" else spool.uid) if live else None
-                if args:
-                    if args == ["1"] and live:
-                        self.send("+OK 1 %s" % value)
-                    else:
-                        self.send("-ERR No such message")
-                else:
-                    self.send("+OK")
-                    if live:
-                        self.send("1 %s" % value)
-                    self.send(".")
-            elif verb in ("RETR", "TOP"):
-                if not args or args[0] != "1" or not live or (verb == "TOP" and (len(args) != 2 or not args[1].isdigit())):
-                    self.send("-ERR No such message")
-                    continue
-                body = msg if verb == "RETR" else _top(msg, int(args[1]))
-                self.send("+OK %d octets" % len(msg))
-                for l in body.split(b"\r\n")[:-1]:
-                    self.send(b"." + l if l.startswith(b".") else l)
-                self.send(".")
-            elif verb == "DELE":
-                if args == ["1"] and live:
-                    deleted = True
-                    self.send("+OK Message deleted")
-                else:
-                    self.send("-ERR No such message")
-            elif verb == "RSET":
-                deleted = False
-                self.send("+OK")
-            elif verb == "NOOP":
-                self.send("+OK")
-            elif verb == "CAPA":
-                self.send("+OK Capability list follows")
-                for c in ("TOP", "UIDL", "RESP-CODES", "PIPELINING", "IMPLEMENTATION mmproxy"):
-                    self.send(c)
-                self.send(".")
-            else:
-                self.send(ERR_UNKNOWN)
-                if self.count_bad():
-                    self.send(ERR_TOO_MANY)
-                    return False
+            raise BackendProtocolError("%s answered PASS with %r" % (store, final[:80]))
+        code = final[6:].split(b"]", 1)[0].upper() if final.startswith(b"-ERR [") else None
+        if code is None and not verified:
+            final = b"-ERR [AUTH]" + final[4:]       # a bare -ERR to an unverified PASS: a refusal (RFC 3206)
+        raise StoreRefused(final, code in (None, b"AUTH"))
 
 
 def _top(msg: bytes, n: int) -> bytes:
     head, sep, body = msg.partition(b"\r\n\r\n")
     lines = body.split(b"\r\n")[:-1] if body else []
-    return head + sep + b"".join(l + b"\r\n" for l in lines[:n]) if sep else msg
+    return head + sep + b"".join(line + b"\r\n" for line in lines[:n]) if sep else msg
 
 
 PopService.session_class = PopSession

@@ -1,69 +1,115 @@
-"""What every protocol session shares: reading commands within limits, TLS, finding the user's store,
-and handing the connection to the relay.
+"""What every protocol session shares: the command loop over a command table, explicit states,
+the one failure mapping, bounded reads with deadlines, TLS, replies and the session-end log line.
 
-A protocol module subclasses :class:`Session`: it writes the greeting, parses its own command syntax,
-implements ``cmd_<VERB>`` handlers in straight-line blocking style, and maps the failure taxonomy to
-its own replies in one place (``reply_for``).
+A protocol module subclasses :class:`Session` (SMTP) or :class:`mmproxy.login.LoginSession` (IMAP,
+POP) and provides:
+
+* a state enum and ``COMMANDS``, its command table: verb -> :class:`Verb` (handler, the states it
+  is allowed in, its argument count), after pyftpdlib's ``proto_cmds`` and Twisted's
+  state-qualified lookup.  :meth:`Session.dispatch` refuses an unknown verb, a verb not valid in
+  the present state and arguments that do not fit, so handlers hold no such checks;
+* ``read_request``: one command in the protocol's syntax, as a :class:`Request`;
+* ``reply_for``: the one place where the failure taxonomy (``errors.py``) becomes the protocol's
+  replies.  It only returns them; :meth:`Session.fail` sends them, counts bad commands and failed
+  logins, logs, and ends the session when the reply says so.
+
+Every read a client can influence runs inside :meth:`Session.serve`, so whatever it raises
+(continuations of a SASL exchange included) reaches that mapping: a client always gets a protocol
+reply, never silence, and never a traceback in the log.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
+import enum
 import itertools
 import logging
-import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import gevent
 
 from mmproxy import tls
-from mmproxy.backend import Store
-from mmproxy.directory import Directory, User
-from mmproxy.errors import AuthFailed, AuthTempFail, BackendUnavailable, ClientGone, ClientSyntaxError
-from mmproxy.formats import LoginId, has_control_chars, replay_id, split_login
-from mmproxy.guard import ConnLimits
+from mmproxy.connlimits import ConnLimits
+from mmproxy.errors import (AuthFailed, AuthTempFail, AuthzFailed, BackendError, ClientGone,
+                            ClientSyntaxError, ClientTimeout, ClientTooLong, CommandError, NotNow, ServerShutdown,
+                            StoreRefused, UnknownCommand)
+from mmproxy.linereader import LineReader
 from mmproxy.logs import DETAIL
-from mmproxy.relay import Relay
-from mmproxy.wire import LineReader
 
-
-PRELOGIN_TIMEOUT = 120.0   # idle seconds allowed before a login; Timeout applies after it
+PRELOGIN_IDLE = 120.0      # idle seconds allowed per read before a login; Timeout applies after it
+PRELOGIN_DEADLINE = 600.0  # the whole pre-login dialogue (IMAP, POP) must be over within this
 MAX_BAD_COMMANDS = 10      # then the session is closed (nginx max_errors, aiosmtpd BOGUS_LIMIT)
 MAX_AUTH_FAILURES = 3      # failed logins per connection before it is closed
 SEND_TIMEOUT = 60.0        # a client that does not read its answers is dropped after this
 
+Line = Union[str, bytes]
 _ids = itertools.count(1)
+_worker = ""               # "w2-" in worker process 2 of NumThreads > 1: session ids never collide
+
+
+def set_worker(number: Optional[int]) -> None:
+    """Mark this process's session ids with its worker number (``#w2-42``); None: one process."""
+    global _worker
+    _worker = "" if number is None else "w%d-" % number
+
+
+def one_line(text: object) -> str:
+    """A configured text (Banner, ServerDownAlert) as one line of single spaces."""
+    return " ".join(str(text or "").split())
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One row of a command table.
+
+    ``handler(session, request)`` runs the command; None marks a verb the proxy knows but leaves to
+    the store (the states say when).  ``args`` is the (least, most) number of arguments, most -1 for
+    any.  ``strings``: every argument must be a string (no IMAP parenthesised list).  ``not_now``:
+    the refusal text in a state the verb is not allowed in (the protocol's default when empty).
+    """
+
+    handler: Optional[Callable[[Any, "Request"], None]]
+    states: FrozenSet[enum.Enum]
+    args: Tuple[int, int] = (0, 0)
+    syntax: str = ""
+    strings: bool = True
+    not_now: str = ""
+
+
+@dataclass
+class Request:
+    """One command as read: its verb (upper case), its arguments in the protocol's shape, the raw
+    line (SMTP forwards it), and the IMAP tag."""
+
+    verb: str
+    args: List[Any] = field(default_factory=list)
+    line: bytes = b""
+    tag: str = ""
 
 
 class Service:
-    """One ServiceList entry at run time: its settings, directory, TLS context and listeners."""
+    """One ServiceList entry at run time: its settings, TLS context, connection limits and sessions."""
 
-    name = "service"
+    kind = "service"               # a kinds.SERVICES name: "imap", "pop", "smtp"
     session_class: type
-    uses_directory = True          # SMTP finds no users: it has relays, not stores
 
     def __init__(self, entry: Any) -> None:
         self.entry = entry
         self.cfg = entry.cfg
-        self.directory: Optional[Directory] = Directory(self.cfg) if self.uses_directory else None
-        self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self._needs_tls() else None
+        self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self.cfg.SSLEnable else None
         self.ssl_ports = {(e.host, e.port) for e in (self.cfg.SSLPorts or [])}
         self.sessions: set = set()
         self.limits = ConnLimits(self.cfg.ConnLimits or ())
-
-    def _needs_tls(self) -> bool:
-        return bool(self.cfg.SSLEnable)
+        self.log = logging.getLogger("mmproxy." + self.kind)
 
     def implicit_tls(self, host: str, port: int) -> bool:
+        """Whether the listener ``host:port`` is in SSLPorts (TLS from the first byte)."""
         return (host, port) in self.ssl_ports or ("", port) in self.ssl_ports
 
     def handle(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
+        """One accepted connection, start to end (the listener's handler)."""
         ip = addr[0]
         if not self.limits.acquire(ip):
             self.refuse(sock, addr, implicit_tls)
@@ -75,46 +121,45 @@ class Service:
             session.run(implicit_tls)
         finally:
             self.sessions.discard(session)
-            if not session.handed_off:
+            if not session.pumping:
                 session.release()
 
     def refuse(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
         """ConnLimits: say why in the protocol's words (in clear text only: no TLS for this one) and close."""
-        logging.getLogger("mmproxy." + self.name).warning(
-            "[%s:%d] refused: more than %s connections from this address (ConnLimits)",
-            addr[0], addr[1], self.limits.limit_for(addr[0]))
+        self.log.warning("[%s:%d] refused: more than %s connections from this address (ConnLimits)",
+                         addr[0], addr[1], self.limits.limit_for(addr[0]))
         try:
             if not implicit_tls:
                 sock.settimeout(5)
-                sock.sendall(self.session_class.too_many_connections.encode() + b"\r\n")
+                sock.sendall(self.session_class.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
         except OSError:
             pass
         finally:
             sock.close()
 
     def overrides_for(self, server_ip: str) -> Dict[str, Any]:
+        """The vdmap.cfg settings of the virtual domain at ``server_ip`` (empty when none)."""
         vd = getattr(self.entry, "vdomains", None)
         return vd.for_address(server_ip) if vd is not None else {}
 
     def close(self) -> None:
-        if self.directory is not None:
-            self.directory.close()
-
-
-@dataclass
-class Target:
-    """Where a verified (or to-be-verified) login goes."""
-
-    login: LoginId
-    user: User
-    cfg: Any
-    host: str
-    replay: str
+        """The daemon stops (or this object was replaced by a refresh): release what it holds."""
 
 
 class Session:
-    proto = "?"
-    max_line = 8192
+    """One client connection.  Subclasses set the class attributes below and the three methods
+    ``greet``, ``read_request`` and ``reply_for``."""
+
+    kind = "?"                              # a kinds.SERVICES name
+    max_line = 8192                         # a command line, before its terminator
+    COMMANDS: Mapping[str, Verb] = {}
+    State: Any = None                       # the protocol's state enum
+    INITIAL: Any = None                     # the state a session starts in
+    CLOSED: Any = None                      # the state of a session that is over
+    FINAL: FrozenSet[Any] = frozenset()     # states in which the command loop stops
+    BYE_TOO_MANY = ""                       # the goodbye after MAX_BAD_COMMANDS
+    BYE_AUTH_FAILURES = ""                  # the goodbye after MAX_AUTH_FAILURES failed logins
+    TOO_MANY_CONNECTIONS = ""               # the refusal before a session starts (ConnLimits)
 
     def __init__(self, service: Service, sock: socket.socket, addr: Tuple[str, int]) -> None:
         self.service = service
@@ -122,27 +167,52 @@ class Session:
         self.client_ip, self.client_port = addr[0], addr[1]
         local = sock.getsockname()
         self.server_ip, self.server_port = local[0], local[1]
-        self.id = next(_ids)
+        self.id = "%s%d" % (_worker, next(_ids))
         self.greenlet = gevent.getcurrent()
-        self.log = logging.LoggerAdapter(logging.getLogger("mmproxy." + self.proto), {"ctx": "%s %s:%d #%d" % (self.proto, self.client_ip, self.client_port, self.id)})
+        self.log = logging.LoggerAdapter(logging.getLogger("mmproxy." + self.kind), {
+            "ctx": "%s %s:%d #%s" % (self.kind, self.client_ip, self.client_port, self.id)})
         self.cfg = service.cfg
         over = service.overrides_for(self.server_ip)
         if over:
             self.cfg = self.cfg.override(over)
         self.out: List[bytes] = []
-        self.reader = LineReader(sock, self.max_line, PRELOGIN_TIMEOUT, self.flush)
+        self.sent = 0
+        self.reader = LineReader(sock, self.max_line, PRELOGIN_IDLE, self.flush)
         self.tls_active = False
+        self.state = self.INITIAL
+        self.end_state: Any = None          # where the session was when it ended
+        self.end_reason = ""
         self.bad = 0
         self.auth_failures = 0
-        self.handed_off = False
-        self.user = ""
+        self.pumping = False                # the pump owns the sockets now
+        self.started = time.monotonic()
+        self.tag = ""                       # IMAP: the tag of the command being read, once known
+
+    release: Callable[[], None] = staticmethod(lambda: None)   # gives the ConnLimits slot back
+
+    # ------------------------------------------------------------------ what a protocol provides
+    def greet(self) -> None:
+        raise NotImplementedError
+
+    def read_request(self) -> Request:
+        """One command from the client; raises ClientError subclasses for what does not parse."""
+        raise NotImplementedError
+
+    def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
+        """The replies for a failure, and whether the session ends after them."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What the session-end line says beyond state, time and bytes (user, store or relay)."""
+        return ""
 
     # ------------------------------------------------------------------ output
-    def send(self, line: str | bytes) -> None:
+    def send(self, line: Line) -> None:
         """Queue one reply line; it goes out before the next blocking read (or at flush)."""
         self.out.append((line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line) + b"\r\n")
 
     def flush(self) -> None:
+        """Send what is queued; ClientGone when the client cannot take it."""
         if not self.out:
             return
         data = b"".join(self.out)
@@ -152,63 +222,132 @@ class Session:
             self.sock.sendall(data)
         except (OSError, socket.timeout) as e:
             raise ClientGone("write failed: %s" % e) from None
+        self.sent += len(data)
 
     # ------------------------------------------------------------------ life cycle
     def run(self, implicit_tls: bool) -> None:
+        """The whole session: TLS on implicit-TLS ports, greeting, commands, the goodbye."""
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if implicit_tls:
-                self._wrap_tls()
-            self.greet()
-            self.loop()
-            self.flush()
-        except ClientGone as e:
-            self.log.debug("client gone: %s", e)
-        except gevent.GreenletExit:
             try:
-                self.on_shutdown()
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if implicit_tls:
+                    self.wrap_tls()
+                self.greet()
+                self.serve()
+            except gevent.GreenletExit:
+                self.fail(ServerShutdown("server shutting down"))
+            except Exception as e:
+                self.fail(e)
+            try:
                 self.flush()
-            except Exception:
+            except ClientGone:
                 pass
-            raise
-        except Exception:
-            self.log.exception("session failed")
         finally:
-            if not self.handed_off:
+            if not self.pumping:
                 try:
                     self.sock.close()
                 except OSError:
                     pass
+                self.log_end(self.end_reason or "closed", self.reader.received, self.sent)
 
-    def greet(self) -> None:
-        raise NotImplementedError
+    def serve(self) -> None:
+        """Read and dispatch commands until the state says stop; every failure goes to ``fail``."""
+        while self.state not in self.FINAL:
+            try:
+                self.dispatch(self.read_request())
+            except gevent.GreenletExit:
+                raise
+            except Exception as e:
+                self.fail(e)
 
-    def loop(self) -> None:
-        raise NotImplementedError
+    def lookup(self, name: str) -> Verb:
+        """The table row of a verb allowed now; UnknownCommand or NotNow."""
+        verb = self.COMMANDS.get(name)
+        if verb is None:
+            raise UnknownCommand("Unknown command", "unknown command %r" % name[:40])
+        if self.state not in verb.states or verb.handler is None:
+            raise NotNow(verb.not_now or "Command not valid in this state",
+                         "%s not valid in state %s" % (name, self.state.value))
+        return verb
 
-    def on_shutdown(self) -> None:
-        """The daemon is stopping: say goodbye in protocol terms."""
+    def dispatch(self, request: Request) -> None:
+        """Run ``request`` through the command table: known verb, allowed state, fitting arguments."""
+        verb = self.lookup(request.verb)
+        least, most = verb.args
+        n = len(request.args)
+        if n < least or (most >= 0 and n > most) or (verb.strings and any(isinstance(a, list) for a in request.args)):
+            raise ClientSyntaxError("Syntax: %s" % (verb.syntax or request.verb))
+        verb.handler(self, request)      # type: ignore[misc]  # lookup() refused None
 
-    bye_auth_failures = ""      # the protocol's goodbye after MAX_AUTH_FAILURES refused logins
-    too_many_connections = ""   # the protocol's greeting-time refusal (ConnLimits)
-    release: Callable[[], None] = staticmethod(lambda: None)   # gives the ConnLimits slot back
+    def finish(self, reason: str) -> None:
+        """End the session after what is queued has been sent."""
+        if self.state is not self.CLOSED:
+            self.end_state, self.end_reason = self.state, reason
+            self.state = self.CLOSED
 
-    def auth_failed(self, bad_credentials: bool) -> Optional[bool]:
-        """Count a refused login (not a temporary failure); False ends the session."""
-        if bad_credentials:
+    # ------------------------------------------------------------------ the one failure mapping
+    def fail(self, e: BaseException) -> None:
+        """Answer a failure in the protocol's words (``reply_for``), log it at its level, count it
+        (bad commands, failed logins), and end the session when the reply says so or a budget is spent."""
+        try:
+            lines, end = self.reply_for(e)
+        except Exception:
+            self.log.error("no reply for %s: %s", type(e).__name__, e)
+            lines, end = [], True
+        reason = self.log_failure(e)
+        if isinstance(e, CommandError) and not end:
+            self.bad += 1
+            if self.bad >= MAX_BAD_COMMANDS:
+                lines, end, reason = [*lines, self.BYE_TOO_MANY], True, "too many bad commands"
+        elif isinstance(e, AuthFailed) or (isinstance(e, StoreRefused) and e.bad_credentials):
             self.auth_failures += 1
-            if self.auth_failures >= MAX_AUTH_FAILURES:
-                self.send(self.bye_auth_failures)
-                return False
-        return None
+            if self.auth_failures >= MAX_AUTH_FAILURES and not end:
+                lines, end, reason = [*lines, self.BYE_AUTH_FAILURES], True, "too many failed logins"
+        for line in lines:
+            self.send(line)
+        if end:
+            self.finish(reason)
 
-    def count_bad(self) -> bool:
-        """One more bad command; True when the budget is spent and the session must end."""
-        self.bad += 1
-        return self.bad >= MAX_BAD_COMMANDS
+    def log_failure(self, e: BaseException) -> str:
+        """One log line for a failure, at the level it deserves; returns the reason for the end line.
+        A client can never put a traceback in the log: an unforeseen error is one ERROR line, its
+        traceback only at LogLevel 5 and up."""
+        state = self.state.value if self.state is not None else "-"
+        if isinstance(e, ClientGone):
+            self.log.debug("client gone: %s", e)
+            return "client: %s" % e
+        if isinstance(e, ClientTimeout):
+            self.log.log(DETAIL, "client timed out in state %s: %s", state, e)
+            return "client timed out (%s)" % e
+        if isinstance(e, ClientTooLong):
+            self.log.info("refused a command too long in state %s: %s", state, e)
+            return "command too long"
+        if isinstance(e, CommandError):
+            self.log.debug("bad command in state %s: %s", state, e)
+            return "bad command"
+        if isinstance(e, (AuthFailed, AuthzFailed, AuthTempFail, StoreRefused, BackendError)):
+            return self.log_login_failure(e)
+        if isinstance(e, ServerShutdown):
+            self.log.debug("server shutting down in state %s", state)
+            return "server shutting down"
+        self.log.error("internal error in state %s: %s: %s", state, type(e).__name__, e,
+                       exc_info=self.log.isEnabledFor(logging.DEBUG))
+        return "internal error"
+
+    def log_login_failure(self, e: BaseException) -> str:
+        """How a protocol logs failures of its back end (login, store, relay)."""
+        self.log.info("%s: %s", failure_kind(e), e)
+        return failure_kind(e)
+
+    def log_end(self, reason: str, received: int, sent: int) -> None:
+        """The one line every session leaves at its end (LogLevel 2 and up)."""
+        state = self.end_state or self.state
+        log_end_line(self.log, reason, state.value if state is not None else "-", self.describe(), self.started,
+                     received, sent)
 
     # ------------------------------------------------------------------ TLS
-    def _wrap_tls(self) -> None:
+    def wrap_tls(self) -> None:
+        """The server side of a TLS handshake on the client socket, within HANDSHAKE_TIMEOUT."""
         ctx = self.service.tls
         if ctx is None:
             raise ClientGone("TLS requested but not configured")
@@ -218,7 +357,10 @@ class Session:
         except (OSError, ssl.SSLError, socket.timeout) as e:
             raise ClientGone("TLS handshake failed: %s" % e) from None
         self.tls_active = True
-        self.reader = LineReader(self.sock, self.max_line, PRELOGIN_TIMEOUT, self.flush)
+        received = self.reader.received
+        deadline = self.reader.deadline
+        self.reader = LineReader(self.sock, self.max_line, self.reader.idle, self.flush)
+        self.reader.received, self.reader.deadline = received, deadline
 
     def starttls(self) -> None:
         """After the protocol's go-ahead: drop anything pipelined in plaintext, then handshake."""
@@ -226,122 +368,28 @@ class Session:
         dropped = self.reader.take_pending()
         if dropped:
             self.log.warning("discarded %d bytes pipelined after STARTTLS", len(dropped))
-        self._wrap_tls()
+        self.wrap_tls()
 
     @property
     def plaintext_refused(self) -> bool:
+        """RestrictPlainPasswords and no TLS yet: no password may be sent in clear."""
         return bool(self.cfg.RestrictPlainPasswords) and not self.tls_active
 
-    # ------------------------------------------------------------------ finding the user
-    def locate(self, login: str, password: str, preauth: bool = True) -> Target:
-        """Split the login id, find the domain and user, PreAuth if asked: the shared login path.
 
-        Raises AuthFailed (bad credentials or unknown user), AuthTempFail (directory trouble) or
-        BackendUnavailable (the user has no store).  ``preauth=False``: the caller verifies the
-        credentials itself (a challenge-response login).
-        """
-        if not login or has_control_chars(login) or has_control_chars(password):
-            raise AuthFailed("control characters or empty user name")
-        cfg = self.cfg
-        lid = split_login(login, cfg.VirtualDomainDelim or "", cfg.DefaultDomain, cfg.CanonicalVirtualDomainDelim or "@")
-        if cfg.HostedDomains and not lid.domain:
-            raise AuthFailed("%r has no domain and DefaultDomain is not set" % login)
-        extra = [cfg.TCPAccessAttr] if cfg.TCPAccessAttr else []
-        domain, user = self.service.directory.find_user(lid, cfg.SearchFormat, extra, self.client_ip, self.server_ip)
-        if domain is None:
-            raise AuthFailed("unknown domain %r" % lid.domain)
-        if user is None:
-            raise AuthFailed("unknown user %r" % lid.canonical)
-        over = domain.overrides()
-        if over:
-            try:
-                cfg = cfg.override(over)
-            except ValueError as e:
-                self.log.warning("ignoring a per-domain setting of %s: %s", domain.dn, e)
-        if cfg.PreAuth and preauth:
-            self.service.directory.authenticate(user, password)
-        if not user.mailhost:
-            raise BackendUnavailable("%s has none of %s" % (user.dn, " ".join(cfg.MailHostAttrs)))
-        return Target(lid, user, cfg, user.mailhost, replay_id(cfg.ReplayFormat, lid, user.attrs))
-
-    def authorise(self, user: str, password: Optional[str],
-                  check: Optional[Callable[[Target], str]] = None) -> Tuple[Target, str]:
-        """locate() with PreAuth; or, for a challenge-response login, locate() and then
-        ``check(target)``, which verifies the response and returns the password to replay."""
-        if check is None:
-            return self.locate(user, password or ""), password or ""
-        target = self.locate(user, "", preauth=False)
-        return target, check(target)
-
-    def finish_login(self, user: str, store: Store, target: Target, ok: bool, reply: bytes,
-                     bad_credentials: bool = True) -> Optional[bool]:
-        """Pass the store's answer on; hand the session to the relay, or count a refused login."""
-        self.send(reply)
-        if not ok:
-            store.close()
-            self.log.info("login refused by store user=%r", user)
-            return self.auth_failed(bad_credentials)
-        self.log.info("login user=%s store=%s:%d", target.login.canonical, target.host, target.cfg.BacksidePort)
-        self.hand_off(store, target.login.canonical, target.cfg.Timeout)
-        return False
-
-    def verify_challenge(self, target: Target, expected: Callable[[str], str], digest: str) -> str:
-        """Challenge-response logins (APOP, CRAM-MD5): the user's clear-text directory password
-        must produce ``digest``.  Returns that password, which the store login then replays."""
-        secret = self.service.directory.read_password(target.user)
-        if secret is None:
-            raise AuthFailed("%s has no clear-text userPassword for a challenge-response login" % target.user.dn)
-        if not hmac.compare_digest(expected(secret), digest.lower()):
-            raise AuthFailed("challenge-response digest does not match")
-        return secret
-
-    def cram_md5(self) -> Optional[Tuple[str, Callable[[Target], str]]]:
-        """The RFC 2195 exchange after ``AUTHENTICATE``/``AUTH CRAM-MD5``: (user, check), or None
-        when the client cancels with ``*``.  ClientSyntaxError for a response that does not parse."""
-        challenge = "<%d.%d@mmproxy>" % (int.from_bytes(os.urandom(6), "big"), time.time_ns() // 1000)
-        self.send("+ " + base64.b64encode(challenge.encode()).decode())
-        response = self.reader.readline()
-        if response.strip() == b"*":
-            return None
-        try:
-            user, _, digest = base64.b64decode(response, validate=True).decode("utf-8", "surrogateescape").rpartition(" ")
-        except (binascii.Error, ValueError):
-            raise ClientSyntaxError("malformed CRAM-MD5 response") from None
-        if not user or len(digest) != 32:
-            raise ClientSyntaxError("malformed CRAM-MD5 response")
-
-        def check(target: Target) -> str:
-            return self.verify_challenge(target, lambda secret: hmac.new(
-                secret.encode("utf-8", "surrogateescape"), challenge.encode(), hashlib.md5).hexdigest(), digest)
-        return user, check
-
-    def connect_store(self, target: Target) -> Store:
-        return Store(target.host, target.cfg.BacksidePort)
-
-    # ------------------------------------------------------------------ relay
-    def hand_off(self, store: Store, user: str, idle: float) -> None:
-        """Login done: the client and store sockets now belong to the relay; this greenlet ends.
-
-        Bytes either side already sent past the login go first: the client's to the store, the
-        store's to the client.
-        """
-        self.flush()
-        to_store = self.reader.take_pending()
-        to_client = store.reader.take_pending()
-        self.handed_off = True
-        started = gevent.get_hub().loop.now()
-        lg = self.log
-
-        release = self.release
-
-        def closed(r: Relay) -> None:
-            release()
-            lg.log(DETAIL, "logout user=%s: %s (%ds, client->store %d B, store->client %d B)", user, r.reason or "closed",
-                    gevent.get_hub().loop.now() - started, r.bytes_up, r.bytes_down)
-        Relay(self.sock, store.sock, float(idle), closed, to_store, to_client)
+def log_end_line(log: logging.LoggerAdapter, reason: str, state: str, describe: str, started: float,
+                 received: int, sent: int) -> None:
+    """``session end: <reason> (state <state>, <who>, <seconds>s, in <bytes from the client> B,
+    out <bytes to the client> B)``, at DETAIL (LogLevel 2 and up), as Dovecot's disconnect line."""
+    log.log(DETAIL, "session end: %s (state %s%s, %ds, in %d B, out %d B)", reason, state,
+            ", " + describe if describe else "", time.monotonic() - started, received, sent)
 
 
 def failure_kind(e: BaseException) -> str:
-    """A word for logs: why a login did not go through."""
-    return {AuthFailed: "auth failed", AuthTempFail: "directory unavailable",
-            BackendUnavailable: "store unavailable"}.get(type(e), type(e).__name__)
+    """A few words for logs: why a login (or a relay) did not go through."""
+    for cls, words in ((AuthFailed, "auth failed"), (AuthzFailed, "authorization identity refused"),
+                       (AuthTempFail, "directory unavailable"), (StoreRefused, "refused by store"),
+                       (BackendError, "store unavailable")):
+        if isinstance(e, cls):
+            return words
+    return type(e).__name__
+

@@ -9,12 +9,12 @@ its PROXY_PASSWORD); mmproxy uses what today's relays offer:
 
 * Postfix's XCLIENT (ADDR, PORT, NAME, HELO, PROTO, LOGIN, DESTADDR, DESTPORT as the relay lists
   them, values xtext-encoded), sent once, at the client's first EHLO/HELO (or before its first
-  other command), never inside a mail transaction.  The relay answers 220 as to a new connection,
-  the client's EHLO then goes to the relay, and the client is answered from the relay's reply.
-  A relay that does not offer XCLIENT to the proxy (``smtpd_authorized_xclient_hosts``) is not
-  used: the client gets 421 when no relay takes the hand-over.  Postfix re-checks its XCLIENT
-  authorisation against the address XCLIENT set, so when the attributes need more than one
-  command (512 octets each), ADDR and NAME go in the last one.
+  other command), never inside a mail transaction: the proxy *introduces* the client.  The relay
+  answers 220 as to a new connection, the client's EHLO then goes to the relay, and the client is
+  answered from the relay's reply.  A relay that does not offer XCLIENT to the proxy
+  (``smtpd_authorized_xclient_hosts``) is not used: the client gets 421 when no relay takes it.
+  Postfix re-checks its XCLIENT authorisation against the address XCLIENT set, so when the
+  attributes need more than one command (512 octets each), ADDR and NAME go in the last one.
 * optionally the PROXY protocol, v1 or v2 (``SmtpRelayProxyProtocol``), for relays that take it
   (Postfix ``smtpd_upstream_proxy_protocol = haproxy``); XCLIENT is then used as well if the relay
   still offers it, e.g. for LOGIN.
@@ -28,10 +28,10 @@ XCLIENT carries ``LOGIN=<user>``, which a relay with ``smtpd_sasl_auth_enable = 
 start; a later AUTH of its own gets the relay's answer (Postfix: 503 already authenticated).
 
 Why the session greenlet stays in command mode to the end instead of handing both sockets to the
-byte relay after EHLO, as IMAP and POP do after login: the proxy must see the message text.  A bare
-LF or bare CR in DATA is how SMTP smuggling (CVE-2023-51764 and relatives) makes one relay see two
+pump after EHLO, as IMAP and POP do after login: the proxy must see the message text.  A bare LF or
+bare CR in a message is how SMTP smuggling (CVE-2023-51764 and relatives) makes one relay see two
 messages where another saw one; the proxy refuses it for every relay behind it, whatever the
-relay's own setting.  And the client must never reach XCLIENT/XFORWARD or BDAT.  So:
+relay's own setting.  And the client must never reach XCLIENT/XFORWARD.  So:
 
 * commands are read with the bounded line reader and forwarded one by one; when the relay offers
   PIPELINING, the commands a client pipelined (already in the buffer) go to the relay in one write
@@ -39,28 +39,33 @@ relay's own setting.  And the client must never reach XCLIENT/XFORWARD or BDAT. 
   same way (they are flushed when the session would wait for the client).
 * DATA is streamed line by line, never buffered whole: each line must end in CR LF with no other
   CR in it; lines may be up to 64 KiB (RFC 5321 allows 1000 octets, but real mail has longer
-  lines and relays cope with them; a longer one is refused).  A refused message cannot be taken
-  back from the relay, which has its first part: the relay connection is dropped (a relay
-  discards a message whose DATA did not end), the client gets a 5xx and the connection is closed
-  (as Postfix does for a bare LF), because nobody can say any more where that client's message
-  ends and its next command begins.
-* commands a client sent after its end of data are read after the relay's reply and answered in
-  order.  CHUNKING/BDAT is never offered (the text could not be checked the same way).
+  lines and relays cope with them; a longer one is refused).  BDAT chunks (CHUNKING, RFC 3030) are
+  read by their size, never parsed as commands, and the message they assemble meets the same
+  line-ending rule across chunk boundaries.
+* a refused message cannot be taken back from the relay, which has its first part: the relay
+  connection is dropped (a relay discards a message whose DATA did not end), the client gets the
+  5xx for its message and then ``421`` for whatever it sends next, and the connection closes (as
+  Postfix does for a bare LF): nobody can say any more where that client's message ends and its
+  next command begins.
 
 EHLO: the relay's keywords are filtered to the supported set (8BITMIME PIPELINING
-ENHANCEDSTATUSCODES EXPN HELP XLOOP ETRN SIZE AUTH) plus ``EhloKeywords``; STARTTLS is offered when
-the proxy itself can do it; CHUNKING, BINARYMIME, XCLIENT and XFORWARD never reach a client.  AUTH
-is passed to the relay unchanged (the relay verifies it; ``RestrictPlainPasswords`` hides it
-before TLS).  When the relay offers STARTTLS, the proxy-to-relay leg uses it (relays with
-``smtpd_tls_auth_only`` offer AUTH only then); the relay's certificate is not verified.
+ENHANCEDSTATUSCODES EXPN HELP XLOOP ETRN SIZE AUTH DSN SMTPUTF8 CHUNKING) plus ``EhloKeywords``;
+STARTTLS is offered when the proxy itself can do it; BINARYMIME, XCLIENT and XFORWARD never reach a
+client.  DSN, SMTPUTF8 and CHUNKING pass since mmproxy 0.2 (the legacy default hid them); a relay
+that does not offer them keeps them from clients, and a client's BDAT then gets 502 with its chunk
+skipped.  AUTH is passed to the relay unchanged (the relay verifies it); ``RestrictPlainPasswords``
+keeps the mechanisms that carry a password in clear (PLAIN, LOGIN) from clients before TLS.  When
+the relay offers STARTTLS, the proxy-to-relay leg uses it (relays with ``smtpd_tls_auth_only``
+offer AUTH only then); the relay's certificate is not verified.
 
-Timeouts: client reads wait ``Timeout`` seconds; the relay must accept and greet within
-``FailoverTimeout`` seconds, and then answers within RFC 5321 4.5.3.2's limits.
+Timeouts: a client command (or message line) must arrive within ``Timeout`` seconds; the relay
+must accept and greet within ``FailoverTimeout`` seconds, and then answers within RFC 5321
+4.5.3.2's limits.
 """
 from __future__ import annotations
 
+import enum
 import ipaddress
-import logging
 import re
 import socket
 import ssl
@@ -71,17 +76,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import gevent
 
-from mmproxy import __version__
+from mmproxy import __version__, sasl
 from mmproxy import tls as tlsmod
+from mmproxy.addresses import is_host_name, unmapped
 from mmproxy.authservice import RECORDS
 from mmproxy.backend import MAX_STORE_LINE, Store
-from mmproxy.errors import (BackendProtocolError, BackendUnavailable, ClientGone, ClientSyntaxError, ClientTooLong,
-                            MMProxyError)
-from mmproxy.guard import unmapped
-from mmproxy.session import Service, Session
-from mmproxy.wire import LineReader
-
-log = logging.getLogger("mmproxy.smtp")
+from mmproxy.errors import (BackendError, BackendProtocolError, BackendUnavailable, ClientError, ClientGone,
+                            ClientSyntaxError, ClientTimeout, ClientTooLong, CommandError, HandOverRefused,
+                            MMProxyError, NotNow, PrivacyRequired, ServerShutdown, UnknownCommand)
+from mmproxy.linereader import BackendReader
+from mmproxy.session import Request, Service, Session, Verb, one_line
 
 MAX_COMMAND_LINE = 16384    # RFC 5321 says 512, but AUTH initial responses may be 12288 (RFC 4954)
 MAX_DATA_LINE = 65536       # RFC 5321 4.5.3.1.6 says 1000 octets; be lenient, stay bounded
@@ -104,13 +108,13 @@ QUIT_TIMEOUT = 10.0
 DEFAULT_FAILOVER = 10       # FailoverTimeout 0 still needs a connect timeout
 
 SUPPORTED_KEYWORDS = ("8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "EXPN", "HELP", "XLOOP", "ETRN", "SIZE",
-                      "STARTTLS", "AUTH")
+                      "STARTTLS", "AUTH", "DSN", "SMTPUTF8", "CHUNKING")
 # Never passed to a client, even when EhloKeywords lists them: STARTTLS is the proxy's own; the
 # others would let the client past the proxy's checks or speak for someone else.
-NEVER_PASSED = frozenset({"STARTTLS", "CHUNKING", "BINARYMIME", "XCLIENT", "XFORWARD", "BDAT"})
-BASE_VERBS = frozenset({"MAIL", "RCPT", "RSET", "NOOP", "VRFY", "EXPN", "HELP", "ETRN"})
+NEVER_PASSED = frozenset({"STARTTLS", "BINARYMIME", "XCLIENT", "XFORWARD", "BDAT"})
+FORWARDED_VERBS = frozenset({"MAIL", "RCPT", "RSET", "NOOP", "VRFY", "EXPN", "HELP", "ETRN"})
 VERB = re.compile(rb"[A-Za-z][A-Za-z0-9]{0,19}")
-HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+BDAT_ARGS = re.compile(rb"\s*(\d{1,12})(\s+LAST)?\s*", re.I)
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 # Replies, as constants the tests import too.
@@ -123,15 +127,20 @@ SHUTDOWN = "421 4.3.2 Service shutting down, closing connection"
 TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
 TOO_MANY = "421 4.7.0 Too many errors, closing connection"
 SKIP_TOO_LONG = "421 4.7.0 Line far too long, closing connection"
+AFTER_REFUSAL = "421 4.7.0 Closing connection after a refused message"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
 LINE_TOO_LONG = "500 5.5.2 Line too long"
 UNKNOWN = "502 5.5.2 Error: command not recognized"
 BAD_SYNTAX = "501 5.5.2 Syntax error in command line"
+BAD_SEQUENCE = "503 5.5.1 Bad sequence of commands"
 NOT_PROXIED = "550 5.7.0 XCLIENT and XFORWARD are not available through this proxy"
 NO_BDAT = "502 5.5.1 BDAT not available (no CHUNKING)"
-BAD_BDAT = "501 5.5.4 BDAT without a chunk size, closing connection"
+BAD_BDAT = "501 5.5.4 Syntax: BDAT chunk-size [LAST]"
 NO_TLS = "502 5.5.1 STARTTLS not available"
 TLS_ACTIVE = "554 5.5.1 TLS already active"
 TLS_NOT_NOW = "503 5.5.1 STARTTLS not allowed now (mail transaction or authentication in progress)"
+AUTH_NOT_NOW = "503 5.5.1 AUTH not allowed in a mail transaction"
+DATA_NOT_NOW = "503 5.5.1 Error: need MAIL command"
 TLS_GO = "220 2.0.0 Ready to start TLS"
 NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 BARE_EOL = "550 5.6.11 Message refused: bare CR or LF in message text (SMTP smuggling protection)"
@@ -139,8 +148,16 @@ DATA_LINE_TOO_LONG = "552 5.3.4 Message refused: line longer than %d octets" % M
 BYE = "221 2.0.0 Bye"
 
 
-class HandOverRefused(BackendUnavailable):
-    """The relay would not take the real client (no XCLIENT for us, or XCLIENT refused)."""
+class SmtpState(enum.Enum):
+    GREETING = "greeting"          # connected to a relay; the client is not introduced yet
+    RELAYING = "relaying"          # introduced: commands go to the relay, no mail transaction
+    ENVELOPE = "envelope"          # MAIL accepted: RCPT, DATA or BDAT next
+    DATA = "data"                  # message text on its way
+    CLOSED = "closed"
+
+
+_COMMAND_STATES = frozenset({SmtpState.GREETING, SmtpState.RELAYING, SmtpState.ENVELOPE})
+_OUTSIDE_MAIL = frozenset({SmtpState.GREETING, SmtpState.RELAYING})
 
 
 @dataclass
@@ -152,19 +169,16 @@ class Reply:
         return " | ".join(line.decode("utf-8", "replace") for line in self.lines)[:300]
 
 
-class RelayLink(Store):
+class RelayConnection(Store):
     """The proxy's SMTP client connection to one relay."""
 
     def __init__(self, host: str, port: int, connect_timeout: float, header: bytes = b"") -> None:
-        super().__init__(host, port, connect_timeout=connect_timeout)
+        super().__init__(host, port, connect_timeout=connect_timeout, deadline=None)
         self.keywords: Dict[str, str] = {}      # EHLO keyword -> its parameters
         self.proxied = bool(header)             # the PROXY protocol told it the client already
         self.tls = False
         if header:
             self.send(header)
-
-    def __str__(self) -> str:
-        return "%s:%d" % (self.host, self.port)
 
     def send(self, data: bytes, timeout: float = REPLY_TIMEOUT) -> None:
         try:
@@ -175,7 +189,7 @@ class RelayLink(Store):
 
     def reply(self, timeout: float = REPLY_TIMEOUT) -> Reply:
         """One (multi-line) reply; BackendProtocolError unless every line is ``NNN[- ]text`` with one code."""
-        self.reader.timeout = timeout
+        self.reader.idle = timeout
         lines: List[bytes] = []
         while True:
             line = self.readline()
@@ -213,7 +227,7 @@ class RelayLink(Store):
             self.sock = ctx.wrap_socket(self.sock, server_hostname=None if _is_ip(self.host) else self.host)
         except (OSError, ssl.SSLError) as e:
             raise BackendUnavailable("%s: TLS handshake failed: %s" % (self, e)) from None
-        self.reader = LineReader(self.sock, MAX_STORE_LINE, SETUP_TIMEOUT)
+        self.reader = BackendReader(self.sock, MAX_STORE_LINE, SETUP_TIMEOUT, str(self))
         self.tls = True
 
     @property
@@ -221,169 +235,175 @@ class RelayLink(Store):
         return "PIPELINING" in self.keywords
 
 
+class LineEndings:
+    """Checks that message text ends every line in CR LF and has no other CR or LF, across the
+    pieces it arrives in (lines of DATA, BDAT chunks).  ``feed`` returns False at the first fault."""
+
+    def __init__(self) -> None:
+        self.cr = False          # the last piece ended in a CR
+        self.size = 0            # octets fed so far
+
+    def feed(self, piece: bytes) -> bool:
+        if not piece:
+            return True
+        if self.cr and piece[:1] != b"\n":
+            return False
+        start = 1 if self.cr else 0
+        self.size += len(piece)
+        body = piece[start:]
+        self.cr = body.endswith(b"\r")
+        if self.cr:
+            body = body[:-1]
+        return body.count(b"\r") == body.count(b"\r\n") == body.count(b"\n")
+
+    def complete(self) -> bool:
+        """Nothing is left half-way (a final CR without its LF)."""
+        return not self.cr
+
+
 class SmtpSession(Session):
-    proto = "smtp"
+    kind = "smtp"
     max_line = MAX_COMMAND_LINE
-    too_many_connections = "421 4.7.0 Too many connections from your address"
+    State = SmtpState
+    INITIAL = SmtpState.GREETING
+    CLOSED = SmtpState.CLOSED
+    FINAL = frozenset({SmtpState.CLOSED})
+    BYE_TOO_MANY = TOO_MANY
+    TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    service: "SmtpService"
 
     def __init__(self, service: "SmtpService", sock: socket.socket, addr: Tuple[str, int]) -> None:
         super().__init__(service, sock, addr)
-        self.link: Optional[RelayLink] = None
-        self.handed_over = False
-        self.in_mail = False             # between an accepted MAIL and the end of its transaction
-        self.sasl_done = False           # AUTH succeeded at the relay
+        self.relay: Optional[RelayConnection] = None
+        self.relay_name = ""
+        self.authenticated = False       # AUTH succeeded at the relay
         self.login: Optional[str] = None  # POP-before-SMTP user told to the relay
-        self.pending: Optional[Union[bytes, MMProxyError]] = None   # read ahead while batching
-        self.closing = False
         self.messages = 0
-        self.end_reason = "closed"
-        self.link_name = ""
-        self.started = time.monotonic()
+        self.endings = LineEndings()     # of the message that BDAT chunks are assembling
 
     # ------------------------------------------------------------------ life cycle
     def run(self, implicit_tls: bool) -> None:
         try:
             super().run(implicit_tls)
         finally:
-            self.close_link()
-            self.log.info("session end: %s (relay %s, %d message(s) relayed, %ds)", self.end_reason,
-                          self.link_name or "-", self.messages, time.monotonic() - self.started)
+            self.close_relay()
 
-    def close_link(self) -> None:
-        if self.link is not None:
-            self.link.close()
-            self.link = None
+    def close_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+
+    def describe(self) -> str:
+        return "relay %s, %d message(s) relayed" % (self.relay_name or "-", self.messages)
 
     def greet(self) -> None:
-        try:
-            self.link = self.open_relay()
-        except MMProxyError as e:
-            self.log.warning("no relay for this client: %s", e)
-            self.send(self.reply_for(e))
-            self.end_reason = "no relay"
-            self.closing = True
-            return
-        self.link_name = str(self.link)
-        self.send("220 %s ESMTP %s" % (self.service.hostname, _one_line(self.cfg.Banner) or BANNER))
-
-    def on_shutdown(self) -> None:
-        self.send(SHUTDOWN)
-
-    def loop(self) -> None:
-        while not self.closing:
-            try:
-                if self.step() is False:
-                    return
-            except ClientGone as e:
-                self.end_reason = "client: %s" % e
-                if not self.reader.eof and "timed out" in str(e):
-                    try:
-                        self.send(TIMEOUT)
-                        self.flush()
-                    except ClientGone:
-                        pass
-                raise
-            except (BackendUnavailable, BackendProtocolError) as e:
-                self.log.warning("relay %s: %s", self.link_name, e)
-                self.end_reason = "relay failed"
-                self.send(self.reply_for(e))
-                return
-            except gevent.GreenletExit:
-                raise
-            except Exception:
-                self.log.exception("SMTP session failed")
-                self.end_reason = "internal error"
-                self.send(INTERNAL_ERROR)
-                return
+        self.relay = self.open_relay()
+        self.relay_name = str(self.relay)
+        self.send("220 %s ESMTP %s" % (self.service.hostname, one_line(self.cfg.Banner) or BANNER))
 
     # ------------------------------------------------------------------ reading commands
-    def read_line(self) -> bytes:
-        """One client line without its terminator; an overlong one is skipped (bounded) and reported."""
-        if self.pending is not None:
-            p, self.pending = self.pending, None
-            if isinstance(p, MMProxyError):
-                raise p
-            return p
-        self.reader.timeout = float(self.cfg.Timeout)
-        piece = self.reader.read_raw(MAX_COMMAND_LINE)
+    def read_line(self, limit: int = MAX_COMMAND_LINE) -> bytes:
+        """One client line without its terminator, within Timeout.  An overlong one is skipped to
+        its end (ClientTooLong, recoverable) unless it runs past MAX_SKIP (not recoverable)."""
+        timeout = float(self.cfg.Timeout)
+        self.reader.idle, self.reader.deadline = timeout, time.monotonic() + timeout
+        piece = self.reader.read_raw(limit)
         if piece.endswith(b"\n"):
             return piece[:-2] if piece.endswith(b"\r\n") else piece[:-1]
         skipped = len(piece)
         while not piece.endswith(b"\n"):
             if skipped > MAX_SKIP:
-                raise ClientSyntaxError("line of more than %d octets" % MAX_SKIP)
-            piece = self.reader.read_raw(MAX_COMMAND_LINE)
+                raise ClientTooLong("line of more than %d octets" % MAX_SKIP)
+            piece = self.reader.read_raw(limit)
             skipped += len(piece)
-        raise ClientTooLong("command line of %d octets" % skipped)
+        raise ClientTooLong("command line of %d octets" % skipped, recoverable=True)
 
-    def step(self) -> Optional[bool]:
-        try:
-            line = self.read_line()
-        except ClientTooLong:
-            return self.refuse(LINE_TOO_LONG)
-        except ClientSyntaxError:
-            self.send(SKIP_TOO_LONG)
-            self.end_reason = "line far too long"
-            return False
+    def read_request(self) -> Request:
+        line = self.read_line()
         verb, arg = _split(line)
         if verb is None:
             self.log.debug("C: %r", line[:100])
-            return self.refuse(BAD_SYNTAX)
+            raise ClientSyntaxError(BAD_SYNTAX)
         self.log.debug("C: %s", _masked(verb, line))
-        handler = getattr(self, "cmd_" + verb, None)
-        if handler is not None:
-            return handler(line, arg)
-        if verb in BASE_VERBS or verb in self.service.extra_verbs:
-            return self.forward(line)
-        return self.refuse(UNKNOWN)
+        return Request(verb, [arg], line)
 
-    def refuse(self, reply: str) -> Optional[bool]:
-        """Answer a refused command; False (end) once the bad-command budget is spent."""
-        self.send(reply)
-        if self.count_bad():
-            self.send(TOO_MANY)
-            self.end_reason = "too many errors"
-            return False
-        return None
+    def lookup(self, name: str) -> Verb:
+        if name in self.service.extra_verbs and name not in self.COMMANDS:
+            return FORWARD                    # EhloKeywords that are commands (TURN, ATRN, ...)
+        return super().lookup(name)
+
+    # ------------------------------------------------------------------ failures
+    def reply_for(self, e: BaseException) -> tuple:
+        """The one place where the failure taxonomy becomes SMTP replies: (lines, end?)."""
+        if isinstance(e, ClientGone):
+            return [], True
+        if isinstance(e, ClientTimeout):
+            return [TIMEOUT], True
+        if isinstance(e, ClientTooLong):
+            return ([LINE_TOO_LONG], False) if e.recoverable else ([SKIP_TOO_LONG], True)
+        if isinstance(e, CommandError):
+            if e.reply[:3].isdigit():
+                return [e.reply], False
+            if isinstance(e, PrivacyRequired):
+                return [NEED_TLS], False
+            if isinstance(e, UnknownCommand):
+                return [UNKNOWN], False
+            return [BAD_SEQUENCE if isinstance(e, NotNow) else BAD_SYNTAX], False
+        if isinstance(e, HandOverRefused):
+            return [HANDOVER_REFUSED], True
+        if isinstance(e, BackendUnavailable):
+            return [RELAY_DOWN if self.state is SmtpState.GREETING else RELAY_ERROR], True
+        if isinstance(e, BackendError):
+            return [RELAY_ERROR], True
+        if isinstance(e, ServerShutdown):
+            return [SHUTDOWN], True
+        return [INTERNAL_ERROR], True
+
+    def log_login_failure(self, e: BaseException) -> str:
+        if not self.relay_name:
+            self.log.warning("no relay for this client: %s", e)
+            return "no relay"
+        self.log.warning("relay %s: %s", self.relay_name, e)
+        return "relay failed"
 
     # ------------------------------------------------------------------ the relay
-    def open_relay(self) -> RelayLink:
+    def open_relay(self) -> RelayConnection:
         """Connect to the first relay, in round-robin order, that greets, says EHLO and takes XCLIENT."""
         svc = self.service
         timeout = float(self.cfg.FailoverTimeout or DEFAULT_FAILOVER)
         last: Optional[MMProxyError] = None
         for host, port in svc.relay_order():
             try:
-                link = self.connect_relay(host, port, timeout)
-            except (BackendUnavailable, BackendProtocolError) as e:
+                relay = self.connect_relay(host, port, timeout)
+            except BackendError as e:
                 self.log.warning("relay %s:%d failed: %s; avoided for %d minute(s)", host, port, e,
                                  self.cfg.FailoverTimeout)
                 svc.relay_failed((host, port))
                 last = e
                 continue
             svc.relay_ok((host, port))
-            return link
+            return relay
         raise last or BackendUnavailable("SmtpRelays names no relay")
 
-    def connect_relay(self, host: str, port: int, timeout: float) -> RelayLink:
-        link = RelayLink(host, port, timeout, self.proxy_header())
+    def connect_relay(self, host: str, port: int, timeout: float) -> RelayConnection:
+        relay = RelayConnection(host, port, timeout, self.proxy_header())
         try:
-            r = link.reply(timeout)
+            r = relay.reply(timeout)
             if r.code != 220:
-                raise BackendUnavailable("%s greeted with %s" % (link, r.text()))
-            link.ehlo(self.service.hostname)
-            if "STARTTLS" in link.keywords:
-                r = link.command(b"STARTTLS", SETUP_TIMEOUT)
+                raise BackendUnavailable("%s greeted with %s" % (relay, r.text()))
+            relay.ehlo(self.service.hostname)
+            if "STARTTLS" in relay.keywords:
+                r = relay.command(b"STARTTLS", SETUP_TIMEOUT)
                 if r.code != 220:
-                    raise BackendUnavailable("%s offered STARTTLS, then answered %s" % (link, r.text()))
-                link.starttls(self.service.relay_tls())
-                link.ehlo(self.service.hostname)
-            if "XCLIENT" not in link.keywords and not link.proxied:
+                    raise BackendUnavailable("%s offered STARTTLS, then answered %s" % (relay, r.text()))
+                relay.starttls(self.service.relay_tls())
+                relay.ehlo(self.service.hostname)
+            if "XCLIENT" not in relay.keywords and not relay.proxied:
                 raise HandOverRefused("%s does not offer XCLIENT to this proxy (is the proxy's address in its "
-                                      "smtpd_authorized_xclient_hosts?)" % link)
-            return link
+                                      "smtpd_authorized_xclient_hosts?)" % relay)
+            return relay
         except BaseException:
-            link.close()
+            relay.close()
             raise
 
     def proxy_header(self) -> bytes:
@@ -392,20 +412,31 @@ class SmtpSession(Session):
             return b""
         return proxy_header(version, (self.client_ip, self.client_port), (self.server_ip, self.server_port))
 
-    def hand_over(self, helo: Optional[bytes], proto: Optional[str]) -> None:
+    def connected_relay(self) -> RelayConnection:
+        if self.relay is None:
+            raise BackendUnavailable("relay connection gone")
+        return self.relay
+
+    def introduced_relay(self) -> RelayConnection:
+        """The relay, after the client has been introduced to it (once, before its first command)."""
+        if self.state is SmtpState.GREETING:
+            self.introduce(None, None)
+        return self.connected_relay()
+
+    def introduce(self, helo: Optional[bytes], proto: Optional[str]) -> None:
         """Tell the relay who the client really is (XCLIENT), before the client's first command reaches it."""
-        link = self.relay()
-        self.handed_over = True
+        relay = self.connected_relay()
+        self.state = SmtpState.RELAYING
         self.login = self.pop_before_smtp_user()
-        if "XCLIENT" not in link.keywords:
+        if "XCLIENT" not in relay.keywords:
             # connect_relay accepted this relay because the PROXY protocol named the client
             if self.login:
                 self.log.warning("relay %s does not offer XCLIENT: POP-before-SMTP login of %s not passed on",
-                                 link, self.login)
+                                 relay, self.login)
                 self.login = None
-            self.log.info("handed over to relay %s by the PROXY protocol", link)
+            self.log.info("client introduced to relay %s by the PROXY protocol", relay)
             return
-        offered = set(link.keywords["XCLIENT"].upper().split())
+        offered = set(relay.keywords["XCLIENT"].upper().split())
         ip = unmapped(self.client_ip)
         attrs: List[Tuple[str, str]] = []
         if helo:
@@ -420,30 +451,20 @@ class SmtpSession(Session):
                 attrs.append(("LOGIN", xtext(self.login.encode("utf-8", "surrogateescape"))))
             else:
                 self.log.warning("relay %s does not take XCLIENT LOGIN (smtpd_sasl_auth_enable?): "
-                                 "POP-before-SMTP login of %s not passed on", link, self.login)
+                                 "POP-before-SMTP login of %s not passed on", relay, self.login)
                 self.login = None
         attrs += [("PORT", str(self.client_port)), ("DESTADDR", xtext(str(unmapped(self.server_ip)).encode())),
                   ("DESTPORT", str(self.server_port)), ("NAME", self.client_name()),
                   ("ADDR", xclient_addr(self.client_ip))]
         if offered:
             if "ADDR" not in offered:
-                raise HandOverRefused("%s offers XCLIENT without ADDR" % link)
+                raise HandOverRefused("%s offers XCLIENT without ADDR" % relay)
             attrs = [(k, v) for k, v in attrs if k in offered]
         for cmd in xclient_commands(attrs):
-            r = link.command(cmd.encode("ascii"))
+            r = relay.command(cmd.encode("ascii"))
             if r.code != 220:
-                raise HandOverRefused("%s answered %s with %s" % (link, cmd[:60], r.text()))
-        self.log.info("handed over to relay %s as %s%s", link, ip, (" login=%s" % self.login) if self.login else "")
-
-    def relay(self) -> RelayLink:
-        if self.link is None:
-            raise BackendUnavailable("relay connection gone")
-        return self.link
-
-    def ensure_handover(self) -> RelayLink:
-        if not self.handed_over:
-            self.hand_over(None, None)
-        return self.relay()
+                raise HandOverRefused("%s answered %s with %s" % (relay, cmd[:60], r.text()))
+        self.log.info("client introduced to relay %s as %s%s", relay, ip, (" login=%s" % self.login) if self.login else "")
 
     def pop_before_smtp_user(self) -> Optional[str]:
         if not self.cfg.PopBeforeSmtpKludgeChannel:
@@ -459,7 +480,7 @@ class SmtpSession(Session):
         try:
             with gevent.Timeout(LOOKUP_TIMEOUT):
                 name = socket.gethostbyaddr(ip)[0].rstrip(".").lower()
-                if not HOSTNAME.fullmatch(name):
+                if not is_host_name(name):
                     self.log.info("reverse DNS of %s is not a host name: %r", ip, name[:100])
                     return "[UNAVAILABLE]"
                 # forward-confirmed: a PTR record alone is the client's own claim
@@ -470,35 +491,34 @@ class SmtpSession(Session):
             return "[UNAVAILABLE]"
         return name if ip in addrs else "[UNAVAILABLE]"
 
-    def forward(self, first: bytes) -> Optional[bool]:
+    def batchable(self, line: bytes) -> bool:
+        """A pipelined command that can go to the relay in the same write as the one before it."""
+        verb, _ = _split(line)
+        return verb is not None and (verb in FORWARDED_VERBS
+                                     or (verb in self.service.extra_verbs and verb not in self.COMMANDS))
+
+    def forward(self, req: Request) -> None:
         """Forward a command, and those the client pipelined behind it, to the relay; answer each in order."""
-        link = self.ensure_handover()
-        batch = [first]
-        while link.pipelining and len(batch) < MAX_BATCH and self.pending is None and self.reader.has_line():
-            try:
-                line = self.read_line()
-            except MMProxyError as e:
-                self.pending = e
+        relay = self.introduced_relay()
+        batch = [req.line]
+        while relay.pipelining and len(batch) < MAX_BATCH:
+            line = self.reader.peek_line(MAX_COMMAND_LINE)
+            if line is None or not self.batchable(line):
                 break
-            verb, _ = _split(line)
-            if verb is not None and (verb in BASE_VERBS or verb in self.service.extra_verbs) \
-                    and not hasattr(self, "cmd_" + verb):
-                self.log.debug("C: %s", _masked(verb, line))
-                batch.append(line)
-            else:
-                self.pending = line
-        link.send(b"".join(line + b"\r\n" for line in batch))
+            self.read_line()
+            self.log.debug("C: %s", _masked(_split(line)[0] or "", line))
+            batch.append(line)
+        relay.send(b"".join(line + b"\r\n" for line in batch))
         for line in batch:
-            r = link.reply()
+            r = relay.reply()
             self.answer(r)
-            if self.closing:            # the relay said 421 and hangs up: no more replies come
-                break
+            if self.state is SmtpState.CLOSED:       # the relay said 421 and hangs up: no more replies come
+                return
             verb = _split(line)[0]
             if verb == "MAIL" and r.code == 250:
-                self.in_mail = True
-            elif verb == "RSET":
-                self.in_mail = False
-        return False if self.closing else None
+                self.state = SmtpState.ENVELOPE
+            elif verb == "RSET" and r.code == 250:
+                self.state = SmtpState.RELAYING
 
     def answer(self, r: Reply) -> None:
         """Pass a relay reply on; a 421 from the relay ends the session."""
@@ -506,189 +526,237 @@ class SmtpSession(Session):
             self.send(line)
         self.log.debug("R: %s", r.text())
         if r.code == 421:
-            self.end_reason = "relay closed: %s" % r.text()
-            self.closing = True
+            self.finish("relay closed: %s" % r.text())
 
     # ------------------------------------------------------------------ commands
-    def cmd_EHLO(self, line: bytes, arg: bytes) -> Optional[bool]:
+    def cmd_forward(self, req: Request) -> None:
+        """MAIL, RCPT, RSET, NOOP, VRFY, EXPN, HELP, ETRN (RFC 5321 4.1.1) and EhloKeywords verbs:
+        the relay answers; pipelined ones go together."""
+        self.forward(req)
+
+    def cmd_EHLO(self, req: Request) -> None:
         """RFC 5321 4.1.1.1; the reply is the relay's, its keywords filtered."""
-        return self._hello(line, arg, "ESMTP")
+        self._hello(req, "ESMTP")
 
-    def cmd_HELO(self, line: bytes, arg: bytes) -> Optional[bool]:
+    def cmd_HELO(self, req: Request) -> None:
         """RFC 5321 4.1.1.1."""
-        return self._hello(line, arg, "SMTP")
+        self._hello(req, "SMTP")
 
-    def _hello(self, line: bytes, arg: bytes, proto: str) -> Optional[bool]:
-        name = arg.strip()
+    def _hello(self, req: Request, proto: str) -> None:
+        name = req.args[0].strip()
         if not name:
-            return self.refuse("501 5.5.4 Syntax: %s hostname" % ("EHLO" if proto == "ESMTP" else "HELO"))
-        if not self.handed_over:
-            self.hand_over(name, proto)
-        link = self.relay()
-        r = link.command(line)
+            raise ClientSyntaxError("501 5.5.4 Syntax: %s hostname" % req.verb)
+        if self.state is SmtpState.GREETING:
+            self.introduce(name, proto)
+        relay = self.connected_relay()
+        r = relay.command(req.line)
         if r.code == 250:
-            self.in_mail = False
+            self.state = SmtpState.RELAYING
             if proto == "ESMTP":
-                link.learn(r)
+                relay.learn(r)
                 self.answer(Reply(250, self.filter_ehlo(r)))
             else:
                 self.answer(Reply(250, [b"250 " + self.service.hostname.encode()]))
-            return None
+            return
         self.answer(r)
-        return False if self.closing else None
 
     def filter_ehlo(self, r: Reply) -> List[bytes]:
         words = [self.service.hostname.encode()]
         for line in r.lines[1:]:
             text = line[4:].strip()
             kw = text.split(b" ", 1)[0].split(b"=", 1)[0].upper().decode("ascii", "replace")
-            if kw == "AUTH" and self.plaintext_refused:
+            if kw not in self.service.keywords:
                 continue
-            if kw in self.service.keywords:
-                words.append(text)
+            if kw == "AUTH" and self.plaintext_refused:
+                mechs = [m for m in text[5:].split() if m.upper().decode("ascii", "replace") not in sasl.PLAINTEXT]
+                if not mechs:
+                    continue
+                text = b"AUTH " + b" ".join(mechs)
+            words.append(text)
         if self.service.tls is not None and not self.tls_active:
             words.append(b"STARTTLS")
         return [b"250" + (b" " if i == len(words) - 1 else b"-") + w for i, w in enumerate(words)]
 
-    def cmd_STARTTLS(self, line: bytes, arg: bytes) -> Optional[bool]:
+    def offered(self, keyword: str) -> bool:
+        """Whether the client was offered ``keyword`` (the relay has it and the proxy passes it)."""
+        relay = self.relay
+        return relay is not None and keyword in relay.keywords and keyword in self.service.keywords
+
+    def cmd_STARTTLS(self, req: Request) -> None:
         """RFC 3207; anything pipelined behind it is discarded (CVE-2011-0411)."""
-        if arg.strip():
-            return self.refuse("501 5.5.4 Syntax: STARTTLS")
+        if req.args[0].strip():
+            raise ClientSyntaxError("501 5.5.4 Syntax: STARTTLS")
         if self.service.tls is None:
-            return self.refuse(NO_TLS)
+            raise NotNow(NO_TLS)
         if self.tls_active:
-            return self.refuse(TLS_ACTIVE)
-        if self.in_mail or self.sasl_done:
-            self.send(TLS_NOT_NOW)
-            return None
+            raise NotNow(TLS_ACTIVE)
+        if self.authenticated:
+            raise NotNow(TLS_NOT_NOW)
         self.send(TLS_GO)
         self.starttls()
-        return None
 
-    def cmd_AUTH(self, line: bytes, arg: bytes) -> Optional[bool]:
+    def cmd_AUTH(self, req: Request) -> None:
         """RFC 4954: passed to the relay unchanged, with its challenges and the client's responses."""
-        if self.plaintext_refused:
-            self.send(NEED_TLS)
-            return None
-        link = self.ensure_handover()
-        r = link.command(line)
+        mech = req.args[0].split(b" ", 1)[0].upper().decode("ascii", "replace")
+        if self.plaintext_refused and mech in sasl.PLAINTEXT:
+            raise PrivacyRequired(NEED_TLS)
+        relay = self.introduced_relay()
+        r = relay.command(req.line)
         while r.code == 334:
             self.answer(r)
             try:
                 response = self.read_line()
-            except ClientTooLong:
-                link.command(b"*")              # cancel (RFC 4954 4) and tell the client why
-                return self.refuse(LINE_TOO_LONG)
+            except ClientError:
+                try:
+                    relay.command(b"*")          # cancel (RFC 4954 4) before the client is told why
+                except MMProxyError:
+                    pass
+                raise
             self.log.debug("C: ********")
-            r = link.command(response)
+            r = relay.command(response)
         self.answer(r)
         if r.code == 235:
-            self.sasl_done = True
-            self.log.info("authenticated at relay %s", link)
-        return False if self.closing else None
+            self.authenticated = True
+            self.log.info("authenticated at relay %s", relay)
 
-    def cmd_DATA(self, line: bytes, arg: bytes) -> Optional[bool]:
+    def cmd_DATA(self, req: Request) -> None:
         """RFC 5321 4.1.1.4: the text is streamed line by line, checked for bare CR/LF (SMTP smuggling)."""
-        link = self.ensure_handover()
-        r = link.command(line, DATA_INIT_TIMEOUT)
+        relay = self.introduced_relay()
+        r = relay.command(req.line, DATA_INIT_TIMEOUT)
         self.answer(r)
         if r.code != 354:
-            return False if self.closing else None
+            return
+        self.state = SmtpState.DATA
         out = bytearray()
-        size = 0
-        self.reader.timeout = float(self.cfg.Timeout)
+        self.message_deadline()
         while True:
             piece = self.reader.read_raw(MAX_DATA_LINE)
             if not piece.endswith(b"\n"):
                 return self.refuse_message(DATA_LINE_TOO_LONG, "line over %d octets" % MAX_DATA_LINE)
             if not piece.endswith(b"\r\n") or b"\r" in piece[:-2]:
-                return self.refuse_message(BARE_EOL, "bare CR or LF at octet %d of the message" % size)
-            out += piece
-            size += len(piece)
+                return self.refuse_message(BARE_EOL, "bare CR or LF in the message")
             if piece == b".\r\n":
                 break
+            out += piece
             if len(out) >= DATA_CHUNK:
-                link.send(bytes(out), DATA_BLOCK_TIMEOUT)
+                relay.send(bytes(out), DATA_BLOCK_TIMEOUT)
                 out.clear()
-        link.send(bytes(out), DATA_BLOCK_TIMEOUT)
-        r = link.reply(DATA_END_TIMEOUT)
+                self.message_deadline()
+        relay.send(bytes(out) + b".\r\n", DATA_BLOCK_TIMEOUT)
+        self.message_done(relay.reply(DATA_END_TIMEOUT))
+
+    def message_deadline(self) -> None:
+        """Message text comes in blocks of DATA_CHUNK octets, each within Timeout."""
+        self.reader.deadline = time.monotonic() + float(self.cfg.Timeout)
+
+    def message_done(self, r: Reply) -> None:
+        """The relay's answer to a whole message (end of DATA, BDAT LAST)."""
         self.answer(r)
-        self.in_mail = False
+        if self.state is not SmtpState.CLOSED:
+            self.state = SmtpState.RELAYING
         if r.code // 100 == 2:
             self.messages += 1
-            self.log.info("message relayed (%d octets): %s", size, r.text())
+            self.log.info("message relayed: %s", r.text())
         else:
-            self.log.info("message refused by relay (%d octets): %s", size, r.text())
-        return False if self.closing else None
+            self.log.info("message refused by relay: %s", r.text())
 
-    def refuse_message(self, reply: str, why: str) -> bool:
-        """Drop the relay (it discards an unfinished message), answer, and hang up."""
+    def cmd_BDAT(self, req: Request) -> None:
+        """RFC 3030 chunks, when the relay offers CHUNKING: read by size (never as commands), checked
+        for bare CR/LF across chunks, streamed to the relay.  Not offered: the chunk is skipped, 502."""
+        m = BDAT_ARGS.fullmatch(req.args[0])
+        if m is None:
+            self.send(BAD_BDAT)          # nobody can tell where the chunk ends: hang up
+            self.finish("BDAT without a size")
+            return
+        size, last = int(m.group(1)), bool(m.group(2))
+        if not self.offered("CHUNKING"):
+            self.reader.discard(size)
+            raise UnknownCommand(NO_BDAT)
+        relay = self.introduced_relay()
+        if self.state is not SmtpState.DATA:
+            self.endings = LineEndings()
+        relay.send(req.line + b"\r\n", DATA_BLOCK_TIMEOUT)
+        self.state = SmtpState.DATA
+        left = size
+        while left:
+            self.message_deadline()
+            piece = self.reader.read_some(min(left, DATA_CHUNK))
+            left -= len(piece)
+            if not self.endings.feed(piece):
+                return self.refuse_message(BARE_EOL, "bare CR or LF in a BDAT chunk")
+            relay.send(piece, DATA_BLOCK_TIMEOUT)
+        if last and not self.endings.complete():
+            return self.refuse_message(BARE_EOL, "a bare CR at the end of the message")
+        if last:
+            return self.message_done(relay.reply(DATA_END_TIMEOUT))
+        r = relay.reply(REPLY_TIMEOUT)
+        self.answer(r)
+        if self.state is SmtpState.DATA and r.code // 100 != 2:
+            self.state = SmtpState.RELAYING          # the relay has dropped the transaction
+        elif self.state is SmtpState.DATA:
+            self.state = SmtpState.ENVELOPE
+
+    def refuse_message(self, reply: str, why: str) -> None:
+        """Drop the relay (it discards an unfinished message), refuse the message, then ``421`` for
+        whatever the client sends next, and hang up."""
         self.log.warning("message refused: %s; relay connection dropped, nothing delivered", why)
-        self.close_link()
+        self.close_relay()
         self.send(reply)
-        self.end_reason = "message refused: %s" % why
+        self.send(AFTER_REFUSAL)
+        self.finish("message refused: %s" % why)
         self.linger()
-        return False
 
     def linger(self) -> None:
-        """Flush our reply, then read what the client still sends for a moment, so that closing does not
-        reset the connection (and lose the reply) while its data is still arriving."""
+        """Flush our replies, then read what the client still sends for a moment, so that closing does not
+        reset the connection (and lose the replies) while its data is still arriving."""
         self.flush()
         self.reader.take_pending()
         deadline = time.monotonic() + LINGER
         try:
             while time.monotonic() < deadline:
                 self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-                if not self.sock.recv(65536):
+                data = self.sock.recv(65536)
+                if not data:
                     break
+                self.reader.received += len(data)
         except (OSError, socket.timeout):
             pass
 
-    def cmd_BDAT(self, line: bytes, arg: bytes) -> Optional[bool]:
-        """RFC 3030, not offered: the chunk is read and dropped, so it is never taken for commands."""
-        m = re.fullmatch(rb"\s*(\d{1,12})(\s+LAST)?\s*", arg, re.I)
-        if m is None:
-            self.send(BAD_BDAT)
-            self.end_reason = "BDAT without a size"
-            return False
-        self.reader.timeout = float(self.cfg.Timeout)
-        self.reader.discard(int(m.group(1)))
-        return self.refuse(NO_BDAT)
+    def cmd_XCLIENT(self, req: Request) -> None:
+        """Postfix XCLIENT and XFORWARD: the proxy speaks for the client; the client never does."""
+        self.log.warning("client tried %r", req.line[:60])
+        raise NotNow(NOT_PROXIED)
 
-    def cmd_XCLIENT(self, line: bytes, arg: bytes) -> Optional[bool]:
-        """Postfix XCLIENT: the proxy speaks for the client; the client never does."""
-        self.log.warning("client tried %s", line[:60])
-        return self.refuse(NOT_PROXIED)
-
-    cmd_XFORWARD = cmd_XCLIENT
-
-    def cmd_QUIT(self, line: bytes, arg: bytes) -> bool:
+    def cmd_QUIT(self, req: Request) -> None:
         """RFC 5321 4.1.1.10."""
-        if self.link is not None:
+        if self.relay is not None:
             try:
-                self.link.command(b"QUIT", QUIT_TIMEOUT)
+                self.relay.command(b"QUIT", QUIT_TIMEOUT)
             except MMProxyError:
                 pass
         self.send(BYE)
-        self.end_reason = "quit"
-        return False
+        self.finish("quit")
 
-    # ------------------------------------------------------------------ failures
-    def reply_for(self, e: BaseException) -> str:
-        """The one place where the failure taxonomy becomes SMTP replies (all of them end the session)."""
-        if isinstance(e, HandOverRefused):
-            return HANDOVER_REFUSED
-        if isinstance(e, BackendUnavailable):
-            return RELAY_DOWN if self.link is None or not self.handed_over else RELAY_ERROR
-        if isinstance(e, BackendProtocolError):
-            return RELAY_ERROR
-        return INTERNAL_ERROR
+    COMMANDS = {
+        "EHLO": Verb(cmd_EHLO, _COMMAND_STATES, (0, -1)),
+        "HELO": Verb(cmd_HELO, _COMMAND_STATES, (0, -1)),
+        "STARTTLS": Verb(cmd_STARTTLS, _OUTSIDE_MAIL, (0, -1), not_now=TLS_NOT_NOW),
+        "AUTH": Verb(cmd_AUTH, _OUTSIDE_MAIL, (0, -1), not_now=AUTH_NOT_NOW),
+        "DATA": Verb(cmd_DATA, frozenset({SmtpState.ENVELOPE}), (0, -1), not_now=DATA_NOT_NOW),
+        "BDAT": Verb(cmd_BDAT, _COMMAND_STATES, (0, -1)),
+        "XCLIENT": Verb(cmd_XCLIENT, _COMMAND_STATES, (0, -1)),
+        "XFORWARD": Verb(cmd_XCLIENT, _COMMAND_STATES, (0, -1)),
+        "QUIT": Verb(cmd_QUIT, _COMMAND_STATES, (0, -1)),
+        **dict.fromkeys(FORWARDED_VERBS, Verb(cmd_forward, _COMMAND_STATES, (0, -1))),
+    }
+
+
+FORWARD = SmtpSession.COMMANDS["MAIL"]      # the row of every forwarded verb
 
 
 class SmtpService(Service):
-    name = "smtp"
+    kind = "smtp"
     session_class = SmtpSession
-    uses_directory = False
 
     def __init__(self, entry: object) -> None:
         super().__init__(entry)
@@ -699,10 +767,11 @@ class SmtpService(Service):
         listed = {k.upper() for k in self.cfg.EhloKeywords or ()}
         ignored = listed & NEVER_PASSED
         if ignored:
-            log.warning("EhloKeywords %s ignored: the proxy never passes them to clients", " ".join(sorted(ignored)))
+            self.log.warning("EhloKeywords %s ignored: the proxy never passes them to clients", " ".join(sorted(ignored)))
         self.keywords = (set(SUPPORTED_KEYWORDS) | listed) - NEVER_PASSED
         # listed keywords that are commands (TURN, ATRN, ...) are forwarded like the base verbs
-        self.extra_verbs = {k for k in listed - NEVER_PASSED if re.fullmatch(r"[A-Z][A-Z0-9]*", k)} - {"AUTH"}
+        self.extra_verbs = {k for k in listed - NEVER_PASSED if re.fullmatch(r"[A-Z][A-Z0-9]*", k)} \
+            - set(SmtpSession.COMMANDS)
 
     def relay_order(self) -> List[Tuple[str, int]]:
         """Relays to try, starting one further each session; those that failed lately come last."""
@@ -809,7 +878,3 @@ def _is_ip(host: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text or "").split())

@@ -81,6 +81,21 @@ def relay2():
     pf.close()
 
 
+@pytest.fixture(scope="module")
+def relay_off():
+    """A plain relay that offers none of DSN, SMTPUTF8 and CHUNKING."""
+    pf = relay_for_proxy(smtpd_discard_ehlo_keywords="chunking, dsn, smtputf8")
+    pf.start()
+    yield pf
+    pf.close()
+
+
+@pytest.fixture(scope="module")
+def proxy_off(mail_stack, relay_off):
+    with Proxy(mail_stack.info(), imap=False, smtp=smtp_settings([hp(relay_off)])) as p:
+        yield p
+
+
 def hp(pf):
     return "%s:%d" % (pf.host, pf.port)
 
@@ -388,19 +403,24 @@ def test_refresh_switches_relays_without_a_restart(mail_stack, relay, relay2):
 
 
 # ---------------------------------------------------------------------- EHLO, PIPELINING, TLS, AUTH
-def test_ehlo_keywords_filtered(proxy, proxy_rr):
+def test_ehlo_keywords_filtered(proxy, proxy_rr, proxy_off):
     c = client(proxy)
     f = c.esmtp_features
-    assert {"pipelining", "8bitmime", "size", "enhancedstatuscodes", "etrn", "starttls", "auth"} <= set(f), f
-    for hidden in ("chunking", "dsn", "smtputf8", "xclient", "xforward", "vrfy"):
+    assert {"pipelining", "8bitmime", "size", "enhancedstatuscodes", "etrn", "starttls", "auth",
+            "dsn", "smtputf8", "chunking"} <= set(f), f
+    for hidden in ("xclient", "xforward", "vrfy", "binarymime"):
         assert hidden not in f, f
     c.quit()
     c = client(proxy_rr)
     f = c.esmtp_features
-    assert "dsn" in f                                   # EhloKeywords DSN
-    assert "chunking" not in f and "xclient" not in f   # listed, but never passed
+    assert "dsn" in f and "chunking" in f
+    assert "xclient" not in f                           # listed in EhloKeywords, but never passed
     assert "starttls" not in f                          # this proxy cannot do TLS itself
     assert "auth" not in f                              # RestrictPlainPasswords, no TLS
+    c.quit()
+    c = client(proxy_off)                               # a relay that offers none of them
+    f = c.esmtp_features
+    assert not {"dsn", "smtputf8", "chunking"} & set(f), f
     c.quit()
 
 
@@ -525,7 +545,8 @@ def test_bare_cr_or_lf_in_data_refused(proxy, relay, text):
              smuggled.encode() + b"\r\n\r\nsmuggled\r\n.\r\n")
     code, lines = reply(raw)
     assert (code, lines[0].decode()) == (550, smtp.BARE_EOL)
-    assert raw.read_all(timeout=10) == b""              # and the connection is closed
+    raw.send(b"NOOP\r\n")                              # pipelined after the end of data: answered
+    assert raw.read_all(timeout=10) == smtp.AFTER_REFUSAL.encode() + b"\r\n"   # then the connection closes
     not_delivered(proxy, relay, subj)
     assert not find(relay, smuggled)
 
@@ -535,8 +556,10 @@ def test_overlong_data_line_refused(proxy, relay):
     subj = subject()
     raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
     assert [reply(raw)[0] for _ in range(3)] == [250, 250, 354]
-    raw.send(b"Subject: " + subj.encode() + b"\r\n\r\n" + b"x" * (smtp.MAX_DATA_LINE + 10) + b"\r\n.\r\n")
-    assert reply(raw)[0] == 552
+    raw.send(b"Subject: " + subj.encode() + b"\r\n\r\n" + b"x" * (smtp.MAX_DATA_LINE + 10) + b"\r\n.\r\nNOOP\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (552, smtp.DATA_LINE_TOO_LONG)
+    assert raw.read_all(timeout=10) == smtp.AFTER_REFUSAL.encode() + b"\r\n"
     not_delivered(proxy, relay, subj)
 
 
@@ -562,8 +585,8 @@ def test_client_xclient_and_xforward_refused(proxy, relay):
     assert "XCLIENT ADDR=127.0.0.1" not in relay.read_log()
 
 
-def test_bdat_not_offered_and_its_chunk_never_runs(proxy):
-    raw = raw_session(proxy)
+def test_bdat_not_offered_and_its_chunk_never_runs(proxy_off):
+    raw = raw_session(proxy_off)
     chunk = b"RSET\r\nMAIL FROM:<a@b.c>\r\n"
     raw.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n")
     code, lines = reply(raw)

@@ -12,12 +12,12 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from mmproxy.config import kinds
 from mmproxy.config import types as t
 
-FILE_CODES = ("A", "I", "P", "S")
-FILE_NAMES = {"A": "AService", "I": t.SERVICE_NAMES["imap"], "P": t.SERVICE_NAMES["pop"],
-              "S": t.SERVICE_NAMES["smtp"]}
-KIND_CODES = {"imap": "I", "pop": "P", "smtp": "S"}
+FILE_CODES = tuple(kinds.BY_CODE)                               # "A", "I", "P", "S"
+FILE_NAMES = {k.code: k.file for k in kinds.BY_NAME.values()}     # "I" -> "ImapProxyAService"
+KIND_CODES = {k.name: k.code for k in kinds.SERVICES.values()}    # "imap" -> "I"
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,12 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 from urllib.parse import unquote
 
-# ServiceList library basenames (lower case) -> service kind, and back to the legacy file stem.
-SERVICE_KINDS: Dict[str, str] = {"imapproxyaservice": "imap", "popproxyaservice": "pop",
-                                 "smtpproxyaservice": "smtp"}
-SERVICE_NAMES: Dict[str, str] = {"imap": "ImapProxyAService", "pop": "PopProxyAService",
-                                 "smtp": "SmtpProxyAService"}
+from mmproxy.addresses import is_host_name
+from mmproxy.config import kinds
+
 NSS_FILES = ("cert8.db", "key3.db", "cert9.db", "key4.db")
 
 
@@ -89,9 +87,9 @@ class PerService(Deferred):
         return self.by_kind.get(ctx.service or "")
 
     def render(self, code: Optional[str] = None) -> str:
-        kinds = {"I": "imap", "P": "pop", "S": "smtp"}
-        if code in kinds and kinds[code] in self.by_kind:
-            return str(self.by_kind[kinds[code]])
+        kind = kinds.BY_CODE.get(code or "")
+        if kind is not None and kind.name in self.by_kind:
+            return str(self.by_kind[kind.name])
         return " / ".join("%s (%s)" % (v, k.upper()) for k, v in self.by_kind.items())
 
 
@@ -316,7 +314,7 @@ class Endpoints(Type):
 def _host(text: str) -> str:
     if text.startswith("[") and text.endswith("]"):
         return _ip(text[1:-1])
-    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", text):
+    if not is_host_name(text):
         raise ValueError("%r is not a host name or address" % text)
     return text
 
@@ -408,10 +406,11 @@ class ServiceList(Type):
         lib_part, ports = text.rsplit("@", 1)
         library, _, instance = lib_part.partition("|")
         base = _basename(library)
-        kind = SERVICE_KINDS.get(base.lower())
-        if kind is None:
+        known = kinds.BY_FILE.get(base.lower())
+        if known is None:
             raise ValueError("%r names no known service (known: %s)"
-                             % (base or text, ", ".join(SERVICE_NAMES.values())))
+                             % (base or text, ", ".join(k.file for k in kinds.SERVICES.values())))
+        kind = known.name
         instance, _, section = (instance or base).partition(":")
         if not instance:
             raise ValueError("%r: empty instance name after |" % text)

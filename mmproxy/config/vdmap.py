@@ -5,10 +5,10 @@ lines give that domain's values, which override the service's own for sessions o
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from mmproxy.addresses import unmapped
 from mmproxy.config import cfgfile
 from mmproxy.config.cfgfile import Problem, error, warning
 from mmproxy.config.params import lookup, suggest, support_problem
@@ -16,10 +16,8 @@ from mmproxy.config.types import Ctx
 
 
 def _address(text: str) -> str:
-    """Canonical text of an IP; an IPv4-mapped IPv6 address (dual-stack sockets) as plain IPv4."""
-    ip = ipaddress.ip_address(text.strip().strip("[]"))
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return str(mapped or ip)
+    """Canonical text of an IP (ValueError if it is none)."""
+    return str(unmapped(text))
 
 
 @dataclass

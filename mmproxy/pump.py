@@ -1,8 +1,8 @@
-"""The byte pump after login, shared by every protocol.
+"""The byte pump after login, shared by IMAP and POP: both sockets, both directions, until the end.
 
-An idle relayed session is what a proxy holds most of, so it must be cheap: a parked greenlet costs
+An idle logged-in session is what a proxy holds most of, so it must be cheap: a parked greenlet costs
 about 9 KB here, an io watcher about half a kilobyte.  The session greenlet therefore hands both
-sockets to watcher callbacks and ends.  Idle timeouts are checked by one sweeper for all relays,
+sockets to watcher callbacks and ends.  Idle timeouts are checked by one sweeper for all pumps,
 not one timer each.
 
 Plaintext bulk data moves with splice(2) through a pipe, so it never enters Python (a
@@ -32,7 +32,7 @@ _BUF = bytearray(CHUNK)
 _VIEW = memoryview(_BUF)
 _AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
-CLOSE_GRACE = 60.0        # after one side has finished, the other gets this long to finish too
+CLOSE_GRACE = 10.0        # after the client has finished, the store gets this long to finish too
 SWEEP_EVERY = 5.0
 BURST = 8                 # reads per readiness callback before yielding to other sessions
 POOL_MAX = 32             # idle pipes kept for reuse
@@ -75,24 +75,34 @@ class _Side:
         return self.left is not None or self.inpipe > 0
 
 
-class Relay:
-    """Relays ``client`` <-> ``store`` until both directions end, an error, or ``idle`` seconds of silence."""
+class Pump:
+    """Moves bytes ``client`` <-> ``store`` until one side has ended and what it sent is delivered,
+    an error, or ``idle`` seconds of silence.
 
-    __slots__ = ("up", "down", "idle", "last", "on_close", "reason", "closed", "tls", "__weakref__")
+    When the store ends (after LOGOUT, QUIT or its own timeout), what it sent goes to the client
+    and both connections close at once: the client's connection slot is free.  When the client
+    ends, the store is told (a half-close), and its last answer still reaches the client, within
+    CLOSE_GRACE.  ``goodbye`` is written to the client when the idle timeout ends a session whose
+    store-to-client stream is quiet (``* BYE ...``, ``-ERR ...``).  ``on_close(pump)`` runs once.
+    """
+
+    __slots__ = ("up", "down", "idle", "last", "on_close", "reason", "closed", "tls", "goodbye", "__weakref__")
 
     def __init__(self, client: socket.socket, store: socket.socket, idle: float,
-                 on_close: Callable[["Relay"], None], to_store: bytes = b"", to_client: bytes = b"") -> None:
+                 on_close: Callable[["Pump"], None], to_store: bytes = b"", to_client: bytes = b"",
+                 goodbye: bytes = b"") -> None:
         self.up = _Side(client, store)
         self.down = _Side(store, client)
         self.idle = idle
         self.on_close = on_close
         self.reason = ""
         self.closed = False
+        self.goodbye = goodbye
         self.tls = isinstance(client, ssl.SSLSocket) or isinstance(store, ssl.SSLSocket)
         self.last = get_hub().loop.now()
         client.settimeout(0.0)
         store.settimeout(0.0)
-        _RELAYS.add(self)
+        _PUMPS.add(self)
         _ensure_sweeper()
         for side, pending in ((self.up, to_store), (self.down, to_client)):
             if pending:
@@ -232,8 +242,9 @@ class Relay:
 
     def _finish(self, side: _Side) -> None:
         """The source ended and everything it sent was written: pass the end on."""
-        if self.tls or self._other(side).done:
-            # TLS: a TCP half-close under a TLS stream would drop its state; end the session.
+        if self.tls or self._other(side).done or side is self.down:
+            # The store has ended (nothing the client sends can be answered now), or TLS (a TCP
+            # half-close under a TLS stream would drop its state): end the session.
             return self.close(self.reason)
         try:
             side.dst.shutdown(socket.SHUT_WR)
@@ -241,12 +252,22 @@ class Relay:
             return self.close(self.reason)
         self.idle = min(self.idle, CLOSE_GRACE)
 
+    def idle_out(self, seconds: float) -> None:
+        """Timeout: say goodbye where it cannot cut a response in two, then close."""
+        if self.goodbye and not self.down.blocked and not self.down.done:
+            try:
+                self.down.dst.send(self.goodbye)      # a few bytes into an idle socket: never blocks
+            except (OSError, *_AGAIN):
+                pass
+        self.close("idle for %ds" % seconds)
+
     def close(self, reason: str = "") -> None:
+        """Stop both directions and close both sockets; ``on_close`` runs once."""
         if self.closed:
             return
         self.closed = True
         self.reason = self.reason or reason
-        _RELAYS.discard(self)
+        _PUMPS.discard(self)
         for side in (self.up, self.down):
             side.rd.stop()
             side.wr.stop()
@@ -262,7 +283,7 @@ class Relay:
         try:
             self.on_close(self)
         except Exception:
-            log.exception("relay close callback failed")
+            log.error("pump close callback failed", exc_info=log.isEnabledFor(logging.DEBUG))
 
 
 class _Failed(OSError):
@@ -278,11 +299,11 @@ def _drop_pipe(pipe: Tuple[int, int]) -> None:
     os.close(pipe[1])
 
 
-def _who(side: _Side, relay: Relay) -> str:
-    return "client" if side is relay.up else "store"
+def _who(side: _Side, pump: Pump) -> str:
+    return "client" if side is pump.up else "store"
 
 
-_RELAYS: Set[Relay] = set()
+_PUMPS: Set[Pump] = set()
 _sweeper: Optional[gevent.Greenlet] = None
 
 
@@ -291,8 +312,8 @@ def _sweep() -> None:
     while True:
         gevent.sleep(SWEEP_EVERY)
         now = loop.now()
-        for r in [r for r in _RELAYS if now - r.last > r.idle]:
-            r.close("idle for %ds" % (now - r.last))
+        for p in [p for p in _PUMPS if now - p.last > p.idle]:
+            p.idle_out(now - p.last)
 
 
 def _ensure_sweeper() -> None:
@@ -302,5 +323,6 @@ def _ensure_sweeper() -> None:
 
 
 def close_all(reason: str) -> None:
-    for r in list(_RELAYS):
-        r.close(reason)
+    """Close every pump of this process (the daemon is stopping)."""
+    for p in list(_PUMPS):
+        p.close(reason)

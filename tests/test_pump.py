@@ -1,4 +1,4 @@
-"""The relay on real loopback sockets: integrity under back-pressure, half-close, idle timeout, TLS."""
+"""The pump on real loopback sockets: integrity under back-pressure, ends, idle timeout and goodbye, TLS."""
 import hashlib
 import os
 import socket
@@ -8,7 +8,7 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from mmproxy import relay
+from mmproxy import pump as pumpmod
 from mmproxy.testing.proxy import make_cert
 
 
@@ -23,13 +23,13 @@ def pair():
     return outside, inside
 
 
-def start(idle=30.0, to_store=b"", to_client=b"", wrap=None):
+def start(idle=30.0, to_store=b"", to_client=b"", wrap=None, goodbye=b""):
     client, client_in = pair()
     store, store_in = pair()
     if wrap:
         client, client_in = wrap(client, client_in)
     done = gevent.event.AsyncResult()
-    r = relay.Relay(client_in, store_in, idle, done.set, to_store, to_client)
+    r = pumpmod.Pump(client_in, store_in, idle, done.set, to_store, to_client, goodbye)
     return client, store, r, done
 
 
@@ -69,25 +69,43 @@ def test_bulk_both_ways_intact(slow):
     assert "closed by" in done.get(timeout=5).reason
 
 
-def test_pending_bytes_go_first_and_half_close_is_passed_on():
+def test_pending_bytes_go_first_and_the_store_ending_closes_both_at_once():
+    """After LOGOUT the store closes: what it sent reaches the client, then both connections close
+    (the client's slot is free at once, no lingering half-open connection)."""
     client, store, r, done = start(to_store=b"A SELECT INBOX\r\n", to_client=b"* 1 EXISTS\r\n")
     assert store.recv(100) == b"A SELECT INBOX\r\n"
     assert client.recv(100) == b"* 1 EXISTS\r\n"
-    store.sendall(b"* BYE\r\n")
+    store.sendall(b"* BYE\r\nb OK Logout completed\r\n")
     store.shutdown(socket.SHUT_WR)
-    assert client.recv(100) == b"* BYE\r\n"
-    assert client.recv(100) == b""                 # the store's end reached the client
-    client.sendall(b"late\r\n")
-    assert store.recv(100) == b"late\r\n"          # the other direction still flows
-    client.close()
-    assert done.get(timeout=5).reason == "closed by store"
+    assert done.get(timeout=2).reason == "closed by store"
+    data = b""
+    while True:
+        chunk = client.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    assert data == b"* BYE\r\nb OK Logout completed\r\n"
+    assert store.recv(100) == b""                  # the store's connection was closed too
 
 
-def test_idle_timeout_closes_both(monkeypatch):
-    monkeypatch.setattr(relay, "SWEEP_EVERY", 0.1)
-    relay._sweeper = None
-    client, store, r, done = start(idle=0.3)
+def test_client_half_close_still_gets_the_last_answer():
+    client, store, r, done = start()
+    client.sendall(b"z LOGOUT\r\n")
+    client.shutdown(socket.SHUT_WR)
+    assert store.recv(100) == b"z LOGOUT\r\n"
+    assert store.recv(100) == b""                  # the client's end reached the store
+    store.sendall(b"* BYE\r\nz OK\r\n")
+    store.close()
+    assert client.recv(100) == b"* BYE\r\nz OK\r\n"
+    assert done.get(timeout=2).reason == "closed by client"
+
+
+def test_idle_timeout_says_goodbye_and_closes_both(monkeypatch):
+    monkeypatch.setattr(pumpmod, "SWEEP_EVERY", 0.1)
+    pumpmod._sweeper = None
+    client, store, r, done = start(idle=0.3, goodbye=b"* BYE Disconnected for inactivity.\r\n")
     assert "idle" in done.get(timeout=5).reason
+    assert client.recv(100) == b"* BYE Disconnected for inactivity.\r\n"
     assert client.recv(10) == b"" and store.recv(10) == b""
 
 

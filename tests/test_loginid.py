@@ -1,10 +1,10 @@
-"""Pure logic: login splitting, %-format expansion, filter escaping, IMAP tokenizing and quoting."""
+"""Pure logic: login splitting, %-format expansion, filter escaping, host names, credentials."""
 import pytest
 
-from mmproxy.errors import ClientSyntaxError
-from mmproxy.formats import (escape_filter_value, has_control_chars, is_dns_name, replay_id, search_filter,
-                             split_login)
-from mmproxy.imap import quote, tokenize
+from mmproxy.addresses import address_key, is_host_name, unmapped
+from mmproxy.errors import AuthFailed
+from mmproxy.login import credentials
+from mmproxy.loginid import escape_filter_value, replay_id, search_filter, split_login
 
 
 def test_split_from_the_end_and_canonical_delimiter():
@@ -51,26 +51,34 @@ def test_escape_filter_value():
 @pytest.mark.parametrize("name,ok", [("example.com", True), ("a-b.example", True), ("-bad.com", False),
                                      ("ex ample.com", False), ("x,dc=evil", False), ("", False),
                                      ("a..b", False), ("a" * 64 + ".com", False), ("dc=com", False)])
-def test_dns_names(name, ok):
-    assert is_dns_name(name) is ok
+def test_host_names(name, ok):
+    assert is_host_name(name) is ok
+    assert is_host_name(name.upper()) is ok
 
 
-def test_control_characters():
-    assert has_control_chars("a\x00b") and has_control_chars("a\rb") and has_control_chars("\x7f")
-    assert not has_control_chars("pässword with spaces")
+def test_client_addresses_have_one_spelling():
+    assert address_key("::ffff:127.0.0.9") == address_key("127.0.0.9") == "127.0.0.9"
+    assert address_key("fe80::1%eth0") == "fe80::1"
+    assert address_key("[2001:db8::1]") == "2001:db8::1"
+    assert address_key("not an address") == "not an address"
+    with pytest.raises(ValueError):
+        unmapped("example.com")
 
 
-def test_tokenize():
-    assert tokenize(b'a1 LOGIN "jo\\"e" pass') == [b"a1", b"LOGIN", b'jo"e', b"pass"]
-    assert tokenize(b'a ID ("name" "x") NIL') == [b"a", b"ID", "(", b"name", b"x", ")", b"NIL"]
-    with pytest.raises(ClientSyntaxError):
-        tokenize(b'a LOGIN "unterminated')
-    with pytest.raises(ClientSyntaxError):
-        tokenize(b'a LOGIN "bad \\x escape"')
+@pytest.mark.parametrize("user,password,why", [
+    (b"", b"pw", "empty login id"),
+    (b"alice@example.com\xc3(", b"pw", "not UTF-8"),
+    (b"ali\x00ce", b"pw", "control characters"),
+    (b"alice\r\n", b"pw", "control characters"),
+    (b"a" * 257, b"pw", "octets"),
+    (b"alice", b"pw\r\nx", "NUL, CR or LF"),
+    (b"alice", b"p\x00w", "NUL, CR or LF"),
+])
+def test_credentials_refuse_what_no_directory_or_store_could_take(user, password, why):
+    with pytest.raises(AuthFailed, match=why):
+        credentials(user, password)
 
 
-def test_quote():
-    assert quote('b"o b\\pw') == b'"b\\"o b\\\\pw"'
-    assert quote("pässword") is None          # 8-bit: a literal
-    assert quote("x" * 2000) is None
-    assert quote("a\rb") is None
+def test_credentials_keep_passwords_as_octets():
+    c = credentials("jürgen@example.com".encode(), b"p\xe4sswort \t\xff")
+    assert c.user == "jürgen@example.com" and c.password == b"p\xe4sswort \t\xff"

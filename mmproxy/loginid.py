@@ -1,19 +1,17 @@
-"""Pure helpers for login ids: splitting user and domain, and the legacy %-formats.
+"""Login ids: splitting user and domain as the legacy MMP did, and the legacy %-formats
+(SearchFormat, ReplayFormat and their per-domain forms).
 
-Everything a client typed passes through here before it reaches LDAP or a store, so the rules that
-keep it harmless live in one place: single-pass expansion (a ``%`` the user typed is never expanded
-again), RFC 4515 escaping of every substituted value, and DNS-name validation of the domain before
-it is put into a DN.
+What a client typed reaches LDAP and the store only through here, so the rules that keep it
+harmless live in one place: single-pass expansion (a ``%`` the user typed is never expanded again)
+and RFC 4515 escaping of every value substituted into a filter.  (Which octets may be a login id at
+all is decided before, in ``login.credentials``; a domain name is checked before it shapes a DN, in
+``directory``.)
 """
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
-
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -24,18 +22,6 @@ class LoginId:
     user: str          # %U: the user id part
     domain: str        # %V: the (virtual) domain, lower case; "" when none
     canonical: str     # %s: user + CanonicalVirtualDomainDelim + domain (or just user)
-
-
-def has_control_chars(s: str) -> bool:
-    return bool(_CONTROL.search(s))
-
-
-@functools.lru_cache(maxsize=4096)
-def is_dns_name(name: str) -> bool:
-    """True for a syntactically valid DNS host/domain name (RFC 1035 letters-digits-hyphen labels)."""
-    if not name or len(name) > 253:
-        return False
-    return all(_LABEL.match(label) for label in name.split("."))
 
 
 def split_login(login: str, delims: str, default_domain: Optional[str], canonical_delim: str) -> LoginId:

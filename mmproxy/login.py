@@ -1,0 +1,271 @@
+"""What the protocols that log users in (IMAP, POP) share: credentials, finding the user's store,
+PreAuth or a challenge-response check, the SASL exchange, and handing the connection to the pump.
+
+SMTP has no login to replay and does not use this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Tuple
+
+from mmproxy import sasl
+from mmproxy.backend import Store
+from mmproxy.directory import Directory, User
+from mmproxy.errors import (AuthCancelled, AuthFailed, AuthzFailed, BackendUnavailable, ClientSyntaxError,
+                            MechanismUnsupported, PrivacyRequired, StoreRefused)
+from mmproxy.loginid import LoginId, replay_id, split_login
+from mmproxy.pump import Pump
+from mmproxy.session import PRELOGIN_DEADLINE, Line, Service, Session, failure_kind, log_end_line
+
+MAX_LOGIN_ID = 256           # octets of a login id (RFC 4616 lets PLAIN carry 255 UTF-8 characters)
+MAX_SASL_LINE = 16384        # one base64 client response of a SASL exchange
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client logs in with, checked once (:func:`credentials`).
+
+    ``user`` is valid UTF-8 without control characters; ``password`` is octets, as an LDAP simple
+    bind takes them (RFC 4511 section 4.2).  ``verify(target) -> password`` checks a
+    challenge-response login against the directory (CRAM-MD5, APOP) instead of PreAuth.
+    """
+
+    user: str
+    password: bytes = b""
+    verify: Optional[Callable[["Target"], bytes]] = None
+
+
+def credentials(user: bytes, password: bytes = b"",
+                verify: Optional[Callable[["Target"], bytes]] = None) -> Credentials:
+    """The one gate every login id and password passes before it reaches LDAP, a log, a store or
+    XCLIENT.  AuthFailed (a failed login, as a wrong password would be) naming the real cause."""
+    if not user:
+        raise AuthFailed("empty login id")
+    if len(user) > MAX_LOGIN_ID:
+        raise AuthFailed("login id of %d octets (at most %d)" % (len(user), MAX_LOGIN_ID))
+    try:
+        text = user.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuthFailed("login id %r is not UTF-8" % user[:80]) from None
+    if any(c < " " or c == "\x7f" for c in text):
+        raise AuthFailed("login id %r holds control characters" % text[:80])
+    if b"\0" in password or b"\r" in password or b"\n" in password:
+        raise AuthFailed("password of %r holds a NUL, CR or LF" % text[:80])
+    return Credentials(text, password, verify)
+
+
+@dataclass
+class Target:
+    """Where a login goes: the split login id, the user's entry, the settings that apply to it
+    (service, virtual domain, directory domain), the store, and the id to replay there."""
+
+    login: LoginId
+    user: User
+    cfg: Any
+    host: str
+    replay: str
+
+    def __str__(self) -> str:
+        return "%s:%d" % (self.host, self.cfg.BacksidePort)
+
+
+class LoginService(Service):
+    """A service that logs users in to stores: it has a directory."""
+
+    def __init__(self, entry: Any) -> None:
+        super().__init__(entry)
+        self.directory = Directory(self.cfg)
+
+    def close(self) -> None:
+        self.directory.close()
+
+
+class LoginSession(Session):
+    """A session that ends in a login replayed to the user's store and the pump (IMAP, POP).
+
+    Protocols set the states below and provide ``replay``; ``login`` does the rest.
+    """
+
+    service: LoginService
+    LOGIN_STATE: Any = None          # waiting for credentials (IMAP not authenticated, POP authorization)
+    AUTHENTICATING: Any = None       # a SASL exchange or a login in progress
+    RELAYING: Any = None             # the pump has the connection
+    GOODBYE_IDLE = b""               # written to the client when Timeout ends a pumped session
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reader.deadline = self.started + PRELOGIN_DEADLINE
+        self.user = ""               # the login id of the present or last attempt, for the log
+        self.target: Optional[Target] = None
+
+    # ------------------------------------------------------------------ what a protocol provides
+    def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:
+        """Tell the store who the client is and log in there; the reply for the client.  StoreRefused
+        (with the store's words) when it says no; Backend* errors when it fails."""
+        raise NotImplementedError
+
+    def logged_in(self, target: Target) -> None:
+        """A login went through (verified by the directory or the store)."""
+
+    # ------------------------------------------------------------------ failures
+    def fail(self, e: BaseException) -> None:
+        super().fail(e)
+        if self.state is self.AUTHENTICATING:
+            self.state = self.LOGIN_STATE
+
+    def log_login_failure(self, e: BaseException) -> str:
+        kind = failure_kind(e)
+        self.log.info("login failed user=%r: %s: %s", self.user, kind, e)
+        return "login failed: %s" % kind
+
+    def describe(self) -> str:
+        parts = []
+        if self.user:
+            parts.append("user %s" % self.user)
+        if self.target is not None:
+            parts.append("store %s" % self.target)
+        return ", ".join(parts)
+
+    # ------------------------------------------------------------------ SASL
+    def mechanisms(self) -> List[str]:
+        """The SASL mechanisms offered now: PLAIN and LOGIN unless plaintext is refused, CRAM-MD5 with CRAMs."""
+        mechs = [] if self.plaintext_refused else ["PLAIN", "LOGIN"]
+        return mechs + (["CRAM-MD5"] if self.cfg.CRAMs else [])
+
+    def sasl(self, mechanism: bytes, initial: Optional[bytes]) -> Credentials:
+        """The exchange of IMAP AUTHENTICATE / POP AUTH (RFC 4422; challenges as ``+ base64``),
+        with an optional initial response (RFC 4959, RFC 5034).  The credentials it yields."""
+        mech = mechanism.decode("ascii", "replace").upper()
+        if mech not in self.mechanisms():
+            if mech in sasl.PLAINTEXT and self.plaintext_refused:
+                raise PrivacyRequired("Plaintext authentication is disallowed without TLS")
+            raise MechanismUnsupported("Unsupported authentication mechanism", "mechanism %r" % mech[:40])
+        self.state = self.AUTHENTICATING
+        if mech == "PLAIN":
+            authzid, authcid, password = sasl.plain(self.sasl_response(b"", initial))
+            if authzid and authzid != authcid:
+                self.user = authcid.decode("utf-8", "replace")[:80]
+                raise AuthzFailed("authorization identity %r differs" % authzid[:80])
+            return credentials(authcid, password)
+        if mech == "LOGIN":
+            user = self.sasl_response(sasl.LOGIN_CHALLENGES[0], initial)
+            return credentials(user, self.sasl_response(sasl.LOGIN_CHALLENGES[1], None))
+        # CRAM-MD5 (RFC 2195): the server speaks first, so there is no initial response
+        if initial is not None:
+            raise ClientSyntaxError("CRAM-MD5 takes no initial response")
+        challenge = sasl.challenge()
+        user, digest = sasl.cram_md5_response(self.sasl_response(challenge, None))
+        return credentials(user, verify=lambda target: self.verify_challenge(
+            target, lambda secret: sasl.cram_md5_digest(secret, challenge), digest))
+
+    def sasl_response(self, challenge: bytes, initial: Optional[bytes]) -> bytes:
+        """The client's (decoded) response to ``challenge``, or its initial response when it gave one."""
+        if initial is not None:
+            if sasl.is_cancel(initial):
+                raise AuthCancelled("Authentication cancelled")
+            return sasl.decode(initial)
+        self.send(b"+ " + sasl.encode(challenge))
+        line = self.reader.readline(MAX_SASL_LINE)
+        if sasl.is_cancel(line):
+            raise AuthCancelled("Authentication cancelled")
+        return sasl.decode(line)
+
+    def verify_challenge(self, target: Target, expected: Callable[[bytes], str], digest: str) -> bytes:
+        """Challenge-response logins (APOP, CRAM-MD5): the user's clear-text directory password must
+        produce ``digest``.  Returns that password, which the store login then replays."""
+        secret = self.service.directory.read_password(target.user)
+        if secret is None:
+            raise AuthFailed("%s has no clear-text userPassword for a challenge-response login" % target.user.dn)
+        if not sasl.digest_matches(expected(secret), digest):
+            raise AuthFailed("challenge-response digest does not match")
+        return secret
+
+    # ------------------------------------------------------------------ the login
+    def locate(self, user: str) -> Target:
+        """Split the login id, find the domain and user, apply per-domain settings.
+
+        Raises AuthFailed (unknown user or domain), AuthTempFail (directory trouble) or
+        BackendUnavailable (the user has no store).
+        """
+        cfg = self.cfg
+        lid = split_login(user, cfg.VirtualDomainDelim or "", cfg.DefaultDomain, cfg.CanonicalVirtualDomainDelim or "@")
+        if cfg.HostedDomains and not lid.domain:
+            raise AuthFailed("%r has no domain and DefaultDomain is not set" % user)
+        extra = [cfg.TCPAccessAttr] if cfg.TCPAccessAttr else []
+        domain, entry = self.service.directory.find_user(lid, cfg.SearchFormat, extra, self.client_ip, self.server_ip)
+        if domain is None:
+            raise AuthFailed("unknown domain %r" % lid.domain)
+        if entry is None:
+            raise AuthFailed("unknown user %r" % lid.canonical)
+        over = domain.overrides()
+        if over:
+            try:
+                cfg = cfg.override(over)
+            except ValueError as e:
+                self.log.warning("ignoring a per-domain setting of %s: %s", domain.dn, e)
+        if not entry.mailhost:
+            raise BackendUnavailable("%s has none of %s" % (entry.dn, " ".join(cfg.MailHostAttrs)))
+        return Target(lid, entry, cfg, entry.mailhost, replay_id(cfg.ReplayFormat, lid, entry.attrs))
+
+    def login(self, creds: Credentials) -> None:
+        """Find the store, verify (PreAuth or challenge-response), replay the login, answer the
+        client and hand the connection to the pump.  Every failure is raised for ``fail``."""
+        target, password, verified = self.authorise(creds)
+        self.enter_store(target, password, verified)
+
+    def authorise(self, creds: Credentials) -> Tuple[Target, bytes, bool]:
+        """Find the user's store and check the password where the settings say so: (where the
+        login goes, the password to replay, whether the proxy verified it)."""
+        self.state = self.AUTHENTICATING
+        self.user, self.target = creds.user, None
+        target = self.target = self.locate(creds.user)
+        if creds.verify is not None:
+            return target, creds.verify(target), True
+        if target.cfg.PreAuth:
+            self.service.directory.authenticate(target.user, creds.password)
+            return target, creds.password, True
+        return target, creds.password, False
+
+    def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
+        """Connect to the store, replay the login there, answer the client, start the pump."""
+        store = self.connect_store(target)
+        try:
+            reply = self.replay(store, target, password, verified)
+        except StoreRefused as e:
+            store.close()
+            if verified:
+                e.bad_credentials = False    # the password was right: the store has another reason
+            raise
+        except BaseException:
+            store.close()
+            raise
+        self.logged_in(target)
+        self.send(reply)
+        self.log.info("login user=%s store=%s", target.login.canonical, target)
+        self.start_pump(store, target)
+
+    def connect_store(self, target: Target) -> Store:
+        return Store(target.host, target.cfg.BacksidePort)
+
+    def start_pump(self, store: Store, target: Target) -> None:
+        """Login done: the client and store sockets now belong to the pump; this greenlet ends.
+
+        Bytes either side already sent past the login go first: the client's to the store, the
+        store's to the client.  The pump keeps no reference to this session (memory per idle
+        session is the figure that matters): what the end line needs is copied.
+        """
+        self.flush()
+        to_store = self.reader.take_pending()
+        to_client = store.reader.take_pending()
+        self.state, self.pumping = self.RELAYING, True
+        self.user = target.login.canonical
+        received, sent = self.reader.received, self.sent + len(to_client)
+        log, release, describe, started = self.log, self.release, self.describe(), self.started
+        state = self.state.value
+
+        def closed(p: Pump) -> None:
+            release()
+            log_end_line(log, p.reason or "closed", state, describe, started, received + p.bytes_up,
+                     sent + p.bytes_down)
+        Pump(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client, self.GOODBYE_IDLE)
+
