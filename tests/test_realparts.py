@@ -1,9 +1,12 @@
 """The real-server fixtures themselves: slapd, the Dovecot stores, DelayProxy (no mmproxy here)."""
+import base64
+import hashlib
 import imaplib
 import json
 import os
 import poplib
 import socket
+import subprocess
 import time
 
 import ldap
@@ -12,8 +15,14 @@ import pytest
 from mmproxy.testing import (DelayProxy, DovecotStore, MissingBinary, Slapd, default_directory, free_port,
                              welcome_subject)
 from mmproxy.testing.base import _proc_table, find_binary
+from mmproxy.testing.directory import ldif_line
+
+from helpers import RawClient
 
 imaplib.Commands.setdefault("ID", ("NONAUTH", "AUTH", "SELECTED"))
+
+LATIN_PW = b"p\xe4sswort"             # ISO-8859-1 "pässwort": not valid UTF-8
+LATIN_AS_UTF8 = "p\u00e4sswort".encode("utf-8")     # the same text in UTF-8: a wrong password
 
 
 def wait_for_log(read, needle, timeout=5.0):
@@ -24,6 +33,21 @@ def wait_for_log(read, needle, timeout=5.0):
         if needle in text or time.monotonic() > deadline:
             return text
         time.sleep(0.05)
+
+
+def latin_user(stack):
+    """The latin user's info() entry and the exact octets of its password."""
+    u = stack.user("latin")
+    return u, u["password"].encode(u["password_charset"])
+
+
+def lines_until(r, prefix):
+    """A RawClient's lines up to and including the first that starts with `prefix`."""
+    lines = [r.readline()]
+    while lines[-1] and not lines[-1].startswith(prefix):
+        lines.append(r.readline())
+    assert lines[-1], "connection closed before %r: %r" % (prefix, lines)
+    return lines
 
 
 def imap_subjects(host, port, login, password):
@@ -86,6 +110,44 @@ def test_user_bind_good_and_wrong_password(mail_stack):
         assert conn.whoami_s() == "dn:" + u["dn"]
     with pytest.raises(ldap.INVALID_CREDENTIALS):
         mail_stack.slapd.connect((users["alice"]["dn"], "not-her-password"))
+
+
+def test_latin1_password_binds_with_its_octets_only(mail_stack):
+    """userPassword is {SSHA} over the raw ISO-8859-1 octets; the UTF-8 of the same text fails."""
+    u, raw = latin_user(mail_stack)
+    assert raw == LATIN_PW and u["dn"] == "uid=latin,ou=People,o=example.com,o=internet"
+    conn = mail_stack.slapd.connect("proxy")
+    (_, attrs), = conn.search_s(u["dn"], ldap.SCOPE_BASE, attrlist=["userPassword", "mailHost"])
+    assert attrs["mailHost"] == [b"127.0.0.2"]
+    stored, = attrs["userPassword"]
+    assert stored.startswith(b"{SSHA}")
+    digest_salt = base64.b64decode(stored[len(b"{SSHA}"):])
+    assert hashlib.sha1(LATIN_PW + digest_salt[20:]).digest() == digest_salt[:20]
+    conn = mail_stack.slapd.connect((u["dn"], raw))
+    assert conn.whoami_s() == "dn:" + u["dn"]
+    conn.unbind_s()
+    with pytest.raises(ldap.INVALID_CREDENTIALS):
+        mail_stack.slapd.connect((u["dn"], LATIN_AS_UTF8))
+
+
+def test_latin1_password_with_ldapwhoami(mail_stack, tmp_path):
+    """The command-line client reads the octets from a file (-y: the whole file, no newline;
+    mode 0600, else it warns on stderr)."""
+    u, raw = latin_user(mail_stack)
+    pw_file = tmp_path / "pw"
+    pw_file.touch(mode=0o600)
+    cases = ((raw, 0, "dn:%s\n" % u["dn"], ""), (LATIN_AS_UTF8, 49, "", "ldap_bind: Invalid credentials (49)\n"))
+    for octets, rc, out, err in cases:
+        pw_file.write_bytes(octets)
+        r = subprocess.run([find_binary("ldapwhoami"), "-x", "-H", mail_stack.ldap_url, "-D", u["dn"],
+                            "-y", str(pw_file)], capture_output=True, text=True, timeout=15)
+        assert (r.returncode, r.stdout, r.stderr) == (rc, out, err)
+
+
+def test_ldif_line_sends_non_utf8_octets_as_base64():
+    assert ldif_line("userPassword", LATIN_PW) == "userPassword:: cORzc3dvcnQ=\n"
+    assert ldif_line("userPassword", b"alice-pw") == ldif_line("userPassword", "alice-pw") == "userPassword: alice-pw\n"
+    assert ldif_line("cn", "J\u00fcrgen") == "cn:: %s\n" % base64.b64encode("J\u00fcrgen".encode()).decode()
 
 
 def test_add_modify_delete_as_root(mail_stack):
@@ -166,6 +228,102 @@ def test_pop3_on_a_store(mail_stack):
         p.quit()
 
 
+def test_imap_latin1_password_as_literal_on_the_store(mail_stack):
+    """Dovecot takes the raw ISO-8859-1 octets in a synchronising literal and checks them as
+    they are; the UTF-8 of the same text is a wrong password."""
+    u, raw = latin_user(mail_stack)
+    assert u["mailhost"] == "127.0.0.2"
+    r = RawClient("127.0.0.2", mail_stack.imap_port, timeout=10)
+    try:
+        greeting = r.readline()
+        assert greeting.startswith(b"* OK [CAPABILITY ") and greeting.endswith(b" ready.\r\n")
+        r.send(b"a LOGIN latin {%d}\r\n" % len(raw))
+        assert r.readline() == b"+ OK\r\n"
+        r.send(raw + b"\r\n")
+        ok = r.readline()
+        assert ok.startswith(b"a OK [CAPABILITY ") and ok.endswith(b"] Logged in\r\n"), ok
+        r.send(b"b EXAMINE INBOX\r\n")
+        lines = lines_until(r, b"b ")
+        assert b"* 1 EXISTS\r\n" in lines and lines[-1].startswith(b"b OK [READ-ONLY] Examine completed")
+        r.send(b"c FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+        lines = lines_until(r, b"c ")
+        assert b"Subject: %s\r\n" % welcome_subject("latin", "127.0.0.2").encode() in lines
+        assert lines[-1].startswith(b"c OK Fetch completed")
+        r.send(b"d LOGOUT\r\n")
+        lines = lines_until(r, b"d ")
+        assert lines[-2] == b"* BYE Logging out\r\n" and lines[-1].startswith(b"d OK Logout completed")
+    finally:
+        r.sock.close()
+    r = RawClient("127.0.0.2", mail_stack.imap_port, timeout=10)
+    try:
+        r.readline()
+        r.send(b"a LOGIN latin {%d}\r\n" % len(LATIN_AS_UTF8))
+        assert r.readline() == b"+ OK\r\n"
+        r.send(LATIN_AS_UTF8 + b"\r\n")
+        assert r.readline() == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    finally:
+        r.sock.close()
+
+
+@pytest.mark.parametrize("command, reply", [
+    pytest.param(b'a LOGIN latin "p\xe4sswort"\r\n', b"a OK ", id="quoted"),
+    pytest.param(b"a LOGIN latin {8+}\r\np\xe4sswort\r\n", b"a OK ", id="literal+"),
+    pytest.param(b"a AUTHENTICATE PLAIN " + base64.b64encode(b"\0latin\0p\xe4sswort") + b"\r\n", b"a OK ",
+                 id="authenticate-plain"),
+    pytest.param(b"a LOGIN latin p\xe4sswort\r\n", b"a BAD 8bit data in atom\r\n", id="atom"),
+])
+def test_imap_latin1_password_forms_the_store_takes(mail_stack, command, reply):
+    """What Dovecot does with the 8-bit octets in each IMAP form: only an atom is refused."""
+    r = RawClient("127.0.0.2", mail_stack.imap_port, timeout=10)
+    try:
+        r.readline()
+        r.send(command)
+        line = r.readline()
+        assert line.startswith(reply), line
+        if reply == b"a OK ":
+            assert line.endswith(b"] Logged in\r\n")
+            r.send(b"z LOGOUT\r\n")
+            assert lines_until(r, b"z ")[-1].startswith(b"z OK Logout completed")
+    finally:
+        r.sock.close()
+
+
+@pytest.mark.parametrize("form", ["user-pass", "auth-plain"])
+def test_pop3_latin1_password_on_the_store(mail_stack, form):
+    """POP3 PASS (and AUTH PLAIN) with the raw octets; TOP shows the Welcome message."""
+    _u, raw = latin_user(mail_stack)
+    r = RawClient("127.0.0.2", mail_stack.pop3_port, timeout=10)
+    try:
+        assert r.readline().startswith(b"+OK ")
+        if form == "user-pass":
+            r.send(b"USER latin\r\n")
+            assert r.readline() == b"+OK\r\n"
+            r.send(b"PASS " + raw + b"\r\n")
+        else:
+            r.send(b"AUTH PLAIN " + base64.b64encode(b"\0latin\0" + raw) + b"\r\n")
+        assert r.readline() == b"+OK Logged in.\r\n"
+        r.send(b"TOP 1 0\r\n")
+        lines = lines_until(r, b".\r\n")
+        assert lines[0].startswith(b"+OK")
+        assert b"Subject: %s\r\n" % welcome_subject("latin", "127.0.0.2").encode() in lines
+        r.send(b"QUIT\r\n")
+        assert r.readline() == b"+OK Logging out.\r\n"
+    finally:
+        r.sock.close()
+
+
+def test_pop3_latin1_password_in_utf8_is_wrong(mail_stack):
+    r = RawClient("127.0.0.2", mail_stack.pop3_port, timeout=10)
+    try:
+        assert r.readline().startswith(b"+OK ")
+        r.send(b"USER latin\r\n")
+        assert r.readline() == b"+OK\r\n"
+        r.send(b"PASS " + LATIN_AS_UTF8 + b"\r\n")
+        assert r.readline() == b"-ERR [AUTH] Authentication failed.\r\n"
+    finally:
+        r.sock.close()
+
+
 def test_imap_id_x_originating_ip_sets_rip(mail_stack):
     erin = mail_stack.user("erin")
     store = mail_stack.stores["127.0.0.2"]
@@ -236,6 +394,10 @@ def test_info_is_plain_data(mail_stack):
     assert info["users"]["bob"]["password"] == 'b"o b\\pw'
     assert info["users"]["carol"]["login"] == "carol@example.org"
     assert info["users"]["frank"]["mailhost"] is None
+    latin = info["users"]["latin"]
+    assert (latin["password"], latin["password_charset"]) == ("p\u00e4sswort", "iso-8859-1")
+    assert latin["password"].encode(latin["password_charset"]) == LATIN_PW
+    assert {u["password_charset"] for uid, u in info["users"].items() if uid != "latin"} == {"utf-8"}
 
 
 def test_free_port_on_several_addresses():

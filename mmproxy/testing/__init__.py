@@ -10,6 +10,8 @@ raises MissingBinary with the apt install hint.
     with MailStack() as st:
         info = st.info()          # ldap url/bind dn/pw, store ports, users with passwords
         alice = info["users"]["alice"]   # password, mailhost, store_login, dn, ...
+        latin = info["users"]["latin"]
+        octets = latin["password"].encode(latin["password_charset"])   # b"p\\xe4sswort"
 
     python -m mmproxy.testing up [--keep] [--users N]     # the same stack, for manual work
 
@@ -35,7 +37,7 @@ API
         .postfix .imap_port .pop3_port .lmtp_port .ldap_url .directory
     DelayProxy(target_host, target_port, listen_host="127.0.0.1", delay=0.0)
         .start() .stop() context manager .port .url; .delay may change at any time
-    default_directory(n_users=10) -> Directory; welcome_subject(login, ip); ssha(pw)
+    default_directory(n_users=10) -> Directory; welcome_subject(login, ip); ssha(pw: str | bytes)
 
 Directory (LDAP, suffix o=internet)
     cn=Manager,o=internet / rootsecret      root DN (not an entry)
@@ -53,6 +55,8 @@ Default data model: default_directory(n_users=10)
         bob     mailHost 127.0.0.3   password  b"o b\\pw   (a quote, a space, a backslash)
         erin    mailHost 127.0.0.2   password  erin-pw   mailAlternateAddress: erin@alias.example.com
         frank   NO mailHost          password  frank-pw  (in no store)
+        latin   mailHost 127.0.0.2   password  the ISO-8859-1 octets b"p\\xe4sswort" ("pässwort"),
+                                     NOT valid UTF-8; the UTF-8 of "pässwort" is a wrong password
         user1..userN  odd k on 127.0.0.2, even k on 127.0.0.3, password pw-userK
     dc=org,o=internet                    objectClass domain
     dc=example,dc=org,o=internet         domain inetDomain mailDomain; inetDomainStatus: active;
@@ -65,13 +69,22 @@ Default data model: default_directory(n_users=10)
     uid, cn, sn, mail (uid@domain), userPassword ({SSHA}), mailHost, inetUserStatus active,
     mailUserStatus active, mailDeliveryOption mailbox.
 
+Passwords: a user's info() entry has `password` (always a str) and `password_charset`, and the
+exact octets a client sends are password.encode(password_charset). password_charset is "utf-8"
+for every user but latin ("iso-8859-1": password "pässwort", octets b"p\\xe4sswort"). Both
+{SSHA} hashes, slapd's userPassword and the store's passwd-file, are over those octets, so an
+LDAP simple bind and an IMAP/POP3 login succeed with exactly them. Dovecot (2.3) takes them in an
+IMAP quoted string, a literal (also LITERAL+), AUTHENTICATE PLAIN, POP3 PASS and AUTH PLAIN, but
+refuses them in an IMAP atom ("BAD 8bit data in atom"). A test that a log does not show a
+`password` str finds latin's only if it was decoded as ISO-8859-1: look for the octets too.
+
 Stores
-    Each store's passwd-file holds only its own users' store logins ({SSHA}); a login on the
-    wrong store fails. Every INBOX holds a message with Subject "Welcome <store login> on <ip>"
-    (e.g. "Welcome carol@example.org on 127.0.0.3"), as UID 1. login_trusted_networks =
-    127.0.0.0/8, so an IMAP ID ("x-originating-ip" ...) or POP3 XCLIENT from loopback sets rip= in
-    the store log. LMTP (same port on both stores) also accepts each user's mail address and
-    mailAlternateAddress (userdb-only aliases: they cannot log in).
+    Each store's passwd-file holds only its own users' store logins ({SSHA} over the password
+    octets); a login on the wrong store fails. Every INBOX holds a message with Subject
+    "Welcome <store login> on <ip>" (e.g. "Welcome carol@example.org on 127.0.0.3"), as UID 1.
+    login_trusted_networks = 127.0.0.0/8, so an IMAP ID ("x-originating-ip" ...) or POP3 XCLIENT
+    from loopback sets rip= in the store log. LMTP (same port on both stores) also accepts each
+    user's mail address and mailAlternateAddress (userdb-only aliases: they cannot log in).
     Failed logins take about 0.5 s (auth_failure_delay 0) and Dovecot's per-IP auth penalty is
     off, so wrong-password tests do not slow later logins.
 
@@ -86,7 +99,7 @@ MailStack.info() keys
     imap_port pop3_port lmtp_port; stores {ip: {ip imap pop3 lmtp log users}};
     smtp: None, or {host port mynetworks xclient_hosts relay_domains sink log};
     domains {name: {dn org_dn people_dn status attrs}};
-    users {uid: {uid domain login password mailhost store_login dn mail attrs}}
+    users {uid: {uid domain login password password_charset mailhost store_login dn mail attrs}}
 """
 from .base import DaemonError, MissingBinary, free_port, ssha
 from .delayproxy import DelayProxy

@@ -11,6 +11,7 @@ import signal
 import sys
 
 from .base import MissingBinary
+from .directory import password_label
 from .stack import MailStack
 
 
@@ -44,7 +45,8 @@ def describe(info: dict) -> str:
         out.append("  %-12s %s  users under %s%s" % (name, d["dn"], d["people_dn"], ("  (" + extra + ")") if extra else ""))
     out += ["", "Users     %-24s %-18s %-12s %s" % ("login", "store login", "mailHost", "password")]
     for u in info["users"].values():
-        out.append("          %-24s %-18s %-12s %s" % (u["login"], u["store_login"], u["mailhost"] or "-", u["password"]))
+        out.append("          %-24s %-18s %-12s %s" % (u["login"], u["store_login"], u["mailhost"] or "-",
+                                                       password_label(u)))
     return "\n".join(out)
 
 

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 # apt packages that provide each binary we run (for the error message)
 APT_HINT = {
     "slapd": "slapd",
     "slapadd": "slapd",
     "ldapmodify": "ldap-utils",
+    "ldapwhoami": "ldap-utils",
     "dovecot": "dovecot-imapd dovecot-pop3d dovecot-lmtpd",
     "doveconf": "dovecot-imapd dovecot-pop3d dovecot-lmtpd",
     "/usr/lib/dovecot/imap": "dovecot-imapd",
@@ -118,10 +119,12 @@ def listening(host: str, port: int) -> bool:
     return False
 
 
-def ssha(password: str, salt: Optional[bytes] = None) -> str:
-    """RFC 2307 {SSHA} hash, understood by both slapd and Dovecot."""
+def ssha(password: Union[str, bytes], salt: Optional[bytes] = None) -> str:
+    """RFC 2307 {SSHA} hash, understood by both slapd and Dovecot: over the UTF-8 of a str, over
+    bytes as they are (e.g. the ISO-8859-1 octets b"p\\xe4sswort")."""
     salt = os.urandom(8) if salt is None else salt
-    digest = hashlib.sha1(password.encode("utf-8") + salt).digest()
+    raw = password.encode("utf-8") if isinstance(password, str) else password
+    digest = hashlib.sha1(raw + salt).digest()
     return "{SSHA}" + base64.b64encode(digest + salt).decode("ascii")
 
 

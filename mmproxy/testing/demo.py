@@ -13,6 +13,7 @@ import sys
 import threading
 
 from .base import port_open
+from .directory import password_label
 from .proxy import Proxy, make_cert
 from .stack import MailStack
 
@@ -51,7 +52,8 @@ Users (the proxy finds each one's store by mailHost):
 """)
             for u in info["users"].values():
                 if u["mailhost"] and not u["uid"].startswith("user"):
-                    print("  %-22s password %-12s store %s" % (u["uid"] + "@" + u["domain"], u["password"], u["mailhost"]))
+                    print("  %-22s password %-12s store %s" % (u["uid"] + "@" + u["domain"], password_label(u),
+                                                              u["mailhost"]))
             print(f"""
 Try:
   curl -u alice:{alice['password']} imap://127.0.0.1:{proxy.imap_port}/INBOX

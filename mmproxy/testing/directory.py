@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from .base import ssha
 
@@ -50,7 +50,10 @@ class Domain:
 @dataclass
 class User:
     """A mail user. `store_login` is the name the store knows (what a proxy must replay);
-    `mailhost` None means: no mailHost attribute (and no mailbox on any store)."""
+    `mailhost` None means: no mailHost attribute (and no mailbox on any store).
+    The password's octets are `password` encoded in `password_charset` (UTF-8 unless the user
+    has a password that is not valid UTF-8, e.g. ISO-8859-1 "pässwort" = b"p\\xe4sswort");
+    slapd and the store hash exactly those octets."""
     uid: str
     domain: str
     password: str
@@ -58,6 +61,12 @@ class User:
     store_login: str
     attrs: Attrs = field(default_factory=dict)
     dn: str = ""
+    password_charset: str = "utf-8"
+
+    @property
+    def password_octets(self) -> bytes:
+        """What a client sends, byte for byte: password.encode(password_charset)."""
+        return self.password.encode(self.password_charset)
 
     @property
     def login(self) -> str:
@@ -70,8 +79,15 @@ class User:
 
     def as_dict(self) -> dict:
         return {"uid": self.uid, "domain": self.domain, "login": self.login, "password": self.password,
-                "mailhost": self.mailhost, "store_login": self.store_login, "dn": self.dn,
-                "mail": self.mail, "attrs": {k: list(v) for k, v in self.attrs.items()}}
+                "password_charset": self.password_charset, "mailhost": self.mailhost,
+                "store_login": self.store_login, "dn": self.dn, "mail": self.mail,
+                "attrs": {k: list(v) for k, v in self.attrs.items()}}
+
+
+def password_label(user: dict) -> str:
+    """A user's (info() entry's) password for a human: the text, and its charset unless UTF-8."""
+    pw, charset = user["password"], user["password_charset"]
+    return pw if charset == "utf-8" else "%s (%s: %r)" % (pw, charset, pw.encode(charset))
 
 
 class Directory:
@@ -98,9 +114,9 @@ class Directory:
             raise KeyError(name)
         return u
 
-    def store_users(self, ip: str) -> Dict[str, str]:
-        """{store_login: password} of the users whose mailHost is `ip`."""
-        return {u.store_login: u.password for u in self.users.values() if u.mailhost == ip}
+    def store_users(self, ip: str) -> Dict[str, bytes]:
+        """{store_login: password octets} of the users whose mailHost is `ip`."""
+        return {u.store_login: u.password_octets for u in self.users.values() if u.mailhost == ip}
 
     def store_aliases(self, ip: str) -> Dict[str, str]:
         """{address: store_login} for LMTP delivery on store `ip`: each user's mail address
@@ -151,7 +167,7 @@ class Directory:
             attrs = [("objectClass", oc) for oc in ("top", "person", "organizationalPerson", "inetOrgPerson",
                                                     "inetUser", "mailUser")]
             attrs += [("uid", u.uid), ("cn", u.uid.capitalize() + " Tester"), ("sn", "Tester"),
-                      ("mail", u.mail), ("userPassword", ssha(u.password))]
+                      ("mail", u.mail), ("userPassword", ssha(u.password_octets))]
             if u.mailhost:
                 attrs.append(("mailHost", u.mailhost))
             attrs += [("inetUserStatus", "active"), ("mailUserStatus", "active"),
@@ -166,11 +182,13 @@ class Directory:
 _SAFE = re.compile(r"^[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*$")
 
 
-def ldif_line(attr: str, value: str) -> str:
-    """`attr: value`, or `attr:: base64` when LDIF requires it (RFC 2849 SAFE-STRING)."""
-    if value == "" or (_SAFE.match(value) and not value.endswith(" ")):
-        return "%s: %s\n" % (attr, value)
-    return "%s:: %s\n" % (attr, base64.b64encode(value.encode("utf-8")).decode("ascii"))
+def ldif_line(attr: str, value: Union[str, bytes]) -> str:
+    """`attr: value`, or `attr:: base64` when LDIF requires it (RFC 2849 SAFE-STRING: ASCII only).
+    A str goes as UTF-8; bytes as they are (e.g. a clear-text ISO-8859-1 userPassword)."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    if not raw or (raw.isascii() and _SAFE.match(raw.decode("ascii")) and not raw.endswith(b" ")):
+        return "%s: %s\n" % (attr, raw.decode("ascii"))
+    return "%s:: %s\n" % (attr, base64.b64encode(raw).decode("ascii"))
 
 
 def ldif_entry(dn: str, attrs: list) -> str:
@@ -196,6 +214,7 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
         User("erin", "example.com", "erin-pw", a, "erin",
              attrs={"mailAlternateAddress": ["erin@alias.example.com"]}),
         User("frank", "example.com", "frank-pw", None, "frank"),
+        User("latin", "example.com", "p\u00e4sswort", a, "latin", password_charset="iso-8859-1"),
         User("carol", "example.org", "carol pw", b, "carol@example.org"),
         User("dave", "example.org", "dave-pw", a, "dave@example.org"),
     ]

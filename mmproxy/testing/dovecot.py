@@ -11,6 +11,7 @@ from typing import Dict, Iterable, Optional, Tuple, Union
 from .base import Daemon, find_binary, listening, run, ssha
 
 DOVECOT_LIBEXEC = "/usr/lib/dovecot"
+Password = Union[str, bytes]      # a str is UTF-8; bytes are the exact octets (any charset)
 
 
 def welcome_subject(login: str, ip: str) -> str:
@@ -22,8 +23,10 @@ class DovecotStore(Daemon):
     """`dovecot -F -c <tmp>/dovecot.conf` listening on `ip` only.
 
     users: {login: password} (or (login, password) pairs): the ONLY logins this store accepts
-    (passdb passwd-file, {SSHA}), so a login routed to the wrong store fails. Logins are kept as given,
-    lower-cased (auth_username_format = %Lu): 'carol@example.org' stays 'carol@example.org'.
+    (passdb passwd-file, {SSHA}), so a login routed to the wrong store fails. A str password is
+    hashed as UTF-8, bytes as they are (b"p\\xe4sswort": Dovecot checks the raw octets).
+    Logins are kept as given, lower-cased (auth_username_format = %Lu): 'carol@example.org'
+    stays 'carol@example.org'.
     Each INBOX (maildir, home <mail_root>/<ip>/<login>, owned by nobody:nogroup) holds a message
     with Subject `Welcome <login> on <ip>`, and, when large_bytes > 0, a second message
     `Large message` of about that size (one file per store, hard-linked into every INBOX).
@@ -45,7 +48,7 @@ class DovecotStore(Daemon):
     name = "dovecot"
 
     def __init__(self, ip: str, port_imap: int, port_pop3: int,
-                 users: Union[Dict[str, str], Iterable[Tuple[str, str]]] = (), *,
+                 users: Union[Dict[str, Password], Iterable[Tuple[str, Password]]] = (), *,
                  port_lmtp: Optional[int] = None, workdir: Optional[str] = None,
                  aliases: Optional[Dict[str, str]] = None,
                  mail_root: Optional[str] = None, large_bytes: int = 0,
@@ -60,7 +63,7 @@ class DovecotStore(Daemon):
         self.port_imap = port_imap
         self.port_pop3 = port_pop3
         self.port_lmtp = port_lmtp
-        self.users: Dict[str, str] = dict(users.items() if isinstance(users, dict) else users)
+        self.users: Dict[str, Password] = dict(users.items() if isinstance(users, dict) else users)
         self.aliases: Dict[str, str] = dict(aliases or {})
         self.large_bytes = int(large_bytes)
         self.extra_conf = extra_conf
@@ -83,7 +86,7 @@ class DovecotStore(Daemon):
         return os.path.join(self.mail_root, self.ip, login.lower())
 
     # -- users and mailboxes -----------------------------------------------------------------
-    def add_user(self, login: str, password: str) -> None:
+    def add_user(self, login: str, password: Password) -> None:
         """Add a login (and its INBOX) to this store, also while Dovecot runs.
 
         Dovecot checks the passwd-file for changes at most once per second (of its clock), so
@@ -107,7 +110,7 @@ class DovecotStore(Daemon):
             time.sleep(1.02 - time.time() % 1)
 
     @staticmethod
-    def _passwd_line(login: str, password: str) -> str:
+    def _passwd_line(login: str, password: Password) -> str:
         return "%s:%s\n" % (login.lower(), ssha(password))
 
     def _userdb_line(self, name: str, login: str) -> str:

@@ -136,7 +136,8 @@ class MailStack:
         stores {ip: {ip imap pop3 lmtp log users}};
         smtp (None without postfix) {host port mynetworks xclient_hosts relay_domains sink log};
         domains {name: {dn org_dn people_dn status attrs}};
-        users {uid: {uid domain login password mailhost store_login dn mail attrs}}.
+        users {uid: {uid domain login password password_charset mailhost store_login dn mail attrs}}
+        (a password's octets: password.encode(password_charset)).
         """
         assert self.slapd is not None
         return {
