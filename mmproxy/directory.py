@@ -155,14 +155,21 @@ class Directory:
             self.pool.spawn(_unbind, conn)        # LdapRefreshInterval: reopen old connections
             conn = None
 
-        def work(c: Any) -> Tuple[Any, Any]:
-            if c is None:
-                c = self._open(service_bind)
-            return c, fn(c)
+        def work(c: Any) -> Tuple[Any, Any, Optional[BaseException]]:
+            # Errors come back as values: gevent's pool prints a traceback for every exception
+            # that leaves a job, and a wrong password must never put one in the log.
+            try:
+                if c is None:
+                    c = self._open(service_bind)
+                return c, fn(c), None
+            except Exception as e:
+                return c, None, e
 
         try:
             with gevent.Timeout(JOB_DEADLINE):
-                conn, result = self.pool.apply(work, (conn,))
+                conn, result, error = self.pool.apply(work, (conn,))
+            if error is not None:
+                raise error
         except gevent.Timeout:
             conns.lose()                           # it may still be inside libldap: never reuse it
             raise AuthTempFail("directory did not answer in %ss" % JOB_DEADLINE) from None

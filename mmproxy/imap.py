@@ -382,8 +382,7 @@ class ImapSession(LoginSession):
         if status != b"OK":
             if status != b"NO":
                 raise BackendProtocolError("%s answered LOGIN with %r" % (store, line[:80]))
-            code = rest[1:].split(b"]", 1)[0].upper() if rest.startswith(b"[") else None
-            raise StoreRefused(tag + b" NO " + rest, code in (None, b"AUTHENTICATIONFAILED"))
+            raise store_refusal(tag + b" NO " + rest, verified)
         if not rest.upper().startswith(b"[CAPABILITY "):
             if caps is None:
                 store.send(b"X2 CAPABILITY\r\n")
@@ -396,6 +395,15 @@ class ImapSession(LoginSession):
             if caps:
                 rest = b"[CAPABILITY " + caps + b"] " + rest
         return tag + b" OK " + rest
+
+
+def store_refusal(reply: bytes, verified: bool) -> StoreRefused:
+    """A store's tagged NO to the replayed LOGIN, passed on as it is.  A failed login only when the
+    proxy did not verify the password itself and the NO carries no response code or
+    [AUTHENTICATIONFAILED] (after PreAuth, the store refuses for another reason)."""
+    rest = reply.split(b" NO ", 1)[1] if b" NO " in reply else b""
+    code = rest[1:].split(b"]", 1)[0].upper() if rest.startswith(b"[") else None
+    return StoreRefused(reply, not verified and code in (None, b"AUTHENTICATIONFAILED"))
 
 
 def _greeting(store: Store) -> None:

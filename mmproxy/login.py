@@ -12,13 +12,13 @@ from mmproxy import sasl
 from mmproxy.backend import Store
 from mmproxy.directory import Directory, User
 from mmproxy.errors import (AuthCancelled, AuthFailed, AuthzFailed, BackendUnavailable, ClientSyntaxError,
-                            MechanismUnsupported, PrivacyRequired, StoreRefused)
+                            MechanismUnsupported, PrivacyRequired)
 from mmproxy.loginid import LoginId, replay_id, split_login
 from mmproxy.pump import Pump
-from mmproxy.session import PRELOGIN_DEADLINE, Line, Service, Session, failure_kind, log_end_line
+from mmproxy.session import PRELOGIN_DEADLINE, PRELOGIN_IDLE, Line, Service, Session, failure_kind, log_end_line
 
 MAX_LOGIN_ID = 256           # octets of a login id (RFC 4616 lets PLAIN carry 255 UTF-8 characters)
-MAX_SASL_LINE = 16384        # one base64 client response of a SASL exchange
+MAX_SASL_LINE = 12288        # one base64 client response of a SASL exchange (RFC 4954's AUTH line)
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,9 @@ class LoginSession(Session):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
+        # Before login: idle at most PRELOGIN_IDLE (or Timeout when lower) per read, and the whole
+        # dialogue within PRELOGIN_DEADLINE: a client that trickles bytes cannot hold a session.
+        self.reader.idle = min(PRELOGIN_IDLE, float(self.cfg.Timeout))
         self.reader.deadline = self.started + PRELOGIN_DEADLINE
         self.user = ""               # the login id of the present or last attempt, for the log
         self.target: Optional[Target] = None
@@ -101,7 +104,8 @@ class LoginSession(Session):
     # ------------------------------------------------------------------ what a protocol provides
     def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:
         """Tell the store who the client is and log in there; the reply for the client.  StoreRefused
-        (with the store's words) when it says no; Backend* errors when it fails."""
+        (with the store's words; a failed login only if ``verified`` is false) when it says no;
+        Backend* errors when it fails."""
         raise NotImplementedError
 
     def logged_in(self, target: Target) -> None:
@@ -231,11 +235,6 @@ class LoginSession(Session):
         store = self.connect_store(target)
         try:
             reply = self.replay(store, target, password, verified)
-        except StoreRefused as e:
-            store.close()
-            if verified:
-                e.bad_credentials = False    # the password was right: the store has another reason
-            raise
         except BaseException:
             store.close()
             raise

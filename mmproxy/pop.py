@@ -385,10 +385,22 @@ class PopSession(LoginSession):
             return final
         if not final.startswith(b"-ERR"):
             raise BackendProtocolError("%s answered PASS with %r" % (store, final[:80]))
-        code = final[6:].split(b"]", 1)[0].upper() if final.startswith(b"-ERR [") else None
-        if code is None and not verified:
-            final = b"-ERR [AUTH]" + final[4:]       # a bare -ERR to an unverified PASS: a refusal (RFC 3206)
-        raise StoreRefused(final, code in (None, b"AUTH"))
+        raise store_refusal(final, verified)
+
+
+def store_refusal(reply: bytes, verified: bool) -> StoreRefused:
+    """A store's ``-ERR`` to PASS as the client gets it, and whether it is a failed login.
+
+    A reply with a response code (RFC 2449/3206: ``[IN-USE]``, ``[SYS/TEMP]``, ``[AUTH]``) passes
+    unchanged, and so does a bare one when the proxy had verified the password (the store refuses
+    for another reason: a locked mailbox).  A bare ``-ERR`` to a password nobody verified is a
+    refusal of the credentials, said as ``-ERR [AUTH]``.  Only a refusal of credentials the proxy did
+    not verify counts as a failed login.
+    """
+    code = reply[6:].split(b"]", 1)[0].upper() if reply.startswith(b"-ERR [") else None
+    if code is None and not verified:
+        reply = b"-ERR [AUTH]" + reply[4:]
+    return StoreRefused(reply, not verified and code in (None, b"AUTH"))
 
 
 def _top(msg: bytes, n: int) -> bytes:

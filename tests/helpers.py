@@ -47,13 +47,33 @@ class RawClient:
         return line + b"\n"
 
     def expect(self, prefix):
-        """The first line starting with ``prefix`` (earlier lines are skipped)."""
+        """The next line, which must start with ``prefix`` (an AssertionError names what came instead)."""
+        line = self.readline()
+        if not line:
+            raise AssertionError("connection closed while waiting for %r" % prefix)
+        assert line.startswith(prefix), "expected a line starting with %r, got %r" % (prefix, line)
+        return line
+
+    def expect_lines(self, *lines):
+        """The next lines, exactly (each given without its CR LF)."""
+        for want in lines:
+            want = want.encode() if isinstance(want, str) else want
+            got = self.readline()
+            assert got == want + b"\r\n", "expected %r, got %r" % (want, got)
+
+    def skip_to(self, prefix):
+        """The first line starting with ``prefix``; the lines before it (a greeting, capabilities) are skipped."""
         while True:
             line = self.readline()
             if not line:
                 raise AssertionError("connection closed while waiting for %r" % prefix)
             if line.startswith(prefix):
                 return line
+
+    def expect_close(self, timeout=5):
+        """The server closes the connection within ``timeout`` seconds, sending nothing more."""
+        rest = self.read_all(timeout)
+        assert rest == b"", "expected the connection to close, got %r" % rest[:300]
 
     def read_all(self, timeout=10):
         """Everything until the server closes; fails if it does not within ``timeout``."""
@@ -74,3 +94,24 @@ class RawClient:
 def unused_port(*hosts):
     """A port nothing listens on (for 'server down' tests)."""
     return free_port(*hosts)
+
+
+def proxy_log(p):
+    """Every log file the proxy wrote, and its terminal output, as text (undecodable bytes escaped)."""
+    import os
+    text = ""
+    for f in sorted(os.listdir(p.log_dir)):
+        with open(os.path.join(p.log_dir, f), "rb") as fh:
+            text += fh.read().decode("utf-8", "backslashreplace")
+    return text + p.output()
+
+
+def wait_for_log(p, needle, timeout=10):
+    """Poll the proxy's logs until ``needle`` shows up; the whole text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = proxy_log(p)
+        if needle in text:
+            return text
+        assert time.monotonic() < deadline, "%r not logged within %ss; log ends:\n%s" % (needle, timeout, text[-3000:])
+        time.sleep(0.05)

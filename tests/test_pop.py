@@ -308,7 +308,8 @@ def test_auth_cram_md5(proxy, mail_stack):
     r = RawClient(proxy.host, proxy.pop_port)
     r.expect(b"+OK")
     r.send(b"CAPA\r\n")
-    assert r.expect(b"SASL ").strip() == b"SASL PLAIN LOGIN CRAM-MD5"
+    assert r.skip_to(b"SASL ").strip() == b"SASL PLAIN LOGIN CRAM-MD5"
+    r.skip_to(b".")
     r.send(b"AUTH CRAM-MD5\r\n")
     challenge = base64.b64decode(r.expect(b"+ ")[2:].strip())
     digest = hmac.new(u["password"].encode(), challenge, hashlib.md5).hexdigest()

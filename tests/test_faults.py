@@ -1,0 +1,403 @@
+"""Fault kinds found by trying the proxy as hostile and unusual clients would, each against the real
+stack (slapd, Dovecot, Postfix), asserting the exact lines a client sees.
+
+1 bytes that are not UTF-8 in login ids, and passwords that are octets; 2 over-long lines inside SASL
+exchanges; 3 over-long commands (see also test_imap); 4 tagged completions whenever the tag parses;
+6 long but legal commands; 7 a finished session frees its connection at once; 9 the goodbye of every
+close the proxy decides, and a store's refusal labelled right; 10 unforeseen exceptions.  Faults 5
+and 8 (SMTP after a refused message, DSN/SMTPUTF8/CHUNKING) are in test_smtp.
+"""
+import base64
+import imaplib
+import os
+import socket
+import time
+
+import gevent
+import pytest
+
+from mmproxy import __version__, imap, pop, smtp
+from mmproxy.testing.proxy import Proxy
+
+from helpers import ImapFrom, PopFrom, RawClient, proxy_log, wait_for_log
+
+LATIN_PW = b"p\xe4sswort"          # the ISO-8859-1 password of the fixture's user "latin"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def proxy(mail_stack):
+    """IMAP and POP with PreAuth (the harness default), CRAMs for the SASL tests."""
+    with Proxy(mail_stack.info(), imap={"CRAMs": True}, pop={"CRAMs": True}) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def proxy_nopreauth(mail_stack):
+    with Proxy(mail_stack.info(), imap={"PreAuth": False}, pop={"PreAuth": False}) as p:
+        yield p
+
+
+def greeted(p, kind="imap", source="127.0.0.1"):
+    r = RawClient(p.host, p.imap_port if kind == "imap" else p.pop_port, source)
+    r.expect(b"* OK" if kind == "imap" else b"+OK")
+    return r
+
+
+def no_tracebacks(p):
+    text = proxy_log(p)
+    assert "Traceback" not in text, text[text.index("Traceback") - 2000:][:4000]
+    return text
+
+
+# ---------------------------------------------------------------------- 1: non-UTF-8 ids, octet passwords
+@pytest.mark.parametrize("preauth", [True, False], ids=["preauth", "no-preauth"])
+def test_latin1_password_logs_in_through_the_proxy(preauth, proxy, proxy_nopreauth):
+    """The account logs in directly on Dovecot and by ldapwhoami (test_realparts): through mmproxy too,
+    by IMAP literal, AUTHENTICATE PLAIN and POP PASS; its UTF-8 spelling is a wrong password."""
+    p = proxy if preauth else proxy_nopreauth
+    r = greeted(p)
+    r.send(b"a LOGIN latin {%d+}\r\n%s\r\nb EXAMINE INBOX\r\n" % (len(LATIN_PW), LATIN_PW))
+    r.expect(b"a OK [CAPABILITY ")
+    assert r.skip_to(b"b ").startswith(b"b OK")
+    r = greeted(p)
+    r.send(b"a AUTHENTICATE PLAIN " + base64.b64encode(b"\0latin\0" + LATIN_PW) + b"\r\n")
+    r.expect(b"a OK [CAPABILITY ")
+    r = greeted(p, "pop")
+    r.send(b"USER latin\r\nPASS " + LATIN_PW + b"\r\nSTAT\r\n")
+    r.expect_lines("+OK")
+    r.expect(b"+OK")
+    r.expect(b"+OK 1 ")
+    r = greeted(p)
+    utf8 = "pässwort".encode()
+    r.send(b"a LOGIN latin {%d+}\r\n%s\r\n" % (len(utf8), utf8))
+    r.expect_lines("a " + imap.NO_AUTH)
+    text = no_tracebacks(p)
+    for spelling in ("p\\xe4sswort", "pässwort", "p?sswort", "cMOkc3N3b3J0"):
+        assert spelling not in text
+
+
+def test_login_ids_that_are_not_utf8_fail_as_logins_with_the_cause_logged(proxy):
+    r = greeted(proxy)
+    r.send(b'a1 LOGIN "alice@example.com\xc3(" pw\r\n')
+    r.expect_lines("a1 " + imap.NO_AUTH)
+    r.send(b"a2 AUTHENTICATE PLAIN " + base64.b64encode(b"\0alice\xff\0pw") + b"\r\na3 NOOP\r\n")
+    r.expect_lines("a2 " + imap.NO_AUTH, "a3 OK NOOP completed")
+    r.send(b"a4 LOGIN {6}\r\n")
+    r.expect_lines("+ Ready for literal data")
+    r.send(b"bob\xc3\x28x pw\r\n")
+    r.expect_lines("a4 " + imap.NO_AUTH, imap.BYE_AUTH_FAILURES)     # the third failed login
+    r.expect_close()
+    r = greeted(proxy, "pop")
+    r.send(b"USER alice@example.com\xc3(\r\nPASS pw\r\nQUIT\r\n")
+    r.expect_lines("+OK", pop.ERR_AUTH, "+OK Bye")
+    text = wait_for_log(proxy, "login id b'bob\\xc3(x' is not UTF-8")
+    assert "login failed user='' : " not in text
+    no_tracebacks(proxy)
+
+
+def test_a_line_break_in_a_password_is_refused_and_logged_as_such(proxy):
+    r = greeted(proxy)
+    r.send(b"a LOGIN alice {10+}\r\npass\r\nword\r\nb NOOP\r\n")
+    r.expect_lines("a " + imap.NO_AUTH, "b OK NOOP completed")
+    wait_for_log(proxy, "password of 'alice' holds a NUL, CR or LF")
+
+
+# ---------------------------------------------------------------------- 2: over-long SASL lines
+def test_overlong_sasl_responses_get_a_reply(proxy):
+    r = greeted(proxy)
+    r.send(b"a1 AUTHENTICATE PLAIN\r\n")
+    r.expect_lines("+ ")
+    r.send(base64.b64encode(b"x" * 6900) + b"\r\n")            # 9 KB of base64, within the limit
+    r.expect_lines("a1 BAD Malformed SASL PLAIN message")
+    r.send(b"a2 AUTHENTICATE PLAIN\r\n")
+    r.expect_lines("+ ")
+    r.send(b"A" * 20000 + b"\r\n")
+    r.expect_lines("a2 BAD [TOOBIG] line of more than 12288 octets", imap.BYE_TOO_BIG)
+    r.expect_close()
+    for mech in (b"PLAIN", b"CRAM-MD5", b"LOGIN"):
+        r = greeted(proxy, "pop")
+        r.send(b"AUTH " + mech + b"\r\n")
+        r.expect(b"+ ")
+        r.send(b"A" * 20000 + b"\r\n")
+        r.expect_lines(pop.ERR_TOO_LONG)
+        r.expect_close()
+    r = greeted(proxy)
+    r.send(b"c AUTHENTICATE CRAM-MD5\r\n")
+    r.expect(b"+ ")
+    r.send(b"A" * 20000 + b"\r\n")
+    r.expect_lines("c BAD [TOOBIG] line of more than 12288 octets", imap.BYE_TOO_BIG)
+    no_tracebacks(proxy)
+
+
+# ---------------------------------------------------------------------- 4: tagged completions
+@pytest.mark.parametrize("command,reply", [
+    (b'a1 LOGIN alice "pa\\ss"', "a1 BAD Only \\\\ and \\\" may be escaped in a quoted string"),
+    (b'a2 LOGIN alice "unterminated', "a2 BAD Missing '\"'"),
+    (b'a3 LOGIN alice "trailing\\', "a3 BAD Missing '\"'"),
+    (b'a4 ID ("name" "Client\\Build")', "a4 BAD Only \\\\ and \\\" may be escaped in a quoted string"),
+    (b'a5 ID ("name" "x"', "a5 BAD Missing ')'"),
+    (b"a6 LOGIN alice", "a6 BAD Syntax: LOGIN user password"),
+    (b"a7", "a7 BAD Missing command"),
+    (b"a8 FROB {5+}\r\nhello", "a8 BAD Unknown command"),
+    (b'"a9 NOOP', imap.BAD_UNTAGGED),
+])
+def test_a_command_whose_tag_parses_gets_a_tagged_completion(proxy, command, reply):
+    r = greeted(proxy)
+    r.send(command + b"\r\nz NOOP\r\n")
+    r.expect_lines(reply, "z OK NOOP completed")
+
+
+def test_the_same_after_literals(proxy):
+    r = greeted(proxy)
+    r.send(b"a1 LOGIN {5}\r\n")
+    r.expect_lines("+ Ready for literal data")
+    r.send(b'alice "pa\\ss"\r\n')
+    r.expect_lines('a1 BAD Only \\\\ and \\" may be escaped in a quoted string')
+    # a syntax error before a non-synchronizing literal: the literal is skipped, never run
+    r.send(b'a2 LOGIN "x\\y" {11+}\r\nz2 LOGOUT\r\n more\r\na3 NOOP\r\n')
+    r.expect_lines('a2 BAD Only \\\\ and \\" may be escaped in a quoted string', "a3 OK NOOP completed")
+    # ... and before a synchronizing one: no "+", so the client sends nothing more of it
+    r.send(b'a4 LOGIN "x\\y" {5}\r\na5 NOOP\r\n')
+    r.expect_lines('a4 BAD Only \\\\ and \\" may be escaped in a quoted string', "a5 OK NOOP completed")
+
+
+def test_imaplib_gets_its_answer_at_once(proxy):
+    """What timed out through the proxy before: a real client sees the tagged BAD."""
+    c = ImapFrom(proxy.host, proxy.imap_port, timeout=5)
+    t = time.monotonic()
+    with pytest.raises(imaplib.IMAP4.error, match="escaped"):
+        c._simple_command("LOGIN", "alice", '"pa\\ss"')
+    assert time.monotonic() - t < 2
+    assert c.noop()[0] == "OK"
+
+
+# ---------------------------------------------------------------------- 6: long but legal commands
+def test_the_largest_rfc2971_id_fits_and_larger_commands_are_toobig(proxy):
+    pairs = b" ".join(b'"field-%02d-%s" "%s"' % (i, b"f" * 20, b"v" * 1024) for i in range(30))
+    assert len(pairs) > 31000                # about 32 KB on one line
+    r = greeted(proxy)
+    r.send(b"a ID (" + pairs + b")\r\nb NOOP\r\n")
+    r.expect_lines('* ID ("name" "mmproxy" "version" "%s")' % __version__, "a OK ID completed",
+                   "b OK NOOP completed")
+    r.send(b'c ID ("name" "' + b"v" * (imap.MAX_STRING + 1) + b'")\r\n')
+    r.expect_lines("c BAD [TOOBIG] String too long", imap.BYE_TOO_BIG)
+    r.expect_close()
+    r = greeted(proxy)
+    r.send(b"d ID (" + b'"a" ' * (imap.MAX_ARGS + 1) + b")\r\n")
+    r.expect_lines("d BAD [TOOBIG] Too many arguments", imap.BYE_TOO_BIG)
+    r.expect_close()
+
+
+# ---------------------------------------------------------------------- 7: a finished session frees its slot
+def test_logout_closes_at_once_and_frees_the_connection_slot(mail_stack):
+    info = mail_stack.info()
+    with Proxy(info, imap={"ConnLimits": "127.0.0.71|255.255.255.255:1"},
+               pop={"ConnLimits": "127.0.0.72|255.255.255.255:1"}) as p:
+        for _ in range(3):
+            c = ImapFrom(p.host, p.imap_port, "127.0.0.71")
+            c.login("alice", info["users"]["alice"]["password"])
+            t = time.monotonic()
+            c.send(b"z LOGOUT\r\n")
+            data = b""
+            while True:                            # the store's goodbye, then EOF: no half-open minute
+                chunk = c.sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert data.startswith(b"* BYE") and b"z OK" in data
+            assert time.monotonic() - t < 1.0
+            c.sock.close()
+        for _ in range(3):
+            c = PopFrom(p.host, p.pop_port, "127.0.0.72")
+            c.user("bob")
+            c.pass_(info["users"]["bob"]["password"])
+            assert c.quit().startswith(b"+OK")
+        deadline = time.monotonic() + 3         # every session ended, none waits for a grace period
+        while proxy_log(p).count("(state relaying") < 6:
+            assert time.monotonic() < deadline, proxy_log(p)[-3000:]
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------- 9: goodbyes; store refusals
+def test_idle_closes_say_goodbye_before_and_after_login(mail_stack):
+    info = mail_stack.info()
+    with Proxy(info, imap={"Timeout": 2}, pop={"Timeout": 2}) as p:
+        r = greeted(p)
+        t = time.monotonic()
+        r.expect_lines(imap.BYE_IDLE)
+        r.expect_close()
+        assert 1.5 < time.monotonic() - t < 4
+        r = greeted(p, "pop")
+        r.expect_lines(pop.ERR_IDLE)
+        r.expect_close()
+        r = greeted(p)
+        r.send(b"a LOGIN alice alice-pw\r\n")
+        r.expect(b"a OK [CAPABILITY ")
+        t = time.monotonic()
+        r.expect_lines(imap.BYE_IDLE)          # Timeout ends the pumped session: the proxy says so
+        r.expect_close()
+        assert time.monotonic() - t < 9        # Timeout, plus the sweep of idle sessions every 5 s
+        r = greeted(p, "pop")
+        r.send(b"USER alice\r\nPASS alice-pw\r\n")
+        r.expect_lines("+OK")
+        r.expect(b"+OK")
+        r.expect_lines(pop.ERR_IDLE)
+        r.expect_close()
+
+
+def test_a_store_refusing_a_verified_password_is_no_failed_login(mail_stack):
+    """PreAuth verified the password; the store refuses anyway (here: it has another password for the
+    user).  Its own words pass through unchanged, and no number of them ends the session."""
+    info = mail_stack.info()
+    people = info["domains"]["example.com"]["people_dn"]
+    mail_stack.slapd.add("dn: uid=mia,%s\nobjectClass: top\nobjectClass: person\nobjectClass: organizationalPerson\n"
+                         "objectClass: inetOrgPerson\nobjectClass: inetUser\nobjectClass: mailUser\nuid: mia\ncn: Mia\n"
+                         "sn: Mia\nmailHost: 127.0.0.2\nuserPassword: ldap-pw\n" % people)
+    mail_stack.stores["127.0.0.2"].add_user("mia", "store-pw")
+    with Proxy(info, pop={}) as p:
+        r = greeted(p)
+        for i in range(4):
+            r.send(b"a%d LOGIN mia ldap-pw\r\n" % i)
+            r.expect_lines("a%d NO [AUTHENTICATIONFAILED] Authentication failed." % i)
+        r.send(b"b LOGIN mia wrong\r\n")
+        r.expect_lines("b " + imap.NO_AUTH)            # a wrong password still counts
+        r = greeted(p, "pop")
+        for _ in range(4):
+            r.send(b"USER mia\r\nPASS ldap-pw\r\n")
+            r.expect_lines("+OK", "-ERR [AUTH] Authentication failed.")
+
+
+@pytest.mark.parametrize("reply,verified,told,counted", [
+    (b"-ERR Mailbox is locked", True, b"-ERR Mailbox is locked", False),
+    (b"-ERR Mailbox is locked", False, b"-ERR [AUTH] Mailbox is locked", True),
+    (b"-ERR [IN-USE] Mailbox is locked", False, b"-ERR [IN-USE] Mailbox is locked", False),
+    (b"-ERR [SYS/TEMP] Try later", False, b"-ERR [SYS/TEMP] Try later", False),
+    (b"-ERR [AUTH] Authentication failed.", False, b"-ERR [AUTH] Authentication failed.", True),
+    (b"-ERR [AUTH] Authentication failed.", True, b"-ERR [AUTH] Authentication failed.", False),
+])
+def test_pop_store_refusals_are_labelled_by_what_they_say(reply, verified, told, counted):
+    e = pop.store_refusal(reply, verified)
+    assert (e.reply, e.bad_credentials) == (told, counted)
+
+
+@pytest.mark.parametrize("reply,verified,counted", [
+    (b"a NO [AUTHENTICATIONFAILED] x", False, True), (b"a NO Login failed", False, True),
+    (b"a NO [UNAVAILABLE] x", False, False), (b"a NO [INUSE] x", False, False),
+    (b"a NO [AUTHENTICATIONFAILED] x", True, False),
+])
+def test_imap_store_refusals_pass_unchanged(reply, verified, counted):
+    e = imap.store_refusal(reply, verified)
+    assert (e.reply, e.bad_credentials) == (reply, counted)
+
+
+# ---------------------------------------------------------------------- logs
+def test_every_session_leaves_one_end_line(mail_stack):
+    info = mail_stack.info()
+    with Proxy(info, pop={}, aservice={"LogLevel": 2}, imap={"LogLevel": 2}) as p:
+        r = greeted(p)
+        r.send(b"a NOOP\r\nb LOGOUT\r\n")
+        r.expect_lines("a OK NOOP completed", imap.BYE_LOGOUT, "b OK Logout completed")
+        r.expect_close()
+        r = greeted(p, "pop")
+        r.send(b"QUIT\r\n")
+        r.expect_lines("+OK Bye")
+        select = b"c SELECT INBOX\r\n"
+        r = greeted(p)
+        login = b"a LOGIN alice alice-pw\r\n"
+        r.send(login + select)                   # SELECT pipelined behind LOGIN
+        r.expect(b"a OK [CAPABILITY ")
+        r.skip_to(b"c OK")
+        r.send(b"d LOGOUT\r\n")
+        r.skip_to(b"d OK")
+        r.expect_close()
+        text = wait_for_log(p, "state relaying")
+        ends = [line for line in text.splitlines() if "session end:" in line]
+        assert any("session end: logout (state not authenticated," in line for line in ends), ends
+        assert any("session end: quit (state authorization," in line for line in ends), ends
+        relayed = [line for line in ends if "state relaying" in line]
+        assert len(relayed) == 1 and "user alice@example.com, store 127.0.0.2:" in relayed[0], relayed
+        received = int(relayed[0].split(" in ")[1].split(" B")[0])
+        assert received == len(login + select + b"d LOGOUT\r\n"), relayed
+
+
+def test_unforeseen_exceptions_get_a_reply_and_one_error_line(mail_stack, monkeypatch):
+    """In-process, a handler that raises what nobody foresaw: the protocol's temporary failure, a
+    close, one ERROR line with the session context, no traceback below LogLevel 5."""
+    import logging
+
+    from mmproxy.config import load_config
+    from mmproxy.imap import ImapService, ImapSession
+    from mmproxy.pop import PopService, PopSession
+
+    info = mail_stack.info()
+    p = Proxy(info, pop={}, imap={"LogLevel": 1})
+    p.write_config()
+    config = load_config(p.config_dir)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("mmproxy").addHandler(handler)
+    try:
+        def boom(self, req):
+            raise RuntimeError("nobody foresaw this")
+        for cls, service_cls, kind, send, want in (
+                (ImapSession, ImapService, "imap", b"a NOOP\r\n",
+                 [b"a " + imap.NO_INTERNAL.encode(), imap.BYE_INTERNAL.encode()]),
+                (PopSession, PopService, "pop", b"CAPA\r\n", [pop.ERR_INTERNAL.encode()])):
+            verb = send.split()[-1].decode()
+            monkeypatch.setitem(cls.COMMANDS, verb, cls.COMMANDS[verb].__class__(boom, cls.COMMANDS[verb].states))
+            logging.getLogger("mmproxy." + kind).setLevel(logging.INFO)
+            service = service_cls(next(e for e in config.services if e.spec.kind == kind))
+            a, b = tcp_pair()
+            g = gevent.spawn(service.handle, b, ("127.0.0.1", 4242), False)
+            a.settimeout(5)
+            a.recv(4096)                                            # the greeting
+            a.sendall(send)
+            got = b""
+            while True:
+                chunk = a.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            assert got.split(b"\r\n")[:-1] == want
+            g.join(5)
+            service.close()
+    finally:
+        logging.getLogger("mmproxy").removeHandler(handler)
+        p.stop()
+    errors = [r for r in records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "internal error in state not authenticated: RuntimeError: nobody foresaw this",
+        "internal error in state authorization: RuntimeError: nobody foresaw this"]
+    assert all(r.exc_info is None or r.exc_info is False for r in errors)
+    assert errors[0].ctx.startswith("imap 127.0.0.1:4242 #")
+
+
+def tcp_pair():
+    """Both ends of one loopback TCP connection: (client end, server end)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    a = socket.create_connection(lst.getsockname())
+    b, _ = lst.accept()
+    lst.close()
+    return a, b
+
+
+def test_session_ids_carry_the_worker(mail_stack):
+    with Proxy(mail_stack.info(), aservice={"NumThreads": 2}) as p:
+        for _ in range(8):
+            r = greeted(p)
+            r.send(b"a LOGOUT\r\n")
+            r.skip_to(b"a OK")
+        text = wait_for_log(p, "session end")
+        ids = {line.split("#", 1)[1].split("]", 1)[0] for line in text.splitlines() if "] session end" in line}
+        assert ids and all(i.startswith(("w0-", "w1-")) for i in ids), ids
+
+
+def test_no_tracebacks_anywhere(proxy):
+    """Everything above that went through this proxy left no traceback."""
+    no_tracebacks(proxy)
+    assert os.path.isdir(proxy.log_dir)
