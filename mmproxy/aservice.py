@@ -214,7 +214,8 @@ class AService:
             server = Listener(listen_socket(host, port, self.worker is not None), handle)
             server.start()
         except OSError as e:
-            raise ConfigError("%s: cannot listen on %s:%d: %s" % (service.entry.file, host or "*", port, e.strerror)) from None
+            raise ConfigError("%s: cannot listen on %s:%d: %s"
+                              % (service.entry.file, host or "*", port, e.strerror)) from None
         self.listeners.append(server)
 
     def serve_forever(self) -> None:

@@ -86,7 +86,8 @@ def start(config_dir: str, foreground: bool) -> None:
 def _daemonize(config_dir: str) -> None:
     argv = [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", config_dir]
     out = open(os.path.join(config_dir, "mmproxy.out"), "ab")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     from mmproxy.aservice import running_pid
     for _ in range(300):
         if proc.poll() is not None:
@@ -139,7 +140,8 @@ def status(config_dir: str, as_json: bool) -> None:
     pid = running_pid(config_dir)
     config = load_config(config_dir)
     services = [{"service": e.spec.kind, "instance": e.spec.instance,
-                 "listeners": ["%s:%d" % (l.host or "*", l.port) for l in e.spec.listeners]} for e in config.services]
+                 "listeners": ["%s:%d" % (ep.host or "*", ep.port) for ep in e.spec.listeners]}
+                for e in config.services]
     info = {"config_dir": config_dir, "running": bool(pid), "pid": pid, "services": services}
     if pid:
         info["uptime_s"] = _uptime(pid)

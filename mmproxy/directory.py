@@ -21,13 +21,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.monkey
+import ldap
+import ldap.dn
 from cachetools import TTLCache
 from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 from gevent.threadpool import ThreadPool
-
-import ldap
-import ldap.dn
 
 from mmproxy.errors import AuthFailed, AuthTempFail
 from mmproxy.formats import LoginId, format_attrs, is_dns_name, search_filter
@@ -122,7 +121,8 @@ class Directory:
         self.mailhost_attrs = list(cfg.MailHostAttrs)
         self.refresh = cfg.LdapRefreshInterval
         self.cache: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=max(1, cfg.LdapCacheTTL))
-        self.negative: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=min(NEGATIVE_TTL, max(1, cfg.LdapCacheTTL)))
+        self.negative: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize),
+                                           ttl=min(NEGATIVE_TTL, max(1, cfg.LdapCacheTTL)))
         self.auth_cache: TTLCache = TTLCache(maxsize=max(1, cfg.AuthCacheSize), ttl=max(1, cfg.AuthCacheTTL))
         self._auth_key = os.urandom(32)      # per process: cache keys are useless outside it
         self.pool = ThreadPool(2 * POOL_SIZE)
@@ -199,7 +199,8 @@ class Directory:
         finally:
             del self._inflight[key]
 
-    def _search(self, base: str, scope: int, flt: str, attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
+    def _search(self, base: str, scope: int, flt: str,
+                attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
         def fn(conn: Any) -> Any:
             try:
                 return conn.search_ext_s(base, scope, flt, attrs, timeout=OP_TIMEOUT, sizelimit=2)

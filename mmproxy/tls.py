@@ -98,8 +98,9 @@ def server_context(cfg: Any) -> ssl.SSLContext:
         else:
             ctx.load_cert_chain(cert, keyfile, password=password)
     except (ssl.SSLError, ValueError) as e:
-        raise ConfigError("%s: cannot load certificate/key (%s)%s" % (
-            cert, getattr(e, "reason", None) or e, "" if password else "; is the key encrypted and SSLKeyPasswdFile missing?")) from None
+        hint = "" if password else "; is the key encrypted and SSLKeyPasswdFile missing?"
+        raise ConfigError("%s: cannot load certificate/key (%s)%s"
+                          % (cert, getattr(e, "reason", None) or e, hint)) from None
     except OSError as e:
         raise ConfigError("%s: %s" % (e.filename or cert, e.strerror)) from None
     return ctx

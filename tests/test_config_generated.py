@@ -4,8 +4,7 @@ import shutil
 
 import pytest
 
-from mmproxy.config import load_config
-from mmproxy.config import cfgfile
+from mmproxy.config import cfgfile, load_config
 from mmproxy.config.generate import outputs, render_template
 from mmproxy.config.params import FILE_CODES, FILE_NAMES, PARAMS, lookup
 from mmproxy.config.types import Ctx

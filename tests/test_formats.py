@@ -2,8 +2,7 @@
 import pytest
 
 from mmproxy.errors import ClientSyntaxError
-from mmproxy.formats import (escape_filter_value, has_control_chars, is_dns_name, replay_id, search_filter,
-                             split_login)
+from mmproxy.formats import escape_filter_value, has_control_chars, is_dns_name, replay_id, search_filter, split_login
 from mmproxy.imap import quote, tokenize
 
 

@@ -9,8 +9,15 @@ import time
 import ldap
 import pytest
 
-from mmproxy.testing import (DelayProxy, DovecotStore, MissingBinary, Slapd, default_directory, free_port,
-                             welcome_subject)
+from mmproxy.testing import (
+    DelayProxy,
+    DovecotStore,
+    MissingBinary,
+    Slapd,
+    default_directory,
+    free_port,
+    welcome_subject,
+)
 from mmproxy.testing.base import _proc_table, find_binary
 
 imaplib.Commands.setdefault("ID", ("NONAUTH", "AUTH", "SELECTED"))

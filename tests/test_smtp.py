@@ -496,7 +496,8 @@ def test_auth_multi_step_login_mechanism(proxy):
 
 def test_plaintext_auth_refused_without_tls(proxy_rr):
     c = client(proxy_rr)
-    code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode())).decode())
+    plain = base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode())).decode()
+    code, text = c.docmd("AUTH", "PLAIN " + plain)
     assert (code, "%d %s" % (code, text.decode())) == (538, smtp.NEED_TLS)
     c.quit()
 

@@ -14,8 +14,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from mmproxy.config import cfgfile
 from mmproxy.config.cfgfile import Entry, Problem, error, warning
-from mmproxy.config.params import (FILE_NAMES, KIND_CODES, PARAMS, Param, lookup, suggest,
-                                   support_problem)
+from mmproxy.config.params import FILE_NAMES, KIND_CODES, PARAMS, Param, lookup, suggest, support_problem
 from mmproxy.config.types import Ctx, Deferred, Endpoint, Endpoints, ServiceList, ServiceSpec
 from mmproxy.config.vdmap import VirtualDomains, read_vdmap
 

@@ -41,10 +41,12 @@ def describe(info: dict) -> str:
     out += ["", "Domains"]
     for name, d in info["domains"].items():
         extra = ", ".join("%s: %s" % (k, " ".join(v)) for k, v in d["attrs"].items())
-        out.append("  %-12s %s  users under %s%s" % (name, d["dn"], d["people_dn"], ("  (" + extra + ")") if extra else ""))
+        out.append("  %-12s %s  users under %s%s"
+                   % (name, d["dn"], d["people_dn"], ("  (" + extra + ")") if extra else ""))
     out += ["", "Users     %-24s %-18s %-12s %s" % ("login", "store login", "mailHost", "password")]
     for u in info["users"].values():
-        out.append("          %-24s %-18s %-12s %s" % (u["login"], u["store_login"], u["mailhost"] or "-", u["password"]))
+        out.append("          %-24s %-18s %-12s %s"
+                   % (u["login"], u["store_login"], u["mailhost"] or "-", u["password"]))
     return "\n".join(out)
 
 

@@ -48,10 +48,11 @@ mmproxy is running in front of a local directory and two mail stores.
   logs           {proxy.log_dir}
 
 Users (the proxy finds each one's store by mailHost):
-""")
+""")  # noqa: E501 -- the listing's lines are as wide as they print
             for u in info["users"].values():
                 if u["mailhost"] and not u["uid"].startswith("user"):
-                    print("  %-22s password %-12s store %s" % (u["uid"] + "@" + u["domain"], u["password"], u["mailhost"]))
+                    print("  %-22s password %-12s store %s"
+                          % (u["uid"] + "@" + u["domain"], u["password"], u["mailhost"]))
             print(f"""
 Try:
   curl -u alice:{alice['password']} imap://127.0.0.1:{proxy.imap_port}/INBOX
@@ -61,7 +62,7 @@ Try:
   printf 'Subject: hi\\r\\n\\r\\nhello\\r\\n' | curl -sS smtp://127.0.0.1:{proxy.smtp_port} --mail-from you@example.org --mail-rcpt bob@example.com -T -
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{proxy.imap_port}
   .venv/bin/mmproxy check-config --config-dir {proxy.config_dir}
-""", flush=True)
+""", flush=True)  # noqa: E501 -- whole commands, to copy
             if args.check:
                 out = subprocess.run(["curl", "-sS", "--max-time", "10", "-u", "alice:" + alice["password"],
                                       "imap://127.0.0.1:%d/INBOX;UID=1" % proxy.imap_port],

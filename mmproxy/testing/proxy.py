@@ -113,7 +113,8 @@ class Proxy:
     wrapper: List[str] = []        # e.g. ["prlimit", "--nofile=64"] to start it under limits
 
     def command(self) -> List[str]:
-        return self.wrapper + [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", self.config_dir]
+        return self.wrapper + [sys.executable, "-m", "mmproxy", "start", "--foreground",
+                               "--config-dir", self.config_dir]
 
     def start(self, timeout: float = 20.0) -> "Proxy":
         self.write_config()
@@ -163,6 +164,7 @@ def make_cert(directory: str, name: str = "localhost") -> tuple:
     """A self-signed RSA-2048 certificate and key (PEM files) for TLS tests and the demo."""
     import datetime
     import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa

@@ -100,7 +100,7 @@ access to *
     # -- clients -----------------------------------------------------------------------------
     def connect(self, who: str = "proxy", timeout: float = 5.0):
         """A python-ldap connection bound as 'proxy', 'root', 'anonymous' or as a (dn, password)."""
-        import ldap   # python-ldap; imported late so `python -m mmproxy.testing --help` works without it
+        import ldap  # python-ldap; imported late so `python -m mmproxy.testing --help` works without it
 
         conn = ldap.initialize(self.url)
         conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
