@@ -7,11 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import click
 
 from mmproxy import __version__
+
+if TYPE_CHECKING:
+    from mmproxy.config import Config
+    from mmproxy.config.params import Param
 
 DEFAULT_DIR = "/etc/mmproxy"
 
@@ -31,7 +35,7 @@ def main() -> None:
     """
 
 
-def _check(config_dir: str, create_missing: bool, err: bool = False) -> Any:
+def _check(config_dir: str, create_missing: bool, err: bool = False) -> Tuple[Config, str]:
     """Load the configuration and print its problems; the config, or exit 1 on errors."""
     from mmproxy.aservice import runtime_problems
     from mmproxy.config import load_config, summary
@@ -179,7 +183,7 @@ def params(markdown: bool) -> None:
         click.echo("%-28s %-8s %-24s %s" % (p.name, "".join(p.files), _short(p), p.doc))
 
 
-def _short(p: Any) -> str:
+def _short(p: Param) -> str:
     d = "" if p.default is None else str(p.default)
     return (d[:21] + "...") if len(d) > 24 else d
 

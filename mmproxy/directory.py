@@ -28,6 +28,7 @@ from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 from gevent.threadpool import ThreadPool
 
+from mmproxy.config import ServiceConfig
 from mmproxy.errors import AuthFailed, AuthTempFail
 from mmproxy.formats import LoginId, format_attrs, is_dns_name, search_filter
 
@@ -111,7 +112,7 @@ class _Conns:
 class Directory:
     """Lookups for one service's settings (LdapURL, BindDN, caches, HostedDomains...)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: ServiceConfig) -> None:
         url = cfg.LdapURL
         self.uris = " ".join(url.urls())
         self.base = url.base
@@ -239,7 +240,10 @@ class Directory:
             if not rows:
                 return None
             a = rows[0][1]
-            first = lambda k: (a.get(k.lower()) or [None])[0]  # noqa: E731
+
+            def first(k: str) -> Optional[str]:
+                values = a.get(k.lower())
+                return values[0] if values else None
             return Domain(name, dn, first("inetDomainBaseDN") or dn, first("mailAccessProxyPreAuth"),
                           first("mailAccessProxyReplay"), first("inetDomainSearchFilter"))
         return self._cached(("domain", dn), load)

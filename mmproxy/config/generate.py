@@ -63,7 +63,7 @@ def render_template(code: str) -> str:
         "is commented out and shows its default: remove the leading # to change it. Relative paths are "
         "relative to this directory (../data/log is the legacy msg_svr_base/data/log)."
         % (name, PURPOSE[code], FILE_NAMES[code], name, name))
-    out = []
+    out: List[str] = []
     for para in header.split("\n\n"):
         out += (["#"] if out else []) + textwrap.wrap(para, 98, initial_indent="# ", subsequent_indent="# ")
     params = [p for p in PARAMS.values() if code in p.files]

@@ -19,7 +19,8 @@ from mmproxy.config.types import Ctx, Deferred, Endpoint, Endpoints, ServiceList
 from mmproxy.config.vdmap import VirtualDomains, read_vdmap
 
 IMPLICIT_TLS_PORTS = {993: "IMAPS", 995: "POP3S", 465: "SMTPS"}
-Where = Tuple[str, int]
+Where = Tuple[str, int]                 # file and line of a setting
+Place = Tuple[str, Optional[int]]       # where to report a problem: a line, or the whole file
 
 
 class ServiceConfig:
@@ -92,6 +93,11 @@ def _location(cfg: ServiceConfig, name: str) -> Optional[Where]:
     return cfg._explicit.get(_param(name).key, (None, None))[1]
 
 
+def _place(cfg: ServiceConfig, name: str, file: str) -> Place:
+    """Where to report a problem with a setting: its line, else the file that lacks it."""
+    return _location(cfg, name) or (file, None)
+
+
 def _param(name: str) -> Param:
     p = lookup(name)
     if p is None:
@@ -146,7 +152,7 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
     _unused_sections(entries, {"default"}, problems)
     # A bad entry is reported; the good ones are still loaded and checked (never the default instead).
     specs = _good_services(entries) if "servicelist" in failed else aservice.ServiceList
-    sl_where = _location(aservice, "ServiceList") or (path, None)
+    sl_where = _place(aservice, "ServiceList", path)
     _check_listeners(specs, sl_where, problems)
 
     services: List[ServiceEntry] = []
@@ -267,7 +273,7 @@ def _overlap(a: Endpoint, b: Endpoint) -> bool:
     return a.port == b.port and (a.host == b.host or not a.host or not b.host)
 
 
-def _check_listeners(specs: Iterable[ServiceSpec], where: Tuple[str, Optional[int]], problems: List[Problem]) -> None:
+def _check_listeners(specs: Iterable[ServiceSpec], where: Place, problems: List[Problem]) -> None:
     """Two listeners on one [IP:]PORT cannot both bind: the daemon would fail at start."""
     seen: List[Tuple[Endpoint, str]] = []
     for spec in specs:
@@ -281,9 +287,9 @@ def _check_listeners(specs: Iterable[ServiceSpec], where: Tuple[str, Optional[in
             seen.append((ep, spec.kind))
 
 
-def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: Tuple[str, Optional[int]],
+def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: Place,
                    problems: List[Problem]) -> None:
-    ssl_where = _location(cfg, "SSLPorts") or (file, None)
+    ssl_where = _place(cfg, "SSLPorts", file)
     if cfg.SSLPorts and not cfg.SSLEnable:
         problems.append(error(*ssl_where, "SSLPorts needs SSLEnable yes in the same file"))
     for ep in cfg.SSLPorts:
@@ -296,15 +302,15 @@ def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: T
             problems.append(warning(*sl_where, "%s listens on %s, the %s port, but %s's SSLPorts does not list it: "
                                                "clients expect TLS on accept there"
                                     % (spec.kind, ep, IMPLICIT_TLS_PORTS[ep.port], spec.filename)))
-    if cfg.is_set("AuthService") and cfg.AuthService and lookup("AuthService").honoured(KIND_CODES[spec.kind]):
-        problems.append(warning(*(_location(cfg, "AuthService") or (file, None)),
+    if cfg.is_set("AuthService") and cfg.AuthService and _param("AuthService").honoured(KIND_CODES[spec.kind]):
+        problems.append(warning(*_place(cfg, "AuthService", file),
                                 "AuthService yes applies to every client of this service; the legacy manual "
                                 "advises enabling it per virtual domain only (VirtualDomainFile)"))
     if spec.kind == "smtp":
         for name in ("SmtpRelays", "SmtpProxyPassword"):
             if not cfg.is_set(name):
                 problems.append(error(file, None, "%s is mandatory when ServiceList names the SMTP service"
-                                      % lookup(name).name))
+                                      % _param(name).name))
 
 
 # --- templates for missing files --------------------------------------------------------------------

@@ -9,6 +9,8 @@ import argparse
 import json
 import signal
 import sys
+from types import FrameType
+from typing import List, NoReturn, Optional
 
 from .base import MissingBinary
 from .stack import MailStack
@@ -50,7 +52,7 @@ def describe(info: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv: list = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mmproxy.testing", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -62,7 +64,7 @@ def main(argv: list = None) -> int:
     up.add_argument("--info-file", help="also write info() as JSON to this file")
     args = ap.parse_args(argv)
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: Optional[FrameType]) -> NoReturn:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 

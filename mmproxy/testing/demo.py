@@ -28,8 +28,8 @@ def main(argv: list | None = None) -> int:
     args = ap.parse_args(argv)
     with MailStack(users=4, keep=args.keep, postfix=True) as stack:
         info = stack.info()
-        cert = make_cert(os.path.join(stack.dir, "tls"))
-        with Proxy(info, tls=cert, workdir=os.path.join(stack.dir, "mmproxy"),
+        cert = make_cert(os.path.join(stack.workdir, "tls"))
+        with Proxy(info, tls=cert, workdir=os.path.join(stack.workdir, "mmproxy"),
                    imap_port=_port(1143), imaps_port=_port(1993), pop={},
                    pop_port=_port(1110), pops_port=_port(1995),
                    smtp={"SmtpRelays": "%s:%d" % (info["smtp"]["host"], info["smtp"]["port"]),
@@ -81,7 +81,7 @@ Try:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             try:
                 while not stop.wait(0.5):
-                    if proxy.proc.poll() is not None:
+                    if proxy.proc is None or proxy.proc.poll() is not None:
                         print("mmproxy exited:\n" + proxy.output()[-3000:], file=sys.stderr)
                         return 1
             except KeyboardInterrupt:
