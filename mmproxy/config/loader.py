@@ -137,8 +137,8 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
     """Read and check the configuration in ``config_dir``; never raises for a bad configuration.
 
     With ``create_missing``, a missing AService.cfg, and the file of each service ServiceList names,
-    is created from its ``-def.cfg`` template (written from the registry when absent), as the
-    legacy MMP did.
+    is created from its ``-def.cfg`` template (copied from mmproxy's own when the directory has none),
+    as the legacy MMP did.
     """
     problems: List[Problem] = []
     path = os.path.join(config_dir, "AService.cfg")
@@ -316,18 +316,23 @@ def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: P
 # --- templates for missing files --------------------------------------------------------------------
 
 def _create(config_dir: str, stem: str, code: str, problems: List[Problem]) -> None:
-    """Create ``stem.cfg`` from ``stem-def.cfg`` or the standard template, writing that from the
-    registry if the directory has none."""
+    """Create ``stem.cfg`` from ``stem-def.cfg`` or the standard template; when the directory has
+    neither, the standard one is put there first: mmproxy's own copy (cfg/, installed as
+    mmproxy/templates/), else rendered from the registry (the same text; a test keeps them equal)."""
     target = os.path.join(config_dir, stem + ".cfg")
     if os.path.exists(target):
         return
     candidates = [os.path.join(config_dir, n + "-def.cfg") for n in dict.fromkeys((stem, FILE_NAMES[code]))]
     template = next((c for c in candidates if os.path.exists(c)), candidates[-1])
-    from mmproxy.config.generate import render_template  # here: generate also runs as __main__
+    from mmproxy.config.generate import render_template, shipped_template  # here: generate also runs as __main__
     try:
         if not os.path.exists(template):
-            with open(template, "w", encoding="utf-8") as f:
-                f.write(render_template(code))
+            shipped = shipped_template(code)
+            if shipped is not None:
+                shutil.copyfile(shipped, template)
+            else:
+                with open(template, "w", encoding="utf-8") as f:
+                    f.write(render_template(code))
         shutil.copyfile(template, target)
     except OSError as e:
         problems.append(error(target, None, "cannot create it from %s: %s" % (template, e.strerror or e)))
