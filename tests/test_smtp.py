@@ -8,6 +8,7 @@ at is what a client sees: reply codes, and the messages in the relays' sink mail
 import base64
 import os
 import poplib
+import shutil
 import signal
 import smtplib
 import socket
@@ -50,6 +51,7 @@ def sasl_socket():
         time.sleep(0.05)
     yield sock
     store.close()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def relay_for_proxy(**main_cf):
