@@ -565,7 +565,9 @@ class Bench:
         for w in ws:
             w.finish()
         cpu, other = self.cpu_delta(c0, c1, sum(o["cpu_s"] for o in opened))
-        r = {"test": "idle", "endpoint": ep, "tls": tls, "threads": self.proxy.aservice_settings.get("NumThreads", 1) if ep == "mmproxy" else None, "label": label or "%s idle %s K=%d" % (ep, proto, k),
+        threads = self.proxy.aservice_settings.get("NumThreads", 1) if ep == "mmproxy" else None
+        r = {"test": "idle", "endpoint": ep, "tls": tls, "threads": threads,
+             "label": label or "%s idle %s K=%d" % (ep, proto, k),
              "requested": k, "opened": n, "open_errors": errors,
              "err_samples": [e for o in opened for e in o["err_samples"]][:5],
              "open_s": max(o["open_s"] for o in opened), "load_procs": nproc,
@@ -774,7 +776,8 @@ def targets(b, runs):
     out.append(("bulk relay ≤ 0.25 CPU-s/GB", fmt(x, 3), verdict(x, x is not None and x <= 0.25)))
     i = find(runs, test="idle", endpoint="mmproxy", tls=False, requested=b.cfg["sessions"])
     x = g(i, "kb_per_session_rss")
-    out.append(("≤ 6 KB per idle plaintext session (K=%d, RSS; PSS %s)" % (b.cfg["sessions"], fmt(g(i, "kb_per_session_pss"))),
+    out.append(("≤ 6 KB per idle plaintext session (K=%d, RSS; PSS %s)"
+                % (b.cfg["sessions"], fmt(g(i, "kb_per_session_pss"))),
                 fmt(x), verdict(x, x is not None and x <= 6)))
     for m in [r for r in runs if r["test"] == "idle" and r["endpoint"] == "mmproxy" and not r["tls"]
               and r["requested"] == b.cfg["max_sessions"]]:
@@ -783,7 +786,8 @@ def targets(b, runs):
               and not g(m, "probe", "errors"))
         verdict_n = ("PASS" if ok else "MISS") if m["requested"] >= 10000 else "n/a (K=%d < 10,000)" % m["requested"]
         out.append(("10,000 idle sessions held, new logins p99 < 50 ms (NumThreads %s)" % m.get("threads", 1),
-                    "%d of %d held (%d proxy process(es))%s; login p99 %s ms (p50 %s, %d probes, %d errors); %d/%d alive after" % (
+                    "%d of %d held (%d proxy process(es))%s; login p99 %s ms (p50 %s, %d probes, %d errors); "
+                    "%d/%d alive after" % (
                         m["opened"], m["requested"], m["proxy_mem_after"]["nproc"],
                         " (%d released for the probes)" % m["released_for_probes"] if m["released_for_probes"] else "",
                         fmt(p99), fmt(g(m, "probe", "login_ms", "p50")), g(m, "probe", "ops") or 0,
@@ -846,7 +850,8 @@ def render(b, runs, meta):
         if proto == "imap":
             w("connect, greeting, LOGIN, SELECT INBOX, LOGOUT. cold = every user once, in a freshly started "
               "mmproxy (empty caches); random = users drawn from all %d after the cold passes (warm caches); "
-              "%s = the first %d users. Latency: whole session / connect to LOGIN OK." % (c["users"], "hot%d" % c["hot"], c["hot"]))
+              "%s = the first %d users. Latency: whole session / connect to LOGIN OK."
+              % (c["users"], "hot%d" % c["hot"], c["hot"]))
         elif proto == "pop3":
             w("connect, greeting, USER, PASS, STAT, QUIT.")
             if not b.pop_ok:
@@ -862,7 +867,8 @@ def render(b, runs, meta):
         for r in rows:
             k = r["cpu_s_per_1000"] or {}
             w("| %s | %s | %d | %s | %s / %s | %s / %s | %s | %s | %s | %s | %s | %s |" % (
-                r["endpoint"], r["users"], r["concurrency"], r["rate"], fmt(r["lat_ms"]["p50"]), fmt(r["lat_ms"]["p99"]),
+                r["endpoint"], r["users"], r["concurrency"], r["rate"],
+                fmt(r["lat_ms"]["p50"]), fmt(r["lat_ms"]["p99"]),
                 fmt(r["login_ms"]["p50"]), fmt(r["login_ms"]["p99"]), r["errors"],
                 "**%s**" % fmt(k.get("proxy"), 3) if r["endpoint"] == "mmproxy" else "–",
                 fmt(k.get("slapd"), 3), fmt(k.get("stores"), 3), fmt(k.get("client"), 3), other_load(r)))
@@ -882,7 +888,8 @@ def render(b, runs, meta):
     w("`FETCH 2 BODY.PEEK[]` of a %g MiB (%.1f MB) message, %d times, one connection each (MB/s = 10^6 bytes "
       "per second of FETCH time, median)." % (c["large_mb"], b.large_bytes / 1e6, c["reps"]))
     w("")
-    w("| endpoint | MB/s median | all runs | errors | CPU-s per GB: proxy | stores | client | outside load: cores / slowdown |")
+    w("| endpoint | MB/s median | all runs | errors | CPU-s per GB: proxy | stores | client "
+      "| outside load: cores / slowdown |")
     w("|---|---|---|---|---|---|---|---|")
     for r in [r for r in runs if r["test"] == "bulk"]:
         k = r["cpu_s_per_gb"] or {}
@@ -898,12 +905,14 @@ def render(b, runs, meta):
       "at a time, while the sessions are held; then every held session must answer DONE with its tagged OK."
       % c["probes"])
     w("")
-    w("| endpoint | K requested | opened (errors) | open s | KB/session RSS | KB/session PSS | proxy RSS before → after MB | "
-      "proxy fds after | login p50 / p99 ms while held | session p99 ms | probe errors | alive after | outside load: cores / slowdown |")
+    w("| endpoint | K requested | opened (errors) | open s | KB/session RSS | KB/session PSS "
+      "| proxy RSS before → after MB | proxy fds after | login p50 / p99 ms while held | session p99 ms "
+      "| probe errors | alive after | outside load: cores / slowdown |")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in [r for r in runs if r["test"] == "idle"]:
         w("| %s%s | %d | %d (%d) | %s | %s | %s | %s | %s | %s / %s | %s | %s | %d / %d | %s |" % (
-            r["endpoint"], (" TLS" if r["tls"] else "") + (" NumThreads %s" % r["threads"] if r["threads"] not in (1, None) else ""),
+            r["endpoint"],
+            (" TLS" if r["tls"] else "") + (" NumThreads %s" % r["threads"] if r["threads"] not in (1, None) else ""),
             r["requested"], r["opened"], r["open_errors"], r["open_s"],
             fmt(r["kb_per_session_rss"]), fmt(r["kb_per_session_pss"]),
             "%.1f → %.1f" % (r["proxy_mem_before"]["rss_kb"] / 1024, r["proxy_mem_after"]["rss_kb"] / 1024)

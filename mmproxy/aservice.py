@@ -19,7 +19,7 @@ import resource
 import signal
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import gevent
 import gevent.monkey
@@ -28,7 +28,8 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from mmproxy import logs, pump, session
-from mmproxy.config import Problem, load_config
+from mmproxy.config import Config, Problem, load_config
+from mmproxy.config.types import Endpoint
 from mmproxy.errors import ConfigError
 from mmproxy.imap import ImapService
 from mmproxy.pop import PopService
@@ -133,7 +134,7 @@ def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
         os.setuid(pw.pw_uid)
 
 
-def runtime_problems(config: Any) -> List[Problem]:
+def runtime_problems(config: Config) -> List[Problem]:
     """Checks that need more than the files: certificates and keys load, the run-as user exists."""
     from mmproxy import tls
     out = []
@@ -159,7 +160,7 @@ def runtime_problems(config: Any) -> List[Problem]:
 class AService:
     """One process serving every listener; a worker when ``worker`` is set (no pid file then)."""
 
-    def __init__(self, config: Any, foreground: bool = True, worker: Optional[int] = None) -> None:
+    def __init__(self, config: Config, foreground: bool = True, worker: Optional[int] = None) -> None:
         self.config = config
         self.foreground = foreground
         self.worker = worker
@@ -210,7 +211,8 @@ class AService:
             server = Listener(listen_socket(host, port, self.worker is not None), handle)
             server.start()
         except OSError as e:
-            raise ConfigError("%s: cannot listen on %s:%d: %s" % (service.entry.file, host or "*", port, e.strerror)) from None
+            raise ConfigError("%s: cannot listen on %s:%d: %s"
+                              % (service.entry.file, host or "*", port, e.strerror)) from None
         self.listeners.append(server)
 
     def serve_forever(self) -> None:
@@ -281,7 +283,7 @@ class Master:
     RESPAWN_DELAY = 1.0
     POLL = 0.2
 
-    def __init__(self, config: Any, workers: int, foreground: bool = True) -> None:
+    def __init__(self, config: Config, workers: int, foreground: bool = True) -> None:
         self.config = config
         self.n = workers
         self.foreground = foreground
@@ -392,7 +394,7 @@ def _plain_listen_check(host: str, port: int) -> None:
         s.close()
 
 
-def daemon(config: Any, foreground: bool = True) -> Any:
+def daemon(config: Config, foreground: bool = True) -> Union[AService, Master]:
     """The process model NumThreads asks for: one AService, or a Master over worker processes."""
     n = max(1, int(config.aservice.NumThreads or 1))
     return AService(config, foreground) if n == 1 else Master(config, n, foreground)
@@ -405,7 +407,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _eps(listeners: Any) -> str:
+def _eps(listeners: Iterable[Endpoint]) -> str:
     return "|".join("%s%d" % (("%s:" % e.host) if e.host else "", e.port) for e in listeners)
 
 

@@ -78,6 +78,7 @@ class AuthRecords:
                 break
             if rec.expires < best_expiry:
                 best, best_expiry = i, rec.expires     # full: replace the one that expires first
+        assert best is not None                       # PROBE >= 1: some slot was chosen
         off = best * SLOT
         seq = _HEAD.unpack_from(self.map, off)[0]
         struct.pack_into("<Q", self.map, off, seq + 1 | 1)

@@ -7,11 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import click
 
 from mmproxy import __version__
+
+if TYPE_CHECKING:
+    from mmproxy.config import Config
+    from mmproxy.config.params import Param
 
 DEFAULT_DIR = "/etc/mmproxy"
 
@@ -31,7 +35,7 @@ def main() -> None:
     """
 
 
-def _check(config_dir: str, create_missing: bool, err: bool = False) -> Any:
+def _check(config_dir: str, create_missing: bool, err: bool = False) -> Tuple[Config, str]:
     """Load the configuration and print its problems; the config, or exit 1 on errors."""
     from mmproxy.aservice import runtime_problems
     from mmproxy.config import load_config, summary
@@ -86,7 +90,8 @@ def start(config_dir: str, foreground: bool) -> None:
 def _daemonize(config_dir: str) -> None:
     argv = [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", config_dir]
     out = open(os.path.join(config_dir, "mmproxy.out"), "ab")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     from mmproxy.aservice import running_pid
     for _ in range(300):
         if proc.poll() is not None:
@@ -139,7 +144,8 @@ def status(config_dir: str, as_json: bool) -> None:
     pid = running_pid(config_dir)
     config = load_config(config_dir)
     services = [{"service": e.spec.kind, "instance": e.spec.instance,
-                 "listeners": ["%s:%d" % (l.host or "*", l.port) for l in e.spec.listeners]} for e in config.services]
+                 "listeners": ["%s:%d" % (ep.host or "*", ep.port) for ep in e.spec.listeners]}
+                for e in config.services]
     info = {"config_dir": config_dir, "running": bool(pid), "pid": pid, "services": services}
     if pid:
         info["uptime_s"] = _uptime(pid)
@@ -177,7 +183,7 @@ def params(markdown: bool) -> None:
         click.echo("%-28s %-8s %-24s %s" % (p.name, "".join(p.files), _short(p), p.doc))
 
 
-def _short(p: Any) -> str:
+def _short(p: Param) -> str:
     d = "" if p.default is None else str(p.default)
     return (d[:21] + "...") if len(d) > 24 else d
 

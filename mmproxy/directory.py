@@ -21,16 +21,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.monkey
+import ldap
+import ldap.dn
 from cachetools import TTLCache
 from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 from gevent.threadpool import ThreadPool
 
-import ldap
-import ldap.dn
-
-from mmproxy.errors import AuthFailed, AuthTempFail
 from mmproxy.addresses import is_host_name
+from mmproxy.config import ServiceConfig
+from mmproxy.errors import AuthFailed, AuthTempFail
 from mmproxy.loginid import LoginId, format_attrs, search_filter
 
 # python-ldap guards each connection with threading.Lock as looked up at import time, i.e. gevent's
@@ -113,7 +113,7 @@ class _Conns:
 class Directory:
     """Lookups for one service's settings (LdapURL, BindDN, caches, HostedDomains...)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: ServiceConfig) -> None:
         url = cfg.LdapURL
         self.uris = " ".join(url.urls())
         self.base = url.base
@@ -123,7 +123,8 @@ class Directory:
         self.mailhost_attrs = list(cfg.MailHostAttrs)
         self.refresh = cfg.LdapRefreshInterval
         self.cache: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=max(1, cfg.LdapCacheTTL))
-        self.negative: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=min(NEGATIVE_TTL, max(1, cfg.LdapCacheTTL)))
+        self.negative: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize),
+                                           ttl=min(NEGATIVE_TTL, max(1, cfg.LdapCacheTTL)))
         self.auth_cache: TTLCache = TTLCache(maxsize=max(1, cfg.AuthCacheSize), ttl=max(1, cfg.AuthCacheTTL))
         self._auth_key = os.urandom(32)      # per process: cache keys are useless outside it
         self.pool = ThreadPool(2 * POOL_SIZE)
@@ -207,7 +208,8 @@ class Directory:
         finally:
             del self._inflight[key]
 
-    def _search(self, base: str, scope: int, flt: str, attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
+    def _search(self, base: str, scope: int, flt: str,
+                attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
         def fn(conn: Any) -> Any:
             try:
                 return conn.search_ext_s(base, scope, flt, attrs, timeout=OP_TIMEOUT, sizelimit=2)
@@ -246,7 +248,10 @@ class Directory:
             if not rows:
                 return None
             a = rows[0][1]
-            first = lambda k: (a.get(k.lower()) or [None])[0]  # noqa: E731
+
+            def first(k: str) -> Optional[str]:
+                values = a.get(k.lower())
+                return values[0] if values else None
             return Domain(name, dn, first("inetDomainBaseDN") or dn, first("mailAccessProxyPreAuth"),
                           first("mailAccessProxyReplay"), first("inetDomainSearchFilter"))
         return self._cached(("domain", dn), load)
@@ -285,7 +290,8 @@ class Directory:
             except ldap.NO_SUCH_OBJECT:
                 return []
         rows = self._job(self.searchers, True, fn)
-        values = [v for dn, a in rows if dn is not None for k, vs in a.items() if k.lower() == "userpassword" for v in vs]
+        values = [v for dn, a in rows if dn is not None
+                  for k, vs in a.items() if k.lower() == "userpassword" for v in vs]
         clear = [v for v in values if not (v.startswith(b"{") and b"}" in v)]
         return clear[0] if clear else None
 

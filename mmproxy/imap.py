@@ -19,10 +19,25 @@ from typing import Any, List, Optional, Union
 
 from mmproxy import __version__
 from mmproxy.backend import Store
-from mmproxy.errors import (AuthFailed, AuthTempFail, AuthzFailed, BackendError, BackendProtocolError,
-                            BackendUnavailable, ClientError, ClientGone, ClientSyntaxError, ClientTimeout,
-                            ClientTooLong, CommandError, MechanismUnsupported, NotNow, PrivacyRequired,
-                            ServerShutdown, StoreRefused)
+from mmproxy.errors import (
+    AuthFailed,
+    AuthTempFail,
+    AuthzFailed,
+    BackendError,
+    BackendProtocolError,
+    BackendUnavailable,
+    ClientError,
+    ClientGone,
+    ClientSyntaxError,
+    ClientTimeout,
+    ClientTooLong,
+    CommandError,
+    MechanismUnsupported,
+    NotNow,
+    PrivacyRequired,
+    ServerShutdown,
+    StoreRefused,
+)
 from mmproxy.login import LoginService, LoginSession, Target, credentials
 from mmproxy.session import Line, Request, Verb, one_line
 
@@ -341,7 +356,8 @@ class ImapSession(LoginSession):
         login_trusted_networks), replay LOGIN; the tagged OK with the store's capabilities.
         StoreRefused with the store's NO; counts as bad credentials when it carries no response
         code or [AUTHENTICATIONFAILED]."""
-        ident = ('X0 ID ("x-originating-ip" "%s" "x-originating-port" "%d" "x-connected-ip" "%s" "x-connected-port" "%d")'
+        ident = ('X0 ID ("x-originating-ip" "%s" "x-originating-port" "%d" '
+                 '"x-connected-ip" "%s" "x-connected-port" "%d")'
                  % (self.client_ip, self.client_port, self.server_ip, self.server_port)).encode()
         user = target.replay.encode("utf-8")
         user_q, pass_q = quote(user), quote(password)

@@ -15,8 +15,14 @@ import socket
 import time
 from typing import Callable, Optional
 
-from mmproxy.errors import (BackendProtocolError, BackendUnavailable, ClientGone, ClientTimeout, ClientTooLong,
-                            MMProxyError)
+from mmproxy.errors import (
+    BackendProtocolError,
+    BackendUnavailable,
+    ClientGone,
+    ClientTimeout,
+    ClientTooLong,
+    MMProxyError,
+)
 
 RECV_SIZE = 16384
 

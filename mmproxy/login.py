@@ -11,8 +11,15 @@ from typing import Any, Callable, List, Optional, Tuple
 from mmproxy import sasl
 from mmproxy.backend import Store
 from mmproxy.directory import Directory, User
-from mmproxy.errors import (AuthCancelled, AuthFailed, AuthzFailed, BackendUnavailable, ClientSyntaxError,
-                            MechanismUnsupported, PrivacyRequired)
+from mmproxy.errors import (
+    AuthCancelled,
+    AuthFailed,
+    AuthzFailed,
+    BackendUnavailable,
+    ClientSyntaxError,
+    MechanismUnsupported,
+    PrivacyRequired,
+)
 from mmproxy.loginid import LoginId, replay_id, split_login
 from mmproxy.pump import Pump
 from mmproxy.session import PRELOGIN_DEADLINE, PRELOGIN_IDLE, Line, Service, Session, failure_kind, log_end_line

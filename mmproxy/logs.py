@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import List, Optional, TextIO
 
 from mmproxy.config import kinds
 
@@ -36,7 +36,7 @@ class _Formatter(logging.Formatter):
         return "%s,%03d" % (self._text, record.msecs)
 
 
-class _NoLock:
+class _NoLock(logging.Handler):
     """Handlers run on the hub thread only and never yield inside emit: no lock needed."""
 
     def createLock(self) -> None:
@@ -72,14 +72,14 @@ class _Context(logging.Filter):
         return True
 
 
-class DailyFile(_NoLock, logging.Handler):
+class DailyFile(_NoLock):
     """Appends to <dir>/<prefix>_<yyyymmdd>.log, switching file when the date changes."""
 
     def __init__(self, directory: str, prefix: str) -> None:
         super().__init__()
         self.directory, self.prefix = directory, prefix
         self.day = ""
-        self.stream: Optional[object] = None
+        self.stream: Optional[TextIO] = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -118,11 +118,12 @@ def configure(kind: str, log_dir: Optional[str], log_level: int, foreground: boo
         h.close()
     logger.setLevel(level_for(log_level))
     fmt = _Formatter(FORMAT)
-    handlers: list = []
+    handlers: List[logging.Handler] = []
     if log_dir and os.path.isdir(log_dir):
         handlers.append(DailyFile(log_dir, kinds.BY_NAME[kind].log_prefix))
     elif log_dir:
-        print("mmproxy: LogDir %s does not exist: no %s log file" % (log_dir, kinds.BY_NAME[kind].log_prefix), file=sys.stderr)
+        print("mmproxy: LogDir %s does not exist: no %s log file" % (log_dir, kinds.BY_NAME[kind].log_prefix),
+              file=sys.stderr)
     logger.propagate = kind == "aservice"      # a service's lines go to its own file only
     if foreground:
         err = _Stderr(sys.stderr)

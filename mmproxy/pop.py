@@ -21,10 +21,25 @@ from mmproxy import __version__, sasl
 from mmproxy.addresses import unmapped
 from mmproxy.authservice import RECORDS
 from mmproxy.backend import Store
-from mmproxy.errors import (AuthFailed, AuthTempFail, AuthzFailed, BackendError, BackendProtocolError,
-                            BackendUnavailable, ClientGone, ClientSyntaxError, ClientTimeout, ClientTooLong,
-                            CommandError, ConfigError, NotNow, PrivacyRequired, ServerShutdown, StoreRefused,
-                            UnknownCommand)
+from mmproxy.errors import (
+    AuthFailed,
+    AuthTempFail,
+    AuthzFailed,
+    BackendError,
+    BackendProtocolError,
+    BackendUnavailable,
+    ClientGone,
+    ClientSyntaxError,
+    ClientTimeout,
+    ClientTooLong,
+    CommandError,
+    ConfigError,
+    NotNow,
+    PrivacyRequired,
+    ServerShutdown,
+    StoreRefused,
+    UnknownCommand,
+)
 from mmproxy.login import LoginService, LoginSession, Target, credentials
 from mmproxy.session import Line, Request, Verb, one_line
 
@@ -78,7 +93,7 @@ class Spool:
             if line == b".":
                 break
             lines.append(line)
-        return cls(b"".join(l + b"\r\n" for l in lines))
+        return cls(b"".join(line + b"\r\n" for line in lines))
 
 
 class PopService(LoginService):

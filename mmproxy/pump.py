@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import ssl
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple, cast
 
 import gevent
 from gevent import get_hub
@@ -60,8 +60,9 @@ class _Side:
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src, self.dst = src, dst
-        self.rd = src._read_event      # gevent sockets own an io watcher per direction: reuse them
-        self.wr = dst._write_event
+        # gevent sockets own an io watcher per direction: reuse them (not in gevent's public types)
+        self.rd = cast(Any, src)._read_event
+        self.wr = cast(Any, dst)._write_event
         self.left: Optional[bytes] = None                 # bytes the destination has not taken
         self.pipe: Optional[Tuple[int, int]] = None       # a pipe holding ``inpipe`` such bytes
         self.inpipe = 0

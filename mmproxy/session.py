@@ -26,15 +26,27 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type, Union
 
 import gevent
 
 from mmproxy import tls
 from mmproxy.connlimits import ConnLimits
-from mmproxy.errors import (AuthFailed, AuthTempFail, AuthzFailed, BackendError, ClientGone,
-                            ClientSyntaxError, ClientTimeout, ClientTooLong, CommandError, NotNow, ServerShutdown,
-                            StoreRefused, UnknownCommand)
+from mmproxy.errors import (
+    AuthFailed,
+    AuthTempFail,
+    AuthzFailed,
+    BackendError,
+    ClientGone,
+    ClientSyntaxError,
+    ClientTimeout,
+    ClientTooLong,
+    CommandError,
+    NotNow,
+    ServerShutdown,
+    StoreRefused,
+    UnknownCommand,
+)
 from mmproxy.linereader import LineReader
 from mmproxy.logs import DETAIL
 
@@ -93,7 +105,7 @@ class Service:
     """One ServiceList entry at run time: its settings, TLS context, connection limits and sessions."""
 
     kind = "service"               # a kinds.SERVICES name: "imap", "pop", "smtp"
-    session_class: type
+    session_class: Type["Session"]
 
     def __init__(self, entry: Any) -> None:
         self.entry = entry

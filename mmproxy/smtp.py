@@ -81,9 +81,23 @@ from mmproxy import tls as tlsmod
 from mmproxy.addresses import is_host_name, unmapped
 from mmproxy.authservice import RECORDS
 from mmproxy.backend import MAX_STORE_LINE, Store
-from mmproxy.errors import (BackendError, BackendProtocolError, BackendUnavailable, ClientError, ClientGone,
-                            ClientSyntaxError, ClientTimeout, ClientTooLong, CommandError, HandOverRefused,
-                            MMProxyError, NotNow, PrivacyRequired, ServerShutdown, UnknownCommand)
+from mmproxy.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendUnavailable,
+    ClientError,
+    ClientGone,
+    ClientSyntaxError,
+    ClientTimeout,
+    ClientTooLong,
+    CommandError,
+    HandOverRefused,
+    MMProxyError,
+    NotNow,
+    PrivacyRequired,
+    ServerShutdown,
+    UnknownCommand,
+)
 from mmproxy.linereader import BackendReader
 from mmproxy.session import Request, Service, Session, Verb, one_line
 
@@ -464,7 +478,8 @@ class SmtpSession(Session):
             r = relay.command(cmd.encode("ascii"))
             if r.code != 220:
                 raise HandOverRefused("%s answered %s with %s" % (relay, cmd[:60], r.text()))
-        self.log.info("client introduced to relay %s as %s%s", relay, ip, (" login=%s" % self.login) if self.login else "")
+        self.log.info("client introduced to relay %s as %s%s", relay, ip,
+                      (" login=%s" % self.login) if self.login else "")
 
     def pop_before_smtp_user(self) -> Optional[str]:
         if not self.cfg.PopBeforeSmtpKludgeChannel:
@@ -484,7 +499,7 @@ class SmtpSession(Session):
                     self.log.info("reverse DNS of %s is not a host name: %r", ip, name[:100])
                     return "[UNAVAILABLE]"
                 # forward-confirmed: a PTR record alone is the client's own claim
-                addrs = {str(unmapped(ai[4][0])) for ai in socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)}
+                addrs = {str(unmapped(str(ai[4][0]))) for ai in socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)}
         except gevent.Timeout:
             return "[TEMPUNAVAIL]"
         except (OSError, UnicodeError, ValueError):
@@ -767,7 +782,8 @@ class SmtpService(Service):
         listed = {k.upper() for k in self.cfg.EhloKeywords or ()}
         ignored = listed & NEVER_PASSED
         if ignored:
-            self.log.warning("EhloKeywords %s ignored: the proxy never passes them to clients", " ".join(sorted(ignored)))
+            self.log.warning("EhloKeywords %s ignored: the proxy never passes them to clients",
+                             " ".join(sorted(ignored)))
         self.keywords = (set(SUPPORTED_KEYWORDS) | listed) - NEVER_PASSED
         # listed keywords that are commands (TURN, ATRN, ...) are forwarded like the base verbs
         self.extra_verbs = {k for k in listed - NEVER_PASSED if re.fullmatch(r"[A-Z][A-Z0-9]*", k)} \

@@ -13,9 +13,12 @@ import os
 import shutil
 import ssl
 import tempfile
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from mmproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mmproxy.config import ServiceConfig
 
 NSS_FILES = ("cert8.db", "cert9.db", "key3.db", "key4.db")
 NSS_HINT = ("export it to PKCS#12 with `pk12util -o Server-Cert.p12 -n Server-Cert -d <dir>` and put the file "
@@ -38,7 +41,7 @@ def key_password(path: Optional[str]) -> Optional[bytes]:
     return None
 
 
-def _candidates(cfg: Any) -> List[str]:
+def _candidates(cfg: ServiceConfig) -> List[str]:
     if cfg.SSLCertFile:
         return [cfg.SSLCertFile]
     base = cfg.SSLCacheDir or ""
@@ -47,7 +50,7 @@ def _candidates(cfg: Any) -> List[str]:
     return [os.path.join(base, prefix + n + ext) for n in names for ext in (".pem", ".p12", ".pfx")]
 
 
-def find_certificate(cfg: Any) -> Tuple[str, Optional[str]]:
+def find_certificate(cfg: ServiceConfig) -> Tuple[str, Optional[str]]:
     """(certificate file, key file or None) as the configuration names them; ConfigError if none."""
     cands = _candidates(cfg)
     for path in cands:
@@ -79,7 +82,7 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, password: Optional[bytes]) -> N
         shutil.rmtree(d, ignore_errors=True)
 
 
-def server_context(cfg: Any) -> ssl.SSLContext:
+def server_context(cfg: ServiceConfig) -> ssl.SSLContext:
     """An SSLContext for STARTTLS and implicit-TLS listeners; ConfigError with the file at fault."""
     cert, keyfile = find_certificate(cfg)
     password = key_password(cfg.SSLKeyPasswdFile)
@@ -98,8 +101,9 @@ def server_context(cfg: Any) -> ssl.SSLContext:
         else:
             ctx.load_cert_chain(cert, keyfile, password=password)
     except (ssl.SSLError, ValueError) as e:
-        raise ConfigError("%s: cannot load certificate/key (%s)%s" % (
-            cert, getattr(e, "reason", None) or e, "" if password else "; is the key encrypted and SSLKeyPasswdFile missing?")) from None
+        hint = "" if password else "; is the key encrypted and SSLKeyPasswdFile missing?"
+        raise ConfigError("%s: cannot load certificate/key (%s)%s"
+                          % (cert, getattr(e, "reason", None) or e, hint)) from None
     except OSError as e:
         raise ConfigError("%s: %s" % (e.filename or cert, e.strerror)) from None
     return ctx

@@ -1,6 +1,8 @@
-from gevent import monkey; monkey.patch_all()  # noqa: E702 -- first, before any other import (STYLE §3.1)
-
 """Session fixtures over the real servers; the logic lives in mmproxy.testing."""
+from gevent import monkey
+
+monkey.patch_all()  # first, before any other import (STYLE §3.1)
+
 import pytest  # noqa: E402
 
 from mmproxy.testing import MailStack  # noqa: E402

@@ -2,8 +2,8 @@
 import json
 import os
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,14 +144,15 @@ def _cpu_seconds(pid):
 
 def test_be_the_user_after_binding(mail_stack, tmp_path):
     """BeTheUser/BeTheGroup: the ports are bound as root, the sessions run as the named user."""
-    from mmproxy.testing.proxy import Proxy
     import pwd
+
+    from mmproxy.testing.proxy import Proxy
     nobody = pwd.getpwnam("nobody")
     p = Proxy(mail_stack.info(), aservice={"BeTheUser": "nobody", "BeTheGroup": "nogroup"})
     os.chmod(p.log_dir, 0o777)
     with p:
         with open("/proc/%d/status" % p.proc.pid) as f:
-            ids = {l.split(":")[0]: l.split()[1:] for l in f if l.startswith(("Uid", "Gid"))}
+            ids = {line.split(":")[0]: line.split()[1:] for line in f if line.startswith(("Uid", "Gid"))}
         assert ids["Uid"][0] == str(nobody.pw_uid) and ids["Gid"][0] == str(nobody.pw_gid)
         c = RawClient(p.host, p.imap_port)
         c.expect(b"* OK")

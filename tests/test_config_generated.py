@@ -4,9 +4,8 @@ import shutil
 
 import pytest
 
-from mmproxy.config import load_config
-from mmproxy.config import cfgfile
-from mmproxy.config.generate import outputs, render_template
+from mmproxy.config import cfgfile, load_config
+from mmproxy.config.generate import outputs, render_template, shipped_template
 from mmproxy.config.params import FILE_CODES, FILE_NAMES, PARAMS, lookup
 from mmproxy.config.types import Ctx
 
@@ -41,3 +40,9 @@ def test_every_template_line_is_a_valid_setting_of_that_file(tmp_path, code):
     for e in entries:
         if e.value:
             lookup(e.key).type.convert(e.value, Ctx(str(cfgdir)))
+
+
+@pytest.mark.parametrize("code", FILE_CODES)
+def test_a_source_checkout_ships_the_committed_templates(code):
+    """An installed mmproxy finds them in mmproxy/templates/ (tests/test_packaging.py checks that)."""
+    assert shipped_template(code) == os.path.join(ROOT, "cfg", FILE_NAMES[code] + "-def.cfg")

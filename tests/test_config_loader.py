@@ -365,8 +365,10 @@ def test_legacy_tree_loads_with_warnings_and_no_errors(tmp_path):
     assert config.errors == [], msgs(config, "error")
     warnings = msgs(config, "warning")
     expected = [
-        "ImapProxyAService.cfg:9: warning: SSLCertFile is obsolete, superseded by SSLCertPrefix; its value is still used",
-        "ImapProxyAService.cfg:12: warning: not used: hardware crypto modules are an NSS feature; mmproxy uses OpenSSL",
+        "ImapProxyAService.cfg:9: warning: SSLCertFile is obsolete, superseded by SSLCertPrefix; "
+        "its value is still used",
+        "ImapProxyAService.cfg:12: warning: not used: hardware crypto modules are an NSS feature; "
+        "mmproxy uses OpenSSL",
         "ImapProxyAService.cfg:17: warning: AuthService is not an ImapProxyAService.cfg parameter in the legacy "
         "product; ignored",
         "ImapProxyAService.cfg:20: warning: Capability names store features (ACL QUOTA",

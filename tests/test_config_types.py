@@ -56,7 +56,8 @@ def test_supported_and_security_flags():
 
 def test_defaults_as_the_table_gives_them():
     d = {p.name: p.default for p in PARAMS.values()}
-    assert (d["AuthCacheSize"], d["AuthCacheTTL"], d["AuthServiceTTL"], d["LogLevel"], d["NumThreads"]) == (10000, 900, -1, 1, 1)
+    assert ((d["AuthCacheSize"], d["AuthCacheTTL"], d["AuthServiceTTL"], d["LogLevel"], d["NumThreads"])
+            == (10000, 900, -1, 1, 1))
     assert (d["BGMax"], d["BGPenalty"], d["BGMaxBadness"], d["BGDecay"], d["BGLinear"]) == (10000, 2, 60, 900, False)
     assert d["LdapRefreshInterval"] == 2100 and d["Timeout"] == 1800 and d["FailoverTimeout"] == 10
     assert d["MailHostAttrs"] == ("mailHost",) and d["SSLCipherSpecs"] == "all" and d["SSLCertPrefix"] == ""

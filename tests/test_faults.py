@@ -16,7 +16,7 @@ import time
 import gevent
 import pytest
 
-from mmproxy import __version__, imap, pop, smtp
+from mmproxy import __version__, imap, pop
 from mmproxy.testing.proxy import Proxy
 
 from helpers import ImapFrom, PopFrom, RawClient, proxy_log, wait_for_log

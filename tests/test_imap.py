@@ -112,8 +112,9 @@ def test_store_log_shows_the_real_client_address(proxy, mail_stack):
     deadline = time.time() + 5
     while time.time() < deadline and "user=<erin>" not in mail_stack.stores["127.0.0.2"].read_log():
         time.sleep(0.1)
-    lines = [l for l in mail_stack.stores["127.0.0.2"].read_log().splitlines() if "imap-login" in l and "Login: user=<erin>" in l]
-    assert lines and all("rip=127.0.0.9" in l for l in lines), lines
+    log = mail_stack.stores["127.0.0.2"].read_log()
+    lines = [line for line in log.splitlines() if "imap-login" in line and "Login: user=<erin>" in line]
+    assert lines and all("rip=127.0.0.9" in line for line in lines), lines
 
 
 def test_user_without_mailhost_is_a_temporary_failure(proxy, mail_stack):

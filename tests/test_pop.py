@@ -144,8 +144,8 @@ def test_store_log_shows_the_real_client_address(proxy, mail_stack):
         if "Login: user=<erin>" in log:
             break
         time.sleep(0.1)
-    lines = [l for l in log.splitlines() if "pop3-login" in l and "Login: user=<erin>" in l]
-    assert lines and all("rip=127.0.0.31" in l for l in lines), lines
+    lines = [line for line in log.splitlines() if "pop3-login" in line and "Login: user=<erin>" in line]
+    assert lines and all("rip=127.0.0.31" in line for line in lines), lines
 
 
 def test_xqueryauth_fresh_expired_and_disabled(mail_stack, proxy_nopreauth):

@@ -12,8 +12,15 @@ import time
 import ldap
 import pytest
 
-from mmproxy.testing import (DelayProxy, DovecotStore, MissingBinary, Slapd, default_directory, free_port,
-                             welcome_subject)
+from mmproxy.testing import (
+    DelayProxy,
+    DovecotStore,
+    MissingBinary,
+    Slapd,
+    default_directory,
+    free_port,
+    welcome_subject,
+)
 from mmproxy.testing.base import _proc_table, find_binary
 from mmproxy.testing.directory import ldif_line
 

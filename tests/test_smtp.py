@@ -8,6 +8,7 @@ at is what a client sees: reply codes, and the messages in the relays' sink mail
 import base64
 import os
 import poplib
+import shutil
 import signal
 import smtplib
 import socket
@@ -50,6 +51,7 @@ def sasl_socket():
         time.sleep(0.05)
     yield sock
     store.close()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def relay_for_proxy(**main_cf):
@@ -516,7 +518,8 @@ def test_auth_multi_step_login_mechanism(proxy):
 
 def test_plaintext_auth_refused_without_tls(proxy_rr):
     c = client(proxy_rr)
-    code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode())).decode())
+    plain = base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode())).decode()
+    code, text = c.docmd("AUTH", "PLAIN " + plain)
     assert (code, "%d %s" % (code, text.decode())) == (538, smtp.NEED_TLS)
     c.quit()
 

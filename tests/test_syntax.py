@@ -113,7 +113,8 @@ def test_challenge_response_digests():
     assert sasl.cram_md5_digest(b"tanstaaftanstaaf", b"<1896.697170952@postoffice.reston.mci.net>") \
         == "b913a602c7eda7a495b4e6e7334d3890"
     assert sasl.apop_digest(b"<1896.697170952@dbc.mtview.ca.us>", b"tanstaaf") == "c4c9334bac560ecc979e58001b3e22fb"
-    assert sasl.cram_md5_response(b"tim B913A602C7EDA7A495B4E6E7334D3890") == (b"tim", "b913a602c7eda7a495b4e6e7334d3890")
+    assert sasl.cram_md5_response(b"tim B913A602C7EDA7A495B4E6E7334D3890") == \
+        (b"tim", "b913a602c7eda7a495b4e6e7334d3890")
     assert sasl.digest_matches("ABC", "abc") and not sasl.digest_matches("abc", "abd")
     with pytest.raises(ClientSyntaxError):
         sasl.cram_md5_response(b"tim short")

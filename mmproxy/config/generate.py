@@ -1,7 +1,8 @@
 """Templates (``cfg/*-def.cfg``) and the reference page (``docs/parameters.md``), written from the registry.
 
 Run ``python -m mmproxy.config.generate [REPO_ROOT]`` after changing ``params.py``; a test fails
-while the committed files differ from what the registry renders.
+while the committed files differ from what the registry renders.  The templates ship with mmproxy:
+setup.py installs ``cfg/`` as the package directory ``mmproxy/templates/`` (see ``shipped_template``).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def render_template(code: str) -> str:
         "is commented out and shows its default: remove the leading # to change it. Relative paths are "
         "relative to this directory (../data/log is the legacy msg_svr_base/data/log)."
         % (name, PURPOSE[code], FILE_NAMES[code], name, name))
-    out = []
+    out: List[str] = []
     for para in header.split("\n\n"):
         out += (["#"] if out else []) + textwrap.wrap(para, 98, initial_indent="# ", subsequent_indent="# ")
     params = [p for p in PARAMS.values() if code in p.files]
@@ -75,6 +76,21 @@ def render_template(code: str) -> str:
             out += textwrap.wrap(doc, 98, initial_indent="# ", subsequent_indent="#   ")
             out.append("#default:%s %s" % (p.name, _quoted(default_text(p, code))))
     return "\n".join(out) + "\n"
+
+
+def shipped_template(code: str) -> Optional[str]:
+    """The path of the ``<file>-def.cfg`` template that came with this mmproxy, or None.
+
+    An installed mmproxy has them in ``mmproxy/templates/`` (setup.py maps the top-level ``cfg/``
+    there); a source checkout has ``cfg/`` beside the package.
+    """
+    name = FILE_NAMES[code] + "-def.cfg"
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # .../mmproxy
+    for folder in (os.path.join(package, "templates"), os.path.join(os.path.dirname(package), "cfg")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _cell(text: str) -> str:

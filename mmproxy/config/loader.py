@@ -14,13 +14,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from mmproxy.config import cfgfile
 from mmproxy.config.cfgfile import Entry, Problem, error, warning
-from mmproxy.config.params import (FILE_NAMES, KIND_CODES, PARAMS, Param, lookup, suggest,
-                                   support_problem)
+from mmproxy.config.params import FILE_NAMES, KIND_CODES, PARAMS, Param, lookup, suggest, support_problem
 from mmproxy.config.types import Ctx, Deferred, Endpoint, Endpoints, ServiceList, ServiceSpec
 from mmproxy.config.vdmap import VirtualDomains, read_vdmap
 
 IMPLICIT_TLS_PORTS = {993: "IMAPS", 995: "POP3S", 465: "SMTPS"}
-Where = Tuple[str, int]
+Where = Tuple[str, int]                 # file and line of a setting
+Place = Tuple[str, Optional[int]]       # where to report a problem: a line, or the whole file
 
 
 class ServiceConfig:
@@ -93,6 +93,11 @@ def _location(cfg: ServiceConfig, name: str) -> Optional[Where]:
     return cfg._explicit.get(_param(name).key, (None, None))[1]
 
 
+def _place(cfg: ServiceConfig, name: str, file: str) -> Place:
+    """Where to report a problem with a setting: its line, else the file that lacks it."""
+    return _location(cfg, name) or (file, None)
+
+
 def _param(name: str) -> Param:
     p = lookup(name)
     if p is None:
@@ -132,8 +137,8 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
     """Read and check the configuration in ``config_dir``; never raises for a bad configuration.
 
     With ``create_missing``, a missing AService.cfg, and the file of each service ServiceList names,
-    is created from its ``-def.cfg`` template (written from the registry when absent), as the
-    legacy MMP did.
+    is created from its ``-def.cfg`` template (copied from mmproxy's own when the directory has none),
+    as the legacy MMP did.
     """
     problems: List[Problem] = []
     path = os.path.join(config_dir, "AService.cfg")
@@ -147,7 +152,7 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
     _unused_sections(entries, {"default"}, problems)
     # A bad entry is reported; the good ones are still loaded and checked (never the default instead).
     specs = _good_services(entries) if "servicelist" in failed else aservice.ServiceList
-    sl_where = _location(aservice, "ServiceList") or (path, None)
+    sl_where = _place(aservice, "ServiceList", path)
     _check_listeners(specs, sl_where, problems)
 
     services: List[ServiceEntry] = []
@@ -268,7 +273,7 @@ def _overlap(a: Endpoint, b: Endpoint) -> bool:
     return a.port == b.port and (a.host == b.host or not a.host or not b.host)
 
 
-def _check_listeners(specs: Iterable[ServiceSpec], where: Tuple[str, Optional[int]], problems: List[Problem]) -> None:
+def _check_listeners(specs: Iterable[ServiceSpec], where: Place, problems: List[Problem]) -> None:
     """Two listeners on one [IP:]PORT cannot both bind: the daemon would fail at start."""
     seen: List[Tuple[Endpoint, str]] = []
     for spec in specs:
@@ -282,9 +287,9 @@ def _check_listeners(specs: Iterable[ServiceSpec], where: Tuple[str, Optional[in
             seen.append((ep, spec.kind))
 
 
-def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: Tuple[str, Optional[int]],
+def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: Place,
                    problems: List[Problem]) -> None:
-    ssl_where = _location(cfg, "SSLPorts") or (file, None)
+    ssl_where = _place(cfg, "SSLPorts", file)
     if cfg.SSLPorts and not cfg.SSLEnable:
         problems.append(error(*ssl_where, "SSLPorts needs SSLEnable yes in the same file"))
     for ep in cfg.SSLPorts:
@@ -297,32 +302,37 @@ def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: T
             problems.append(warning(*sl_where, "%s listens on %s, the %s port, but %s's SSLPorts does not list it: "
                                                "clients expect TLS on accept there"
                                     % (spec.kind, ep, IMPLICIT_TLS_PORTS[ep.port], spec.filename)))
-    if cfg.is_set("AuthService") and cfg.AuthService and lookup("AuthService").honoured(KIND_CODES[spec.kind]):
-        problems.append(warning(*(_location(cfg, "AuthService") or (file, None)),
+    if cfg.is_set("AuthService") and cfg.AuthService and _param("AuthService").honoured(KIND_CODES[spec.kind]):
+        problems.append(warning(*_place(cfg, "AuthService", file),
                                 "AuthService yes applies to every client of this service; the legacy manual "
                                 "advises enabling it per virtual domain only (VirtualDomainFile)"))
     if spec.kind == "smtp":
         for name in ("SmtpRelays", "SmtpProxyPassword"):
             if not cfg.is_set(name):
                 problems.append(error(file, None, "%s is mandatory when ServiceList names the SMTP service"
-                                      % lookup(name).name))
+                                      % _param(name).name))
 
 
 # --- templates for missing files --------------------------------------------------------------------
 
 def _create(config_dir: str, stem: str, code: str, problems: List[Problem]) -> None:
-    """Create ``stem.cfg`` from ``stem-def.cfg`` or the standard template, writing that from the
-    registry if the directory has none."""
+    """Create ``stem.cfg`` from ``stem-def.cfg`` or the standard template; when the directory has
+    neither, the standard one is put there first: mmproxy's own copy (cfg/, installed as
+    mmproxy/templates/), else rendered from the registry (the same text; a test keeps them equal)."""
     target = os.path.join(config_dir, stem + ".cfg")
     if os.path.exists(target):
         return
     candidates = [os.path.join(config_dir, n + "-def.cfg") for n in dict.fromkeys((stem, FILE_NAMES[code]))]
     template = next((c for c in candidates if os.path.exists(c)), candidates[-1])
-    from mmproxy.config.generate import render_template  # here: generate also runs as __main__
+    from mmproxy.config.generate import render_template, shipped_template  # here: generate also runs as __main__
     try:
         if not os.path.exists(template):
-            with open(template, "w", encoding="utf-8") as f:
-                f.write(render_template(code))
+            shipped = shipped_template(code)
+            if shipped is not None:
+                shutil.copyfile(shipped, template)
+            else:
+                with open(template, "w", encoding="utf-8") as f:
+                    f.write(render_template(code))
         shutil.copyfile(template, target)
     except OSError as e:
         problems.append(error(target, None, "cannot create it from %s: %s" % (template, e.strerror or e)))

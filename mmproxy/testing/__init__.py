@@ -103,8 +103,18 @@ MailStack.info() keys
 """
 from .base import DaemonError, MissingBinary, free_port, ssha
 from .delayproxy import DelayProxy
-from .directory import (PROXY_DN, PROXY_PW, ROOT_DN, ROOT_PW, STORE_IPS, SUFFIX, Directory, Domain, User,
-                        default_directory)
+from .directory import (
+    PROXY_DN,
+    PROXY_PW,
+    ROOT_DN,
+    ROOT_PW,
+    STORE_IPS,
+    SUFFIX,
+    Directory,
+    Domain,
+    User,
+    default_directory,
+)
 from .dovecot import DovecotStore, welcome_subject
 from .postfix import Postfix
 from .slapd import Slapd

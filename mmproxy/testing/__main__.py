@@ -9,6 +9,8 @@ import argparse
 import json
 import signal
 import sys
+from types import FrameType
+from typing import List, NoReturn, Optional
 
 from .base import MissingBinary
 from .directory import password_label
@@ -42,15 +44,16 @@ def describe(info: dict) -> str:
     out += ["", "Domains"]
     for name, d in info["domains"].items():
         extra = ", ".join("%s: %s" % (k, " ".join(v)) for k, v in d["attrs"].items())
-        out.append("  %-12s %s  users under %s%s" % (name, d["dn"], d["people_dn"], ("  (" + extra + ")") if extra else ""))
+        out.append("  %-12s %s  users under %s%s"
+                   % (name, d["dn"], d["people_dn"], ("  (" + extra + ")") if extra else ""))
     out += ["", "Users     %-24s %-18s %-12s %s" % ("login", "store login", "mailHost", "password")]
     for u in info["users"].values():
-        out.append("          %-24s %-18s %-12s %s" % (u["login"], u["store_login"], u["mailhost"] or "-",
-                                                       password_label(u)))
+        out.append("          %-24s %-18s %-12s %s"
+                   % (u["login"], u["store_login"], u["mailhost"] or "-", password_label(u)))
     return "\n".join(out)
 
 
-def main(argv: list = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mmproxy.testing", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -62,7 +65,7 @@ def main(argv: list = None) -> int:
     up.add_argument("--info-file", help="also write info() as JSON to this file")
     args = ap.parse_args(argv)
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: Optional[FrameType]) -> NoReturn:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, TypeVar, Union
 
 # apt packages that provide each binary we run (for the error message)
 APT_HINT = {
@@ -196,6 +196,9 @@ def _alive(members: set) -> list:
     return [pid for pid, t in members if pid in table and table[pid][3] == t and table[pid][2] != "Z"]
 
 
+_D = TypeVar("_D", bound="Daemon")
+
+
 class Daemon:
     """One foreground server process that we start in its own session (process group).
 
@@ -353,9 +356,9 @@ class Daemon:
         if self._own_dir and not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self):
+    def __enter__(self: _D) -> _D:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -9,14 +9,15 @@ module never imports gevent itself.
 from __future__ import annotations
 
 import _socket
+import _thread
 import importlib
 import sys
-from typing import Optional
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 _DONE = object()
 
 
-def _original(module: str, name: str):
+def _original(module: str, name: str) -> Any:
     """The unpatched `module.name` (gevent.monkey.get_original when gevent is loaded)."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None:
@@ -24,9 +25,9 @@ def _original(module: str, name: str):
     return getattr(importlib.import_module(module), name)
 
 
-_start_thread = _original("_thread", "start_new_thread")
-_allocate_lock = _original("_thread", "allocate_lock")
-_sleep = _original("time", "sleep")
+_start_thread: Callable[[Callable[..., object], Tuple[Any, ...]], int] = _original("_thread", "start_new_thread")
+_allocate_lock: Callable[[], _thread.LockType] = _original("_thread", "allocate_lock")
+_sleep: Callable[[float], None] = _original("time", "sleep")
 
 
 def _raw_socket() -> "_socket.socket":
@@ -49,7 +50,7 @@ class DelayProxy:
         self._listen_port = listen_port
         self._lsock: Optional[_socket.socket] = None
         self._lock = _allocate_lock()
-        self._conns: set = set()
+        self._conns: Set[_socket.socket] = set()
         self._stopped = True
         self.connections = 0           # accepted so far
 
@@ -93,14 +94,14 @@ class DelayProxy:
     def __enter__(self) -> "DelayProxy":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- threads -----------------------------------------------------------------------------
-    def _accept_loop(self, lsock) -> None:
+    def _accept_loop(self, lsock: _socket.socket) -> None:
         while not self._stopped:
             try:
-                fd, _addr = lsock._accept()
+                fd, _addr = lsock._accept()   # type: ignore[attr-defined]  # C-level accept: (fd, address)
             except TimeoutError:
                 continue
             except OSError:
@@ -113,7 +114,7 @@ class DelayProxy:
             self.connections += 1
             _start_thread(self._serve, (client,))
 
-    def _serve(self, client) -> None:
+    def _serve(self, client: _socket.socket) -> None:
         server = _raw_socket()
         try:
             server.settimeout(10)
@@ -133,7 +134,7 @@ class DelayProxy:
         _start_thread(self._pump, (server, client, True, state))
         self._pump(client, server, False, state)
 
-    def _pump(self, src, dst, delayed: bool, state: dict) -> None:
+    def _pump(self, src: _socket.socket, dst: _socket.socket, delayed: bool, state: Dict[str, int]) -> None:
         try:
             while True:
                 data = src.recv(65536)

@@ -29,8 +29,8 @@ def main(argv: list | None = None) -> int:
     args = ap.parse_args(argv)
     with MailStack(users=4, keep=args.keep, postfix=True) as stack:
         info = stack.info()
-        cert = make_cert(os.path.join(stack.dir, "tls"))
-        with Proxy(info, tls=cert, workdir=os.path.join(stack.dir, "mmproxy"),
+        cert = make_cert(os.path.join(stack.workdir, "tls"))
+        with Proxy(info, tls=cert, workdir=os.path.join(stack.workdir, "mmproxy"),
                    imap_port=_port(1143), imaps_port=_port(1993), pop={},
                    pop_port=_port(1110), pops_port=_port(1995),
                    smtp={"SmtpRelays": "%s:%d" % (info["smtp"]["host"], info["smtp"]["port"]),
@@ -49,11 +49,11 @@ mmproxy is running in front of a local directory and two mail stores.
   logs           {proxy.log_dir}
 
 Users (the proxy finds each one's store by mailHost):
-""")
+""")  # noqa: E501 -- the listing's lines are as wide as they print
             for u in info["users"].values():
                 if u["mailhost"] and not u["uid"].startswith("user"):
-                    print("  %-22s password %-12s store %s" % (u["uid"] + "@" + u["domain"], password_label(u),
-                                                              u["mailhost"]))
+                    print("  %-22s password %-12s store %s"
+                          % (u["uid"] + "@" + u["domain"], password_label(u), u["mailhost"]))
             print(f"""
 Try:
   curl -u alice:{alice['password']} imap://127.0.0.1:{proxy.imap_port}/INBOX
@@ -63,7 +63,7 @@ Try:
   printf 'Subject: hi\\r\\n\\r\\nhello\\r\\n' | curl -sS smtp://127.0.0.1:{proxy.smtp_port} --mail-from you@example.org --mail-rcpt bob@example.com -T -
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{proxy.imap_port}
   .venv/bin/mmproxy check-config --config-dir {proxy.config_dir}
-""", flush=True)
+""", flush=True)  # noqa: E501 -- whole commands, to copy
             if args.check:
                 out = subprocess.run(["curl", "-sS", "--max-time", "10", "-u", "alice:" + alice["password"],
                                       "imap://127.0.0.1:%d/INBOX;UID=1" % proxy.imap_port],
@@ -82,7 +82,7 @@ Try:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             try:
                 while not stop.wait(0.5):
-                    if proxy.proc.poll() is not None:
+                    if proxy.proc is None or proxy.proc.poll() is not None:
                         print("mmproxy exited:\n" + proxy.output()[-3000:], file=sys.stderr)
                         return 1
             except KeyboardInterrupt:

@@ -6,7 +6,7 @@ import grp
 import os
 import pwd
 import time
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from .base import Daemon, find_binary, listening, run, ssha
 
@@ -48,7 +48,7 @@ class DovecotStore(Daemon):
     name = "dovecot"
 
     def __init__(self, ip: str, port_imap: int, port_pop3: int,
-                 users: Union[Dict[str, Password], Iterable[Tuple[str, Password]]] = (), *,
+                 users: Union[Mapping[str, Password], Iterable[Tuple[str, Password]]] = (), *,
                  port_lmtp: Optional[int] = None, workdir: Optional[str] = None,
                  aliases: Optional[Dict[str, str]] = None,
                  mail_root: Optional[str] = None, large_bytes: int = 0,

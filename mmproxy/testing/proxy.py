@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional, Union
 
 from .base import free_port, listening, make_tempdir, tail
 
@@ -44,8 +44,9 @@ class Proxy:
     ``imaps_port``, ``pop_port``, ... as shortcuts).
     """
 
-    def __init__(self, info: dict, imap: object = None, aservice: Optional[Dict[str, object]] = None,
-                 tls: Optional[tuple] = None, workdir: Optional[str] = None, host: str = "127.0.0.1",
+    def __init__(self, info: dict, imap: Union[Dict[str, object], Literal[False], None] = None,
+                 aservice: Optional[Dict[str, object]] = None, tls: Optional[tuple] = None,
+                 workdir: Optional[str] = None, host: str = "127.0.0.1",
                  imap_port: int = 0, imaps_port: int = 0, pop: Optional[Dict[str, object]] = None,
                  smtp: Optional[Dict[str, object]] = None, keep: bool = False,
                  pop_port: int = 0, pops_port: int = 0, smtp_port: int = 0, smtps_port: int = 0) -> None:
@@ -113,7 +114,8 @@ class Proxy:
     wrapper: List[str] = []        # e.g. ["prlimit", "--nofile=64"] to start it under limits
 
     def command(self) -> List[str]:
-        return self.wrapper + [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", self.config_dir]
+        return self.wrapper + [sys.executable, "-m", "mmproxy", "start", "--foreground",
+                               "--config-dir", self.config_dir]
 
     def start(self, timeout: float = 20.0) -> "Proxy":
         self.write_config()
@@ -163,6 +165,7 @@ def make_cert(directory: str, name: str = "localhost") -> tuple:
     """A self-signed RSA-2048 certificate and key (PEM files) for TLS tests and the demo."""
     import datetime
     import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from .base import Daemon, find_binary, free_port, port_open, run
 from .directory import PROXY_DN, PROXY_PW, ROOT_DN, ROOT_PW, SUFFIX, Directory, default_directory
+
+if TYPE_CHECKING:
+    from ldap.ldapobject import LDAPObject  # python-ldap has no type information: this is Any to mypy
 
 SCHEMA_DIR = "/etc/ldap/schema"
 SCHEMAS = ("core", "cosine", "inetorgperson", "nis", "misc")   # misc.schema defines mailHost
@@ -98,9 +101,9 @@ access to *
             conn.unbind_s()
 
     # -- clients -----------------------------------------------------------------------------
-    def connect(self, who: str = "proxy", timeout: float = 5.0):
+    def connect(self, who: Union[str, Tuple[str, str]] = "proxy", timeout: float = 5.0) -> LDAPObject:
         """A python-ldap connection bound as 'proxy', 'root', 'anonymous' or as a (dn, password)."""
-        import ldap   # python-ldap; imported late so `python -m mmproxy.testing --help` works without it
+        import ldap  # python-ldap; imported late so `python -m mmproxy.testing --help` works without it
 
         conn = ldap.initialize(self.url)
         conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
@@ -111,9 +114,11 @@ access to *
             conn.simple_bind_s(self.bind_dn, self.bind_pw)
         elif who == "root":
             conn.simple_bind_s(self.root_dn, self.root_pw)
-        elif who != "anonymous":
+        elif isinstance(who, tuple):
             dn, pw = who
             conn.simple_bind_s(dn, pw)
+        elif who != "anonymous":
+            raise ValueError("who: 'proxy', 'root', 'anonymous' or (dn, password), not %r" % who)
         return conn
 
     def ldapmodify(self, ldif: str, add: bool = False) -> str:

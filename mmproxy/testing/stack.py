@@ -58,10 +58,17 @@ class MailStack:
         self.imap_port = self.pop3_port = 0
         self.lmtp_port: Optional[int] = None
 
+    @property
+    def workdir(self) -> str:
+        """The stack's directory (``workdir``, or the temp dir start() made)."""
+        if self.dir is None:
+            raise RuntimeError("MailStack is not started")
+        return self.dir
+
     def __enter__(self) -> "MailStack":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def start(self) -> "MailStack":
