@@ -65,25 +65,19 @@ must accept and greet within ``FailoverTimeout`` seconds, and then answers withi
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 import socket
 import ssl
-import struct
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import gevent
 
 from mmproxy import __version__, sasl
-from mmproxy import tls as tlsmod
 from mmproxy.addresses import is_host_name, unmapped
 from mmproxy.authservice import RECORDS
-from mmproxy.backend import MAX_STORE_LINE, Store
 from mmproxy.errors import (
     BackendError,
-    BackendProtocolError,
     BackendUnavailable,
     ClientError,
     ClientGone,
@@ -98,23 +92,20 @@ from mmproxy.errors import (
     ServerShutdown,
     UnknownCommand,
 )
-from mmproxy.linereader import BackendReader
 from mmproxy.session import Request, Service, Session, Verb, one_line
+from mmproxy.smtpclient import REPLY_TIMEOUT, SETUP_TIMEOUT, RelayConnection, Reply
+from mmproxy.xclient import XCLIENT_VALUE_MAX, proxy_header, xclient_addr, xclient_commands, xtext
 
 MAX_COMMAND_LINE = 16384    # RFC 5321 says 512, but AUTH initial responses may be 12288 (RFC 4954)
 MAX_DATA_LINE = 65536       # RFC 5321 4.5.3.1.6 says 1000 octets; be lenient, stay bounded
 MAX_SKIP = 1 << 20          # an overlong command line is skipped up to this much, then we hang up
-MAX_REPLY_LINES = 256
 MAX_BATCH = 100             # pipelined commands forwarded in one write
 DATA_CHUNK = 65536          # message text goes to the relay in writes of about this size
-XCLIENT_MAX = 510           # octets of one XCLIENT command before its CR LF (512 with it)
-XCLIENT_VALUE_MAX = 255     # octets of one (xtext-encoded) attribute value; Postfix refuses longer
 LINGER = 2.0                # seconds a refused client is still read from, so our reply is not lost
 LOOKUP_TIMEOUT = 10.0       # reverse and forward DNS of the client (ClientLookup)
 
-# Towards the relay (RFC 5321 4.5.3.2); the greeting comes within FailoverTimeout instead.
-SETUP_TIMEOUT = 60.0        # EHLO, STARTTLS and the TLS handshake while a relay is being chosen
-REPLY_TIMEOUT = 300.0       # MAIL, RCPT (4.5.3.2.2, .3) and every other command
+# Towards the relay (RFC 5321 4.5.3.2), beyond smtpclient's SETUP_TIMEOUT and REPLY_TIMEOUT; the
+# greeting comes within FailoverTimeout instead.
 DATA_INIT_TIMEOUT = 120.0   # 4.5.3.2.4
 DATA_BLOCK_TIMEOUT = 180.0  # 4.5.3.2.5: each write of message text
 DATA_END_TIMEOUT = 600.0    # 4.5.3.2.6
@@ -129,7 +120,6 @@ NEVER_PASSED = frozenset({"STARTTLS", "BINARYMIME", "XCLIENT", "XFORWARD", "BDAT
 FORWARDED_VERBS = frozenset({"MAIL", "RCPT", "RSET", "NOOP", "VRFY", "EXPN", "HELP", "ETRN"})
 VERB = re.compile(rb"[A-Za-z][A-Za-z0-9]{0,19}")
 BDAT_ARGS = re.compile(rb"\s*(\d{1,12})(\s+LAST)?\s*", re.I)
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 # Replies, as constants the tests import too.
 BANNER = "mmproxy %s ESMTP proxy ready" % __version__
@@ -172,81 +162,6 @@ class SmtpState(enum.Enum):
 
 _COMMAND_STATES = frozenset({SmtpState.GREETING, SmtpState.RELAYING, SmtpState.ENVELOPE})
 _OUTSIDE_MAIL = frozenset({SmtpState.GREETING, SmtpState.RELAYING})
-
-
-@dataclass
-class Reply:
-    code: int
-    lines: List[bytes]
-
-    def text(self) -> str:
-        return " | ".join(line.decode("utf-8", "replace") for line in self.lines)[:300]
-
-
-class RelayConnection(Store):
-    """The proxy's SMTP client connection to one relay."""
-
-    def __init__(self, host: str, port: int, connect_timeout: float, header: bytes = b"") -> None:
-        super().__init__(host, port, connect_timeout=connect_timeout, deadline=None)
-        self.keywords: Dict[str, str] = {}      # EHLO keyword -> its parameters
-        self.proxied = bool(header)             # the PROXY protocol told it the client already
-        self.tls = False
-        if header:
-            self.send(header)
-
-    def send(self, data: bytes, timeout: float = REPLY_TIMEOUT) -> None:
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.sendall(data)
-        except OSError as e:
-            raise BackendUnavailable("%s: write failed: %s" % (self, getattr(e, "strerror", None) or e)) from None
-
-    def reply(self, timeout: float = REPLY_TIMEOUT) -> Reply:
-        """One (multi-line) reply; BackendProtocolError unless every line is ``NNN[- ]text`` with one code."""
-        self.reader.idle = timeout
-        lines: List[bytes] = []
-        while True:
-            line = self.readline()
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-") \
-                    or (lines and line[:3] != lines[0][:3]):
-                raise BackendProtocolError("%s: not an SMTP reply: %r" % (self, line[:80]))
-            lines.append(line)
-            if line[3:4] != b"-":
-                return Reply(int(line[:3]), lines)
-            if len(lines) >= MAX_REPLY_LINES:
-                raise BackendProtocolError("%s: reply of more than %d lines" % (self, MAX_REPLY_LINES))
-
-    def command(self, line: bytes, timeout: float = REPLY_TIMEOUT) -> Reply:
-        self.send(line + b"\r\n")
-        return self.reply(timeout)
-
-    def learn(self, r: Reply) -> None:
-        """Remember the keywords of an EHLO reply."""
-        self.keywords = {}
-        for line in r.lines[1:]:
-            word, _, params = line[4:].decode("ascii", "replace").strip().partition(" ")
-            self.keywords[word.partition("=")[0].upper()] = params
-
-    def ehlo(self, name: str) -> None:
-        r = self.command(b"EHLO " + name.encode("ascii", "replace"), SETUP_TIMEOUT)
-        if r.code != 250:
-            raise BackendUnavailable("%s answered EHLO with %s" % (self, r.text()))
-        self.learn(r)
-
-    def starttls(self, ctx: ssl.SSLContext) -> None:
-        if self.reader.take_pending():
-            raise BackendProtocolError("%s sent data after its STARTTLS go-ahead" % self)
-        self.sock.settimeout(tlsmod.HANDSHAKE_TIMEOUT)
-        try:
-            self.sock = ctx.wrap_socket(self.sock, server_hostname=None if _is_ip(self.host) else self.host)
-        except (OSError, ssl.SSLError) as e:
-            raise BackendUnavailable("%s: TLS handshake failed: %s" % (self, e)) from None
-        self.reader = BackendReader(self.sock, MAX_STORE_LINE, SETUP_TIMEOUT, str(self))
-        self.tls = True
-
-    @property
-    def pipelining(self) -> bool:
-        return "PIPELINING" in self.keywords
 
 
 class LineEndings:
@@ -531,7 +446,7 @@ class SmtpSession(Session):
                 return
             verb = _split(line)[0]
             if verb == "MAIL" and r.code == 250:
-                self.state = SmtpState.ENVELOPE
+                self.state, self.endings = SmtpState.ENVELOPE, LineEndings()
             elif verb == "RSET" and r.code == 250:
                 self.state = SmtpState.RELAYING
 
@@ -688,8 +603,6 @@ class SmtpSession(Session):
             self.reader.discard(size)
             raise UnknownCommand(NO_BDAT)
         relay = self.introduced_relay()
-        if self.state is not SmtpState.DATA:
-            self.endings = LineEndings()
         relay.send(req.line + b"\r\n", DATA_BLOCK_TIMEOUT)
         self.state = SmtpState.DATA
         left = size
@@ -837,60 +750,3 @@ def _masked(verb: str, line: bytes) -> str:
         mech = line.split(b" ")[1:2]
         return "AUTH %s ********" % (mech[0].decode("ascii", "replace") if mech else "")
     return repr(line[:200])[2:-1]
-
-
-def xtext(value: bytes) -> str:
-    """RFC 3461 xtext: '+', '=' and octets outside 33..126 as +HH."""
-    return "".join(chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else "+%02X" % b for b in value)
-
-
-def xclient_commands(attrs: Sequence[Tuple[str, str]]) -> List[str]:
-    """XCLIENT commands of at most 510 octets; ADDR and NAME in the last one (the relay re-checks
-    its XCLIENT authorisation against them). A value over 255 octets is sent as [UNAVAILABLE]."""
-    def item(k: str, v: str) -> str:
-        return " %s=%s" % (k, v if len(v) <= XCLIENT_VALUE_MAX else "[UNAVAILABLE]")
-
-    first = [item(k, v) for k, v in attrs if k not in ("ADDR", "NAME")]
-    last = "".join(item(k, v) for k, v in attrs if k in ("ADDR", "NAME"))
-    cmds: List[str] = []
-    cur = "XCLIENT"
-    for it in first:
-        if len(cur + it) > XCLIENT_MAX:
-            cmds.append(cur)
-            cur = "XCLIENT"
-        cur += it
-    if len(cur + last) > XCLIENT_MAX:
-        cmds.append(cur)
-        cur = "XCLIENT"
-    cmds.append(cur + last)
-    return [c for c in cmds if c != "XCLIENT"]
-
-
-def proxy_header(version: int, client: Tuple[str, int], server: Tuple[str, int]) -> bytes:
-    """The PROXY protocol header (v1 text, v2 binary) for a TCP connection from ``client`` to ``server``."""
-    src, dst = unmapped(client[0]), unmapped(server[0])
-    if src.version != dst.version:          # a v4 client on a v6 listener: say both in v6
-        src, dst = _as_v6(src), _as_v6(dst)
-    if version == 1:
-        return ("PROXY TCP%d %s %s %d %d\r\n" % (src.version, src, dst, client[1], server[1])).encode()
-    body = src.packed + dst.packed + struct.pack("!HH", client[1], server[1])
-    family = 0x11 if src.version == 4 else 0x21         # TCP over IPv4 / IPv6
-    return PROXY_V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
-
-
-def xclient_addr(ip: str) -> str:
-    """XCLIENT ADDR: IPv4 as is, IPv6 as IPV6:..., an IPv4-mapped IPv6 address as the IPv4 one."""
-    a = unmapped(ip)
-    return ("IPV6:%s" % a) if a.version == 6 else str(a)
-
-
-def _as_v6(a: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]) -> ipaddress.IPv6Address:
-    return a if isinstance(a, ipaddress.IPv6Address) else ipaddress.IPv6Address("::ffff:%s" % a)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False

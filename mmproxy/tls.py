@@ -15,12 +15,12 @@ import ssl
 import tempfile
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
+from mmproxy.config.types import NSS_FILES
 from mmproxy.errors import ConfigError
 
 if TYPE_CHECKING:
     from mmproxy.config import ServiceConfig
 
-NSS_FILES = ("cert8.db", "cert9.db", "key3.db", "key4.db")
 NSS_HINT = ("export it to PKCS#12 with `pk12util -o Server-Cert.p12 -n Server-Cert -d <dir>` and put the file "
             "in SSLCacheDir as <SSLCertPrefix><nickname>.p12 (or name it with SSLCertFile)")
 HANDSHAKE_TIMEOUT = 30.0

@@ -316,3 +316,22 @@ def test_auth_cram_md5(proxy, mail_stack):
     r.send(base64.b64encode(b"user7 " + digest.encode()) + b"\r\nSTAT\r\n")
     assert r.readline().startswith(b"+OK")
     assert re.match(rb"\+OK 1 \d+", r.readline())
+
+
+def test_auth_login_mechanism(proxy, mail_stack):
+    """SASL LOGIN over POP (RFC 5034 framing): "Username:", "Password:", with or without initial response."""
+    r = RawClient(proxy.host, proxy.pop_port)
+    r.expect(b"+OK")
+    r.send(b"AUTH LOGIN\r\n")
+    r.expect_lines("+ " + base64.b64encode(b"Username:").decode())
+    r.send(base64.b64encode(b"bob") + b"\r\n")
+    r.expect_lines("+ " + base64.b64encode(b"Password:").decode())
+    r.send(base64.b64encode(pw(mail_stack, "bob").encode()) + b"\r\nSTAT\r\n")
+    r.expect(b"+OK")
+    r.expect(b"+OK 1 ")
+    r = RawClient(proxy.host, proxy.pop_port)
+    r.expect(b"+OK")
+    r.send(b"AUTH LOGIN " + base64.b64encode(b"bob") + b"\r\n")
+    r.expect_lines("+ " + base64.b64encode(b"Password:").decode())
+    r.send(b"*\r\n")
+    r.expect_lines("-ERR Authentication cancelled")

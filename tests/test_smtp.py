@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from mmproxy import smtp
+from mmproxy import smtp, xclient
 from mmproxy.testing import DelayProxy, DovecotStore, Postfix, free_port
 from mmproxy.testing.base import make_tempdir
 from mmproxy.testing.proxy import Proxy, make_cert
@@ -599,6 +599,99 @@ def test_bdat_not_offered_and_its_chunk_never_runs(proxy_off):
     assert reply(raw)[0] == 503                         # no MAIL was ever given
 
 
+# ---------------------------------------------------------------------- CHUNKING, SMTPUTF8, DSN
+def test_bdat_chunks_reach_the_relay_and_are_never_run(proxy, relay):
+    """CHUNKING (RFC 3030): chunks are read by their size, whatever they hold (here lines that look
+    like commands and a lone dot), and the relay gets the message as sent."""
+    subj = subject()
+    text = message(subj, body="RSET\r\nMAIL FROM:<evil@example.net>\r\n.\r\nbye\r\n").encode()
+    cut = text.index(b"\r\n") + 1                    # the first chunk ends between CR and LF
+    first, last = text[:cut], text[cut:]
+    raw = raw_session(proxy)
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\n"
+             + b"BDAT %d\r\n" % len(first) + first + b"BDAT %d LAST\r\n" % len(last) + last + b"NOOP\r\n")
+    assert [reply(raw)[0] for _ in range(5)] == [250, 250, 250, 250, 250]
+    msg = delivered(relay, subj)
+    assert "[%s]" % CLIENT in msg.get_all("Received")[-1]
+    assert "MAIL FROM:<evil@example.net>\n.\nbye" in msg.get_payload().replace("\r\n", "\n")
+    raw.send(b"QUIT\r\n")
+    assert reply(raw)[0] == 221
+
+
+@pytest.mark.parametrize("chunks", [[b"line one\nline two\r\n"], [b"line one\r", b"line two\r\n"]],
+                         ids=["bare-LF", "CR-then-no-LF-across-chunks"])
+def test_bdat_bare_line_ends_refused(proxy, relay, chunks):
+    subj = subject()
+    raw = raw_session(proxy)
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\n")
+    assert [reply(raw)[0] for _ in range(2)] == [250, 250]
+    chunks = [b"Subject: " + subj.encode() + b"\r\n\r\n" + chunks[0]] + chunks[1:]
+    for i, chunk in enumerate(chunks):
+        last = b" LAST" if i == len(chunks) - 1 else b""
+        raw.send(b"BDAT %d%s\r\n" % (len(chunk), last) + chunk)
+        if last:
+            code, lines = reply(raw)
+            assert (code, lines[0].decode()) == (550, smtp.BARE_EOL)
+        else:
+            assert reply(raw)[0] == 250                 # nothing wrong yet: the LF may still come
+    raw.send(b"NOOP\r\n")
+    assert raw.read_all(timeout=10) == smtp.AFTER_REFUSAL.encode() + b"\r\n"
+    not_delivered(proxy, relay, subj)
+
+
+def test_smtputf8_on_and_off(proxy, relay, proxy_off):
+    subj = subject()
+    raw = raw_session(proxy)
+    raw.send("MAIL FROM:<jürgen@exämple.net> SMTPUTF8\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n".encode())
+    assert [reply(raw)[0] for _ in range(3)] == [250, 250, 354]
+    raw.send(("From: Jürgen <jürgen@exämple.net>\r\nSubject: %s\r\n\r\nGrüße\r\n.\r\n" % subj).encode())
+    assert reply(raw)[0] == 250
+    msg = delivered(relay, subj)
+    assert "jürgen@exämple.net".encode() in msg.as_bytes()
+    raw = raw_session(proxy_off)                        # the relay does not offer it: its refusal reaches the client
+    raw.send("MAIL FROM:<jürgen@exämple.net> SMTPUTF8\r\n".encode())
+    assert reply(raw) == (501, [b"501 5.1.7 Bad sender address syntax"])
+
+
+def test_dsn_parameters_reach_the_relay(proxy, relay, proxy_off, relay_off):
+    """NOTIFY=SUCCESS through the proxy: the relay reports the delivery to the sender (into its sink),
+    with the client's ENVID.  A relay without DSN refuses the parameters, and the client hears it."""
+    envid = "mmproxy-" + uuid.uuid4().hex[:12]
+    subj = subject()
+    raw = raw_session(proxy)
+    raw.send(b"MAIL FROM:<someone@example.net> RET=HDRS ENVID=" + envid.encode()
+             + b"\r\nRCPT TO:<bob@example.com> NOTIFY=SUCCESS ORCPT=rfc822;bob@example.com\r\nDATA\r\n")
+    assert [reply(raw)[0] for _ in range(3)] == [250, 250, 354]
+    raw.send(message(subj).encode() + b".\r\n")
+    assert reply(raw)[0] == 250
+    delivered(relay, subj)
+    deadline = time.monotonic() + 15
+    while not [m for m in relay.messages() if envid in m.as_string() and "delivery-status" in m.as_string()]:
+        assert time.monotonic() < deadline, "no success DSN with %s in the relay's sink" % envid
+        time.sleep(0.2)
+    raw = raw_session(proxy_off)
+    raw.send(b"MAIL FROM:<someone@example.net> RET=HDRS ENVID=x\r\n")
+    assert reply(raw) == (501, [b"501 5.7.1 DSN support is disabled"])
+
+
+def test_auth_exchange_with_an_overlong_response(proxy):
+    """An over-long line inside AUTH: the exchange is cancelled at the relay, the client is told, and
+    the session goes on; a line past every bound ends it with 421."""
+    raw = raw_session(proxy)
+    raw.send(b"AUTH LOGIN\r\n")
+    assert reply(raw)[0] == 334
+    raw.send(b"A" * (smtp.MAX_COMMAND_LINE * 2) + b"\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (500, smtp.LINE_TOO_LONG)
+    raw.send(b"NOOP\r\n")
+    assert reply(raw)[0] == 250
+    raw.send(b"AUTH LOGIN\r\n")
+    assert reply(raw)[0] == 334
+    raw.send(b"A" * (smtp.MAX_SKIP + smtp.MAX_COMMAND_LINE * 2) + b"\r\n")
+    code, lines = reply(raw)
+    assert (code, lines[0].decode()) == (421, smtp.SKIP_TOO_LONG)
+
+
 def test_overlong_command_line_answered_and_session_goes_on(proxy):
     raw = raw_session(proxy)
     raw.send(b"NOOP " + b"z" * (smtp.MAX_COMMAND_LINE * 3) + b"\r\nNOOP\r\n")
@@ -668,33 +761,35 @@ def test_pop_before_smtp(proxy, relay, mail_stack):
 
 # ---------------------------------------------------------------------- pure logic
 def test_xtext_and_xclient_splitting():
-    assert smtp.xtext(b"a+b=c d\xff") == "a+2Bb+3Dc+20d+FF"
+    assert xclient.xtext(b"a+b=c d\xff") == "a+2Bb+3Dc+20d+FF"
     attrs = [("HELO", "h" * 250), ("PROTO", "ESMTP"), ("LOGIN", "u" * 250), ("PORT", "1"), ("NAME", "n" * 200),
              ("ADDR", "127.0.0.9")]
-    cmds = smtp.xclient_commands(attrs)
-    assert len(cmds) == 2 and all(len(c) <= smtp.XCLIENT_MAX for c in cmds), cmds
+    cmds = xclient.xclient_commands(attrs)
+    assert len(cmds) == 2 and all(len(c) <= xclient.XCLIENT_MAX for c in cmds), cmds
     assert cmds[-1].endswith(" NAME=%s ADDR=127.0.0.9" % ("n" * 200))
     assert all("ADDR=" not in c and "NAME=" not in c for c in cmds[:-1])
     assert "".join(cmds).count("=") == len(attrs)
-    assert smtp.xclient_commands([("HELO", "h" * 256), ("ADDR", "127.0.0.9")]) == \
+    assert xclient.xclient_commands([("HELO", "h" * 256), ("ADDR", "127.0.0.9")]) == \
         ["XCLIENT HELO=[UNAVAILABLE] ADDR=127.0.0.9"]
 
 
 def test_proxy_protocol_headers():
-    assert smtp.proxy_header(1, ("127.0.0.9", 1234), ("127.0.0.1", 25)) == b"PROXY TCP4 127.0.0.9 127.0.0.1 1234 25\r\n"
-    assert smtp.proxy_header(1, ("::ffff:127.0.0.9", 1234), ("::ffff:127.0.0.1", 25)) == \
+    assert xclient.proxy_header(1, ("127.0.0.9", 1234), ("127.0.0.1", 25)) == \
         b"PROXY TCP4 127.0.0.9 127.0.0.1 1234 25\r\n"
-    assert smtp.proxy_header(1, ("2001:db8::9", 1234), ("2001:db8::1", 587)) == \
+    assert xclient.proxy_header(1, ("::ffff:127.0.0.9", 1234), ("::ffff:127.0.0.1", 25)) == \
+        b"PROXY TCP4 127.0.0.9 127.0.0.1 1234 25\r\n"
+    assert xclient.proxy_header(1, ("2001:db8::9", 1234), ("2001:db8::1", 587)) == \
         b"PROXY TCP6 2001:db8::9 2001:db8::1 1234 587\r\n"
-    assert smtp.proxy_header(1, ("127.0.0.9", 1), ("2001:db8::1", 2)) == b"PROXY TCP6 ::ffff:7f00:9 2001:db8::1 1 2\r\n"
-    v2 = smtp.proxy_header(2, ("127.0.0.9", 1234), ("127.0.0.1", 25))
+    assert xclient.proxy_header(1, ("127.0.0.9", 1), ("2001:db8::1", 2)) == \
+        b"PROXY TCP6 ::ffff:7f00:9 2001:db8::1 1 2\r\n"
+    v2 = xclient.proxy_header(2, ("127.0.0.9", 1234), ("127.0.0.1", 25))
     assert v2 == (b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11\x00\x0c" + bytes([127, 0, 0, 9, 127, 0, 0, 1])
                   + (1234).to_bytes(2, "big") + (25).to_bytes(2, "big"))
-    v2 = smtp.proxy_header(2, ("2001:db8::9", 1234), ("2001:db8::1", 25))
+    v2 = xclient.proxy_header(2, ("2001:db8::9", 1234), ("2001:db8::1", 25))
     assert v2[12:16] == b"\x21\x21\x00\x24" and len(v2) == 16 + 36
 
 
 def test_xclient_addr_forms():
-    assert smtp.xclient_addr("127.0.0.9") == "127.0.0.9"
-    assert smtp.xclient_addr("::ffff:127.0.0.9") == "127.0.0.9"
-    assert smtp.xclient_addr("2001:db8::9") == "IPV6:2001:db8::9"
+    assert xclient.xclient_addr("127.0.0.9") == "127.0.0.9"
+    assert xclient.xclient_addr("::ffff:127.0.0.9") == "127.0.0.9"
+    assert xclient.xclient_addr("2001:db8::9") == "IPV6:2001:db8::9"

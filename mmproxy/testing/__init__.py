@@ -1,7 +1,8 @@
 """Real-server test fixtures: a private slapd, Dovecot stores and Postfix on loopback.
 
 Used by tests/conftest.py and bench/. Standard library and python-ldap only; works in a plain
-process and in a gevent-monkey-patched one. This package imports nothing else from mmproxy.
+process and in a gevent-monkey-patched one. Of mmproxy it imports only the table of service kinds
+(mmproxy.config.kinds, standard library only).
 Every daemon runs in the foreground in its own process group inside a temp dir, binds only
 127.0.0.0/8, and is stopped by pid (SIGTERM, then SIGKILL of its group). A missing binary
 raises MissingBinary with the apt install hint.

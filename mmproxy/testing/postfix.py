@@ -10,6 +10,17 @@ from typing import Dict, Iterable, List, Optional
 
 from .base import Daemon, _family, _proc_table, find_binary, free_port, listening, run, tail
 
+
+class _Mbox(mailbox.mbox):
+    """The sink mbox: its envelope ("From ") lines may hold UTF-8 (SMTPUTF8 senders), which the
+    standard library reads as ASCII only."""
+
+    def get_message(self, key: str) -> mailbox.mboxMessage:
+        from_line, _, text = self.get_bytes(key, from_=True).partition(b"\n")
+        msg = mailbox.mboxMessage(text)
+        msg.set_from(from_line[5:].decode("utf-8", "replace"))
+        return msg
+
 DAEMON_DIR = "/usr/lib/postfix/sbin"
 
 
@@ -61,7 +72,7 @@ class Postfix(Daemon):
         """Every message delivered to the sink so far (email.message.Message subclasses)."""
         if not os.path.exists(self.sink_file):
             return []
-        box = mailbox.mbox(self.sink_file, create=False)
+        box = _Mbox(self.sink_file, create=False)
         try:
             return list(box)
         finally:

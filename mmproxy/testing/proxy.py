@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Dict, List, Literal, Optional, Union
 
+from mmproxy.config.kinds import SERVICES
+
 from .base import free_port, listening, make_tempdir, tail
 
 LIBDIR = "/opt/SUNWmsgsr/lib"     # only the basename selects the service, as in the legacy product
@@ -31,7 +33,6 @@ def write_cfg(path: str, items: Dict[str, object], header: str = "") -> None:
             f.write("default:%s %s\n" % (key, v))
 
 
-SERVICE_FILES = {"imap": "ImapProxyAService", "pop": "PopProxyAService", "smtp": "SmtpProxyAService"}
 
 
 class Proxy:
@@ -105,8 +106,8 @@ class Proxy:
             listeners = "%s:%d" % (self.host, self.ports[kind])
             if self.tls:
                 listeners += "|%s:%d" % (self.host, self.tls_ports[kind])
-            entries.append("%s/%s@%s" % (LIBDIR, SERVICE_FILES[kind], listeners))
-            write_cfg(os.path.join(self.config_dir, SERVICE_FILES[kind] + ".cfg"), {**self.defaults(kind), **settings})
+            entries.append("%s/%s@%s" % (LIBDIR, SERVICES[kind].file, listeners))
+            write_cfg(os.path.join(self.config_dir, SERVICES[kind].file + ".cfg"), {**self.defaults(kind), **settings})
         write_cfg(os.path.join(self.config_dir, "AService.cfg"), {
             "ServiceList": " ".join(entries), "LogDir": self.log_dir, "LogLevel": 5, **self.aservice_settings})
 

@@ -1,0 +1,103 @@
+"""The proxy's SMTP client connection to one relay: multi-line replies, EHLO keywords, STARTTLS.
+
+``smtp`` drives it; this module knows sockets, RFC 5321 reply syntax and the failure taxonomy.
+"""
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from dataclasses import dataclass
+from typing import Dict, List
+
+from mmproxy import tls as tlsmod
+from mmproxy.backend import MAX_STORE_LINE, Store
+from mmproxy.errors import BackendProtocolError, BackendUnavailable
+from mmproxy.linereader import BackendReader
+
+MAX_REPLY_LINES = 256
+# Towards the relay (RFC 5321 4.5.3.2); the greeting comes within FailoverTimeout instead.
+SETUP_TIMEOUT = 60.0        # EHLO, STARTTLS and the TLS handshake while a relay is being chosen
+REPLY_TIMEOUT = 300.0       # MAIL, RCPT (4.5.3.2.2, .3) and every other command
+
+
+@dataclass
+class Reply:
+    code: int
+    lines: List[bytes]
+
+    def text(self) -> str:
+        return " | ".join(line.decode("utf-8", "replace") for line in self.lines)[:300]
+
+
+class RelayConnection(Store):
+    """The proxy's SMTP client connection to one relay."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, header: bytes = b"") -> None:
+        super().__init__(host, port, connect_timeout=connect_timeout, deadline=None)
+        self.keywords: Dict[str, str] = {}      # EHLO keyword -> its parameters
+        self.proxied = bool(header)             # the PROXY protocol told it the client already
+        self.tls = False
+        if header:
+            self.send(header)
+
+    def send(self, data: bytes, timeout: float = REPLY_TIMEOUT) -> None:
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(data)
+        except OSError as e:
+            raise BackendUnavailable("%s: write failed: %s" % (self, getattr(e, "strerror", None) or e)) from None
+
+    def reply(self, timeout: float = REPLY_TIMEOUT) -> Reply:
+        """One (multi-line) reply; BackendProtocolError unless every line is ``NNN[- ]text`` with one code."""
+        self.reader.idle = timeout
+        lines: List[bytes] = []
+        while True:
+            line = self.readline()
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-") \
+                    or (lines and line[:3] != lines[0][:3]):
+                raise BackendProtocolError("%s: not an SMTP reply: %r" % (self, line[:80]))
+            lines.append(line)
+            if line[3:4] != b"-":
+                return Reply(int(line[:3]), lines)
+            if len(lines) >= MAX_REPLY_LINES:
+                raise BackendProtocolError("%s: reply of more than %d lines" % (self, MAX_REPLY_LINES))
+
+    def command(self, line: bytes, timeout: float = REPLY_TIMEOUT) -> Reply:
+        self.send(line + b"\r\n")
+        return self.reply(timeout)
+
+    def learn(self, r: Reply) -> None:
+        """Remember the keywords of an EHLO reply."""
+        self.keywords = {}
+        for line in r.lines[1:]:
+            word, _, params = line[4:].decode("ascii", "replace").strip().partition(" ")
+            self.keywords[word.partition("=")[0].upper()] = params
+
+    def ehlo(self, name: str) -> None:
+        r = self.command(b"EHLO " + name.encode("ascii", "replace"), SETUP_TIMEOUT)
+        if r.code != 250:
+            raise BackendUnavailable("%s answered EHLO with %s" % (self, r.text()))
+        self.learn(r)
+
+    def starttls(self, ctx: ssl.SSLContext) -> None:
+        if self.reader.take_pending():
+            raise BackendProtocolError("%s sent data after its STARTTLS go-ahead" % self)
+        self.sock.settimeout(tlsmod.HANDSHAKE_TIMEOUT)
+        try:
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=None if _is_ip(self.host) else self.host)
+        except (OSError, ssl.SSLError) as e:
+            raise BackendUnavailable("%s: TLS handshake failed: %s" % (self, e)) from None
+        self.reader = BackendReader(self.sock, MAX_STORE_LINE, SETUP_TIMEOUT, str(self))
+        self.tls = True
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.keywords
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
