@@ -1,3 +1,3 @@
 """mmproxy: an IMAP4/POP3/SMTP front-end proxy that reads Messaging Multiplexor configuration."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -93,7 +93,8 @@ _group(
     ("ServerDownAlert", t.Str(), "Your IMAP server appears to be temporarily out of service.", "I",
      "[ALERT] text sent to IMAP clients when their store cannot be reached", _SUP),
     ("Timeout", t.Timeout(), 1800, _IPS,
-     "idle seconds after login before the session is closed (RFCs: IMAP 1800, POP/SMTP 600 at least)", _SUP),
+     "idle seconds before a session is closed with the protocol's goodbye; before an IMAP/POP login "
+     "the lower of this and 120 (RFCs: IMAP 1800, POP/SMTP 600 at least)", _SUP),
 )
 _group(
     "Directory (LDAP)",
@@ -196,8 +197,8 @@ _group(
      "PROXY_PASSWORD of the legacy Messaging Server MTA; read for compatibility, never sent (relays learn the "
      "client by XCLIENT or the PROXY protocol; mandatory when ServiceList names SMTP)", _SUP),
     ("EhloKeywords", t.Words(), "", "S",
-     "EHLO keywords to pass through besides the built-in set (8BITMIME PIPELINING ENHANCEDSTATUSCODES EXPN "
-     "HELP XLOOP ETRN SIZE STARTTLS AUTH); CHUNKING, BINARYMIME, XCLIENT, XFORWARD are never passed", _SUP),
+     "EHLO keywords a relay offers that clients may see besides those mmproxy passes itself (README, SMTP: "
+     "since 0.2 also DSN, SMTPUTF8 and CHUNKING); BINARYMIME, XCLIENT, XFORWARD are never passed", _SUP),
     ("FailoverTimeout", t.Int(min=0), 10, "S",
      "seconds to wait for a relay to accept and greet; a failed relay is then avoided as many minutes", _SUP),
     ("SmtpRelayProxyProtocol", t.Int(0, 2), 0, "S",
