@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from mmproxy import __version__
 from mmproxy.backend import Store
@@ -37,6 +37,7 @@ from mmproxy.errors import (
     PrivacyRequired,
     ServerShutdown,
     StoreRefused,
+    UnknownCommand,
 )
 from mmproxy.login import LoginService, LoginSession, Target, credentials
 from mmproxy.session import Line, Request, Verb, one_line
@@ -215,15 +216,16 @@ class ImapSession(LoginSession):
             raise ClientSyntaxError("Error in IMAP command received by server", "no valid tag")
         self.tag = tag.decode("ascii")
         verb_raw, _, rest = rest.partition(b" ")
-        if not VERB.fullmatch(verb_raw):
-            m = LITERAL_AT_END.search(verb_raw)
-            rest, verb_raw = (verb_raw, b"") if m else (rest, verb_raw)
+        if LITERAL_AT_END.search(verb_raw):
+            rest, verb_raw = verb_raw, b""        # "a1 {5}": no command, a literal still to skip
         verb = verb_raw.decode("ascii", "replace").upper()
         error: Optional[ClientError] = None
         try:
             if not verb:
                 raise ClientSyntaxError("Missing command")
-            self.lookup(verb)
+            if not VERB.fullmatch(verb_raw):
+                raise UnknownCommand("Unknown command")
+            self.lookup(verb)                     # refused now: its literals are never invited
         except CommandError as e:
             error = e
         parser = ArgParser()
@@ -261,7 +263,7 @@ class ImapSession(LoginSession):
         return Request(verb, parser.finish(), line, self.tag)
 
     # ------------------------------------------------------------------ failures
-    def reply_for(self, e: BaseException) -> tuple:
+    def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
         """The one place where the failure taxonomy becomes IMAP replies: (lines, end?)."""
         tag = self.tag or "*"
         if isinstance(e, ClientGone):
@@ -290,7 +292,8 @@ class ImapSession(LoginSession):
             return ["* OK [ALERT] " + one_line(self.cfg.ServerDownAlert), "%s %s" % (tag, NO_STORE)], False
         if isinstance(e, ServerShutdown):
             return [BYE_SHUTDOWN], True
-        return ([("%s %s" % (tag, NO_INTERNAL))] if self.tag else []) + [BYE_INTERNAL], True
+        lines: List[Line] = ["%s %s" % (tag, NO_INTERNAL)] if self.tag else []
+        return lines + [BYE_INTERNAL], True
 
     # ------------------------------------------------------------------ commands
     def cmd_CAPABILITY(self, req: Request) -> None:

@@ -15,7 +15,7 @@ import enum
 import hashlib
 import os
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from mmproxy import __version__, sasl
 from mmproxy.addresses import unmapped
@@ -144,7 +144,7 @@ class PopSession(LoginSession):
         verb, _, rest = line.partition(b" ")
         return Request(verb.decode("ascii", "replace").upper(), rest.split(), line)
 
-    def reply_for(self, e: BaseException) -> tuple:
+    def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
         """The one place where the failure taxonomy becomes POP3 replies: (lines, end?)."""
         if isinstance(e, ClientGone):
             return [], True

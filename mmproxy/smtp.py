@@ -92,7 +92,7 @@ from mmproxy.errors import (
     ServerShutdown,
     UnknownCommand,
 )
-from mmproxy.session import Request, Service, Session, Verb, one_line
+from mmproxy.session import Line, Request, Service, Session, Verb, one_line
 from mmproxy.smtpclient import REPLY_TIMEOUT, SETUP_TIMEOUT, RelayConnection, Reply
 from mmproxy.xclient import XCLIENT_VALUE_MAX, proxy_header, xclient_addr, xclient_commands, xtext
 
@@ -262,7 +262,7 @@ class SmtpSession(Session):
         return super().lookup(name)
 
     # ------------------------------------------------------------------ failures
-    def reply_for(self, e: BaseException) -> tuple:
+    def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
         """The one place where the failure taxonomy becomes SMTP replies: (lines, end?)."""
         if isinstance(e, ClientGone):
             return [], True

@@ -115,3 +115,15 @@ def wait_for_log(p, needle, timeout=10):
             return text
         assert time.monotonic() < deadline, "%r not logged within %ss; log ends:\n%s" % (needle, timeout, text[-3000:])
         time.sleep(0.05)
+
+
+def tcp_pair():
+    """Both ends of one loopback TCP connection: (client end, server end); gevent sockets where the
+    socket module is patched (the tests' conftest patches it)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    outside = socket.create_connection(lst.getsockname())
+    inside, _ = lst.accept()
+    lst.close()
+    return outside, inside

@@ -10,7 +10,6 @@ and 8 (SMTP after a refused message, DSN/SMTPUTF8/CHUNKING) are in test_smtp.
 import base64
 import imaplib
 import os
-import socket
 import time
 
 import gevent
@@ -19,7 +18,7 @@ import pytest
 from mmproxy import __version__, imap, pop
 from mmproxy.testing.proxy import Proxy
 
-from helpers import ImapFrom, PopFrom, RawClient, proxy_log, wait_for_log
+from helpers import ImapFrom, PopFrom, RawClient, proxy_log, tcp_pair, wait_for_log
 
 LATIN_PW = b"p\xe4sswort"          # the ISO-8859-1 password of the fixture's user "latin"
 
@@ -373,17 +372,6 @@ def test_unforeseen_exceptions_get_a_reply_and_one_error_line(mail_stack, monkey
         "internal error in state authorization: RuntimeError: nobody foresaw this"]
     assert all(r.exc_info is None or r.exc_info is False for r in errors)
     assert errors[0].ctx.startswith("imap 127.0.0.1:4242 #")
-
-
-def tcp_pair():
-    """Both ends of one loopback TCP connection: (client end, server end)."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    a = socket.create_connection(lst.getsockname())
-    b, _ = lst.accept()
-    lst.close()
-    return a, b
 
 
 def test_session_ids_carry_the_worker(mail_stack):

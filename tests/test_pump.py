@@ -6,26 +6,16 @@ import ssl
 
 import gevent
 import pytest
-from gevent import socket as gsocket
 
 from mmproxy import pump as pumpmod
 from mmproxy.testing.proxy import make_cert
 
-
-def pair():
-    """(outside end, inside end) of one loopback TCP connection; both gevent sockets."""
-    lst = gsocket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    outside = gsocket.create_connection(lst.getsockname())
-    inside, _ = lst.accept()
-    lst.close()
-    return outside, inside
+from helpers import tcp_pair
 
 
 def start(idle=30.0, to_store=b"", to_client=b"", wrap=None, goodbye=b""):
-    client, client_in = pair()
-    store, store_in = pair()
+    client, client_in = tcp_pair()
+    store, store_in = tcp_pair()
     if wrap:
         client, client_in = wrap(client, client_in)
     done = gevent.event.AsyncResult()
