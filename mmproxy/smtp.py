@@ -140,6 +140,7 @@ BAD_SEQUENCE = "503 5.5.1 Bad sequence of commands"
 NOT_PROXIED = "550 5.7.0 XCLIENT and XFORWARD are not available through this proxy"
 NO_BDAT = "502 5.5.1 BDAT not available (no CHUNKING)"
 BAD_BDAT = "501 5.5.4 Syntax: BDAT chunk-size [LAST]"
+BDAT_LOST = "421 4.7.0 Closing connection: a chunk of unknown size follows"
 NO_TLS = "502 5.5.1 STARTTLS not available"
 TLS_ACTIVE = "554 5.5.1 TLS already active"
 TLS_NOT_NOW = "503 5.5.1 STARTTLS not allowed now (mail transaction or authentication in progress)"
@@ -596,7 +597,9 @@ class SmtpSession(Session):
         m = BDAT_ARGS.fullmatch(req.args[0])
         if m is None:
             self.send(BAD_BDAT)          # nobody can tell where the chunk ends: hang up
-            self.finish("BDAT without a size")
+            self.send(BDAT_LOST)
+            self.finish("BDAT without a chunk size")
+            self.linger()
             return
         size, last = int(m.group(1)), bool(m.group(2))
         if not self.offered("CHUNKING"):

@@ -639,6 +639,15 @@ def test_bdat_bare_line_ends_refused(proxy, relay, chunks):
     not_delivered(proxy, relay, subj)
 
 
+def test_bdat_without_a_size_closes_with_421(proxy):
+    """Nobody can tell where such a chunk ends: refused, then a goodbye, then the close."""
+    raw = raw_session(proxy)
+    raw.send(b"BDAT lots\r\nRSET\r\n")
+    assert reply(raw) == (501, [smtp.BAD_BDAT.encode()])
+    assert reply(raw) == (421, [smtp.BDAT_LOST.encode()])
+    raw.expect_close()
+
+
 def test_smtputf8_on_and_off(proxy, relay, proxy_off):
     subj = subject()
     raw = raw_session(proxy)
