@@ -180,6 +180,7 @@ class ImapSession(LoginSession):
     BYE_TOO_MANY = BYE_TOO_MANY
     BYE_AUTH_FAILURES = BYE_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    INTERNAL_ERROR = BYE_INTERNAL
     GOODBYE_IDLE = BYE_IDLE.encode() + b"\r\n"
 
     # ------------------------------------------------------------------ capabilities and greeting

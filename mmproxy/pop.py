@@ -125,6 +125,7 @@ class PopSession(LoginSession):
     BYE_TOO_MANY = ERR_TOO_MANY
     BYE_AUTH_FAILURES = ERR_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    INTERNAL_ERROR = ERR_INTERNAL
     GOODBYE_IDLE = ERR_IDLE.encode() + b"\r\n"
     service: PopService
 

@@ -124,9 +124,18 @@ class Service:
         """One accepted connection, start to end (the listener's handler)."""
         ip = addr[0]
         if not self.limits.acquire(ip):
-            self.refuse(sock, addr, implicit_tls)
+            self.log.warning("[%s:%d] refused: more than %s connections from this address (ConnLimits)",
+                             addr[0], addr[1], self.limits.limit_for(addr[0]))
+            self.refuse(sock, self.session_class.TOO_MANY_CONNECTIONS, implicit_tls)
             return
-        session = self.session_class(self, sock, addr)
+        try:
+            session = self.session_class(self, sock, addr)
+        except Exception as e:                    # e.g. a vdmap.cfg value this address cannot use
+            self.limits.release(ip)
+            self.log.error("[%s:%d] cannot start a session: %s: %s", addr[0], addr[1], type(e).__name__, e,
+                           exc_info=self.log.isEnabledFor(logging.DEBUG))
+            self.refuse(sock, self.session_class.INTERNAL_ERROR, implicit_tls)
+            return
         session.release = lambda: self.limits.release(ip)
         self.sessions.add(session)
         try:
@@ -136,14 +145,13 @@ class Service:
             if not session.pumping:
                 session.release()
 
-    def refuse(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
-        """ConnLimits: say why in the protocol's words (in clear text only: no TLS for this one) and close."""
-        self.log.warning("[%s:%d] refused: more than %s connections from this address (ConnLimits)",
-                         addr[0], addr[1], self.limits.limit_for(addr[0]))
+    def refuse(self, sock: socket.socket, reply: str, implicit_tls: bool) -> None:
+        """No session for this connection: say why in the protocol's words (in clear text only: no
+        TLS for this one) and close."""
         try:
             if not implicit_tls:
                 sock.settimeout(5)
-                sock.sendall(self.session_class.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+                sock.sendall(reply.encode() + b"\r\n")
         except OSError:
             pass
         finally:
@@ -172,6 +180,7 @@ class Session:
     BYE_TOO_MANY = ""                       # the goodbye after MAX_BAD_COMMANDS
     BYE_AUTH_FAILURES = ""                  # the goodbye after MAX_AUTH_FAILURES failed logins
     TOO_MANY_CONNECTIONS = ""               # the refusal before a session starts (ConnLimits)
+    INTERNAL_ERROR = ""                     # the goodbye when a session cannot even start
 
     def __init__(self, service: Service, sock: socket.socket, addr: Tuple[str, int]) -> None:
         self.service = service
@@ -307,7 +316,8 @@ class Session:
             self.log.error("no reply for %s: %s", type(e).__name__, e)
             lines, end = [], True
         reason = self.log_failure(e)
-        if isinstance(e, CommandError) and not end:
+        bad_command = isinstance(e, CommandError) or (isinstance(e, ClientTooLong) and e.recoverable)
+        if bad_command and not end:
             self.bad += 1
             if self.bad >= MAX_BAD_COMMANDS:
                 lines, end, reason = [*lines, self.BYE_TOO_MANY], True, "too many bad commands"

@@ -200,6 +200,7 @@ class SmtpSession(Session):
     FINAL = frozenset({SmtpState.CLOSED})
     BYE_TOO_MANY = TOO_MANY
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    INTERNAL_ERROR = INTERNAL_ERROR
     service: "SmtpService"
 
     def __init__(self, service: "SmtpService", sock: socket.socket, addr: Tuple[str, int]) -> None:
