@@ -769,11 +769,11 @@ def targets(b, runs):
     ratio = None
     if g(bd, "mb_s", "median") and g(bm, "mb_s", "median"):
         ratio = bm["mb_s"]["median"] / bd["mb_s"]["median"]
-    out.append(("bulk relay ≥ 0.9× direct throughput", "%s× (%s vs %s MB/s)" % (
+    out.append(("bulk through mmproxy ≥ 0.9× direct throughput", "%s× (%s vs %s MB/s)" % (
         fmt(ratio), g(bm, "mb_s", "median"), g(bd, "mb_s", "median")) if ratio is not None else "–",
                 verdict(ratio, ratio is not None and ratio >= 0.9)))
     x = g(bm, "cpu_s_per_gb", "proxy")
-    out.append(("bulk relay ≤ 0.25 CPU-s/GB", fmt(x, 3), verdict(x, x is not None and x <= 0.25)))
+    out.append(("bulk through mmproxy ≤ 0.25 CPU-s/GB", fmt(x, 3), verdict(x, x is not None and x <= 0.25)))
     i = find(runs, test="idle", endpoint="mmproxy", tls=False, requested=b.cfg["sessions"])
     x = g(i, "kb_per_session_rss")
     out.append(("≤ 6 KB per idle plaintext session (K=%d, RSS; PSS %s)"
