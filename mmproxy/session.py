@@ -55,6 +55,7 @@ PRELOGIN_DEADLINE = 600.0  # the whole pre-login dialogue (IMAP, POP) must be ov
 MAX_BAD_COMMANDS = 10      # then the session is closed (nginx max_errors, aiosmtpd BOGUS_LIMIT)
 MAX_AUTH_FAILURES = 3      # failed logins per connection before it is closed
 SEND_TIMEOUT = 60.0        # a client that does not read its answers is dropped after this
+LINGER = 2.0               # seconds a closing session reads away what the client still sends
 
 Line = Union[str, bytes]
 _ids = itertools.count(1)
@@ -265,11 +266,36 @@ class Session:
                 pass
         finally:
             if not self.pumping:
-                try:
-                    self.sock.close()
-                except OSError:
-                    pass
+                self.close()
                 self.log_end(self.end_reason or "closed", self.reader.received, self.sent)
+
+    def close(self) -> None:
+        """Close the client connection behind the last reply: a FIN right after it and, when the
+        client has sent more than was read (pipelined commands, the rest of an over-long line or a
+        refused message), up to LINGER seconds of reading that away first, so that the close is not
+        a reset that could cost the client our last reply (a lingering close, as Apache's)."""
+        try:
+            if not self.reader.eof:
+                if not isinstance(self.sock, ssl.SSLSocket):
+                    self.sock.shutdown(socket.SHUT_WR)
+                self.reader.take_pending()
+                deadline = time.monotonic() + LINGER
+                self.sock.settimeout(0.0)
+                while True:
+                    data = self.sock.recv(65536)
+                    if not data:
+                        break
+                    self.reader.received += len(data)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.sock.settimeout(left)
+        except (OSError, ValueError):
+            pass                             # nothing more to read now, or the client is gone
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def serve(self) -> None:
         """Read and dispatch commands until the state says stop; every failure goes to ``fail``."""

@@ -101,7 +101,6 @@ MAX_DATA_LINE = 65536       # RFC 5321 4.5.3.1.6 says 1000 octets; be lenient, s
 MAX_SKIP = 1 << 20          # an overlong command line is skipped up to this much, then we hang up
 MAX_BATCH = 100             # pipelined commands forwarded in one write
 DATA_CHUNK = 65536          # message text goes to the relay in writes of about this size
-LINGER = 2.0                # seconds a refused client is still read from, so our reply is not lost
 LOOKUP_TIMEOUT = 10.0       # reverse and forward DNS of the client (ClientLookup)
 
 # Towards the relay (RFC 5321 4.5.3.2), beyond smtpclient's SETUP_TIMEOUT and REPLY_TIMEOUT; the
@@ -600,7 +599,6 @@ class SmtpSession(Session):
             self.send(BAD_BDAT)          # nobody can tell where the chunk ends: hang up
             self.send(BDAT_LOST)
             self.finish("BDAT without a chunk size")
-            self.linger()
             return
         size, last = int(m.group(1)), bool(m.group(2))
         if not self.offered("CHUNKING"):
@@ -636,23 +634,6 @@ class SmtpSession(Session):
         self.send(reply)
         self.send(AFTER_REFUSAL)
         self.finish("message refused: %s" % why)
-        self.linger()
-
-    def linger(self) -> None:
-        """Flush our replies, then read what the client still sends for a moment, so that closing does not
-        reset the connection (and lose the replies) while its data is still arriving."""
-        self.flush()
-        self.reader.take_pending()
-        deadline = time.monotonic() + LINGER
-        try:
-            while time.monotonic() < deadline:
-                self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-                data = self.sock.recv(65536)
-                if not data:
-                    break
-                self.reader.received += len(data)
-        except (OSError, socket.timeout):
-            pass
 
     def cmd_XCLIENT(self, req: Request) -> None:
         """Postfix XCLIENT and XFORWARD: the proxy speaks for the client; the client never does."""

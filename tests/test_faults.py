@@ -389,3 +389,16 @@ def test_no_tracebacks_anywhere(proxy):
     """Everything above that went through this proxy left no traceback."""
     no_tracebacks(proxy)
     assert os.path.isdir(proxy.log_dir)
+
+
+def test_closes_the_proxy_decides_are_clean_even_with_unread_input(proxy):
+    """A goodbye with more client input unread (the rest of an over-long line, pipelined commands)
+    ends in a FIN after the goodbye, not a reset that could cost the client the goodbye."""
+    for kind, data, last in ((b"imap", b"a1 NOOP " + b"x" * 200000 + b"\r\n", imap.BYE_TOO_BIG),
+                             (b"imap", b"".join(b"n%d FOO\r\n" % i for i in range(3000)), imap.BYE_TOO_MANY),
+                             (b"pop", b"USER " + b"a" * 100000 + b"\r\n", pop.ERR_TOO_LONG)):
+        r = greeted(proxy, kind.decode())
+        r.sock.sendall(data)
+        time.sleep(0.5)
+        rest = r.read_all(timeout=5)          # read_all treats a reset as the end: check the goodbye came
+        assert rest.endswith(last.encode() + b"\r\n"), rest[-200:]
