@@ -139,15 +139,24 @@ def runtime_problems(config: Config) -> List[Problem]:
     from mmproxy import tls
     out = []
     a = config.aservice
+
+    def problem(cfg: Any, file: str, name: str, severity: str, message: str) -> Problem:
+        where = cfg.where(name)
+        path, _, line = where.rpartition(":") if where else (file, "", "")
+        return Problem(path, int(line) if line else None, severity, message)
+
+    aservice_file = os.path.join(config.dir, "AService.cfg")
     for name, value, lookup in (("BeTheUser", a.BeTheUser, pwd.getpwnam), ("BeTheGroup", a.BeTheGroup, grp.getgrnam)):
         if value:
             try:
                 lookup(value)
             except KeyError:
-                where = a.where(name) or os.path.join(config.dir, "AService.cfg")
-                file, _, line = where.rpartition(":") if a.where(name) else (where, "", "")
-                out.append(Problem(file, int(line) if line else None, "error", "%s %s: no such %s on this system"
+                out.append(problem(a, aservice_file, name, "error", "%s %s: no such %s on this system"
                                    % (name, value, "user" if name == "BeTheUser" else "group")))
+    for cfg, file in [(a, aservice_file)] + [(e.cfg, e.file) for e in config.services]:
+        if cfg.LogDir and not os.path.isdir(cfg.LogDir):
+            out.append(problem(cfg, file, "LogDir", "warning",
+                               "LogDir %s does not exist: no log file will be written" % cfg.LogDir))
     for entry in config.services:
         if service_class(entry.spec.kind) is not None and entry.cfg.SSLEnable:
             try:

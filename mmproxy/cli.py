@@ -15,7 +15,6 @@ from mmproxy import __version__
 
 if TYPE_CHECKING:
     from mmproxy.config import Config
-    from mmproxy.config.params import Param
 
 DEFAULT_DIR = "/etc/mmproxy"
 
@@ -50,7 +49,7 @@ def _check(config_dir: str, create_missing: bool, err: bool = False) -> Tuple[Co
         click.echo("%s: %d error(s); fix them and run `mmproxy check-config --config-dir %s` again"
                    % (config_dir, len(errors), config_dir), err=True)
         sys.exit(1)
-    return config, summary(config)
+    return config, summary(config, problems[len(config.problems):])
 
 
 @main.command("check-config")
@@ -179,12 +178,12 @@ def params(markdown: bool) -> None:
         from mmproxy.config.generate import render_reference
         click.echo(render_reference())
         return
+    from mmproxy.config.generate import default_text
+    click.echo("%-28s %-7s %-9s %-24s %s" % ("PARAMETER", "FILES", "STATUS", "DEFAULT", "MEANING"))
     for p in PARAMS.values():
-        click.echo("%-28s %-8s %-24s %s" % (p.name, "".join(p.files), _short(p), p.doc))
-
-
-def _short(p: Param) -> str:
-    d = "" if p.default is None else str(p.default)
-    return (d[:21] + "...") if len(d) > 24 else d
+        status = "yes" if p.supported else "refuses" if p.security else "not yet"
+        d = default_text(p)
+        d = "unset" if p.default is None else '""' if not d else (d[:21] + "...") if len(d) > 24 else d
+        click.echo("%-28s %-7s %-9s %-24s %s" % (p.name, "".join(p.files), status, d, p.doc))
 
 

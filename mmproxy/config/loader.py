@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from mmproxy.config import cfgfile
 from mmproxy.config.cfgfile import Entry, Problem, error, warning
@@ -197,14 +197,17 @@ def _good_services(entries: List[Entry]) -> Tuple[ServiceSpec, ...]:
     return tuple(good)
 
 
-def summary(config: Config) -> str:
-    """One line: the services and their ports, and how many errors and warnings."""
+def summary(config: Config, more: Sequence[Problem] = ()) -> str:
+    """One line: the services and their ports, and how many errors and warnings (those of the
+    files and ``more``, e.g. the checks that need more than the files)."""
     def count(n: int, word: str) -> str:
         return "%d %s%s" % (n, word, "" if n == 1 else "s")
+    problems = list(config.problems) + list(more)
     listed = ", ".join("%s on %s" % (s.spec.kind, Endpoints().render(s.spec.listeners)) for s in config.services)
     return "%s: %s%s, %s, %s" % (config.dir, count(len(config.services), "service"),
-                                 " (%s)" % listed if listed else "", count(len(config.errors), "error"),
-                                 count(len(config.warnings), "warning"))
+                                 " (%s)" % listed if listed else "",
+                                 count(sum(p.severity == "error" for p in problems), "error"),
+                                 count(sum(p.severity == "warning" for p in problems), "warning"))
 
 
 # --- building one file's settings -------------------------------------------------------------------
