@@ -53,8 +53,8 @@ TAG = re.compile(rb"[\x21-\x7e]{1,64}")
 _TAG_SPECIALS = re.compile(rb'[(){%*"\\+]')
 VERB = re.compile(rb"[A-Za-z]{1,32}")
 LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\Z")
-_TOKEN = re.compile(rb' *(?:(\()|(\))|"((?:[^"\\]|\\.)*)("?)|([^ ()"\x00-\x1f\x7f]+)|(.))', re.S)
-_ESCAPE = re.compile(rb"\\(.)", re.S)
+# one token: "(", ")", the opening quote of a quoted string, an atom, or any other octet (an error)
+_TOKEN = re.compile(rb' *(?:(\()|(\))|(")|([^ ()"\x00-\x1f\x7f]+)|(.))', re.S)
 
 # Replies, as constants the tests import too.
 BAD_UNKNOWN = "Unknown command"
@@ -119,7 +119,7 @@ class ArgParser:
             m = _TOKEN.match(text, pos)
             assert m is not None        # the last alternative matches any byte
             pos = m.end()
-            opened, closed, quoted, quote_end, atom, bad = m.groups()
+            opened, closed, quote, atom, bad = m.groups()
             if opened:
                 if len(self.stack) > MAX_DEPTH:
                     raise ClientTooLong("Lists nested too deep")
@@ -130,14 +130,9 @@ class ArgParser:
                 if len(self.stack) == 1:
                     raise ClientSyntaxError("Unexpected ')'")
                 self.stack.pop()
-            elif quoted is not None:
-                if not quote_end:
-                    raise ClientSyntaxError("Missing '\"'")
-                if b"\\" in quoted and any(c not in b'\\"' for c in _ESCAPE.findall(quoted)):
-                    raise ClientSyntaxError("Only \\\\ and \\\" may be escaped in a quoted string")
-                if len(quoted) > MAX_STRING:
-                    raise ClientTooLong("String too long")
-                self._add(_ESCAPE.sub(rb"\1", quoted) if b"\\" in quoted else quoted)
+            elif quote:
+                value, pos = _quoted(text, pos)
+                self._add(value)
             elif atom:
                 if len(atom) > MAX_STRING:
                     raise ClientTooLong("Argument too long")
@@ -152,6 +147,43 @@ class ArgParser:
         if len(self.stack) != 1:
             raise ClientSyntaxError("Missing ')'")
         return self.stack[0]
+
+
+def _quoted(text: bytes, start: int) -> Tuple[bytes, int]:
+    """The quoted string whose content begins at ``start`` (after its opening quote): (its value,
+    the position after its closing quote).  Searched with bytes operations, not octet by octet: an
+    escape-heavy string costs no more than a plain one."""
+    end = start
+    while True:
+        end = text.find(b'"', end)
+        if end < 0:
+            raise ClientSyntaxError("Missing '\"'")
+        if _backslashes_before(text, start, end) % 2 == 0:
+            break                                                # not escaped: the closing quote
+        end += 1
+    content = text[start:end]
+    if len(content) > MAX_STRING:
+        raise ClientTooLong("String too long")
+    if b"\\" in content:
+        # escapes pair from the left: split at the escaped backslashes, then only \" may be left
+        parts = [p.replace(b'\\"', b'"') for p in content.split(b"\\\\")]
+        if any(b"\\" in p for p in parts):
+            raise ClientSyntaxError("Only \\\\ and \\\" may be escaped in a quoted string")
+        content = b"\\".join(parts)
+    return content, end + 1
+
+
+def _backslashes_before(text: bytes, start: int, end: int) -> int:
+    """How many backslashes stand right before ``end`` (not before ``start``), in windows that
+    double: a long run costs its length once, a short one almost nothing."""
+    width = 64
+    while True:
+        low = max(start, end - width)
+        window = text[low:end]
+        kept = window.rstrip(b"\\")
+        if kept or low == start:
+            return len(window) - len(kept)
+        width *= 2
 
 
 def parse_args(text: bytes) -> List[Arg]:

@@ -573,6 +573,7 @@ class SmtpSession(Session):
                 relay.send(bytes(out), DATA_BLOCK_TIMEOUT)
                 out.clear()
                 self.message_deadline()
+                gevent.sleep(0)                   # a fast client must not starve the other sessions
         relay.send(bytes(out) + b".\r\n", DATA_BLOCK_TIMEOUT)
         self.message_done(relay.reply(DATA_END_TIMEOUT))
 
@@ -615,6 +616,7 @@ class SmtpSession(Session):
             if not self.endings.feed(piece):
                 return self.refuse_message(BARE_EOL, "bare CR or LF in a BDAT chunk")
             relay.send(piece, DATA_BLOCK_TIMEOUT)
+            gevent.sleep(0)
         if last and not self.endings.complete():
             return self.refuse_message(BARE_EOL, "a bare CR at the end of the message")
         if last:

@@ -408,3 +408,49 @@ def test_closes_the_proxy_decides_are_clean_even_with_unread_input(proxy):
                 break
             rest += chunk
         assert rest.endswith(last.encode() + b"\r\n"), rest[-200:]
+
+
+FLOOD = r"""
+import socket, sys, threading, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 10, source_address=("127.0.0.81", 0))
+s.recv(4096)
+end = time.monotonic() + float(sys.argv[4])
+def drain():
+    s.settimeout(1)
+    try:
+        while time.monotonic() < end + 1 and s.recv(1 << 20):
+            pass
+    except OSError:
+        pass
+threading.Thread(target=drain, daemon=True).start()
+chunk = sys.argv[3].encode() * 8000
+while time.monotonic() < end:
+    s.sendall(chunk)
+"""
+
+
+@pytest.mark.parametrize("kind,command", [("imap", "a NOOP\r\n"), ("pop", "CAPA\r\n")])
+def test_a_client_that_floods_valid_commands_does_not_stall_the_others(proxy, kind, command):
+    """Valid commands as fast as one client can send them, read as fast: the other sessions of the
+    worker (here one before login and one logged in) keep answering at once."""
+    import subprocess
+    import sys
+    before = greeted(proxy)
+    logged_in = greeted(proxy)
+    logged_in.send(b"a LOGIN alice alice-pw\r\n")
+    logged_in.expect(b"a OK [CAPABILITY ")
+    port = proxy.imap_port if kind == "imap" else proxy.pop_port
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, proxy.host, str(port), command, "3"])
+    try:
+        time.sleep(0.5)
+        worst = 0.0
+        for i in range(20):
+            for r in (before, logged_in):
+                t = time.monotonic()
+                r.send(b"v%d NOOP\r\n" % i)
+                assert r.skip_to(b"v%d " % i).startswith(b"v%d OK" % i)
+                worst = max(worst, time.monotonic() - t)
+            time.sleep(0.05)
+        assert worst < 0.5, "a session waited %.2fs while another client flooded the worker" % worst
+    finally:
+        flood.wait(10)
