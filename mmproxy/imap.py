@@ -52,7 +52,7 @@ MAX_DEPTH = 4               # nested parentheses
 TAG = re.compile(rb"[\x21-\x7e]{1,64}")
 _TAG_SPECIALS = re.compile(rb'[(){%*"\\+]')
 VERB = re.compile(rb"[A-Za-z]{1,32}")
-LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\Z")
+LITERAL_AT_END = re.compile(rb"\{(\d+)(\+?)\}\Z")     # RFC 9051 number: 1*DIGIT, leading zeros allowed
 # one token: "(", ")", the opening quote of a quoted string, an atom, or any other octet (an error)
 _TOKEN = re.compile(rb' *(?:(\()|(\))|(")|([^ ()"\x00-\x1f\x7f]+)|(.))', re.S)
 
@@ -272,7 +272,9 @@ class ImapSession(LoginSession):
                     error = e
             if m is None:
                 break
-            size, nonsync = int(m.group(1)), bool(m.group(2))
+            digits = m.group(1).lstrip(b"0")
+            size = int(digits or b"0") if len(digits) <= 12 else MAX_COMMAND + 1   # never int() of 64 KB
+            nonsync = bool(m.group(2))
             if nonsync and size > MAX_NONSYNC_LITERAL:
                 raise ClientTooLong("Literal too big (LITERAL- allows %d octets)" % MAX_NONSYNC_LITERAL)
             if size > MAX_STRING or total + size > MAX_COMMAND:

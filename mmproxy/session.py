@@ -319,7 +319,8 @@ class Session:
         """The table row of a verb allowed now; UnknownCommand or NotNow."""
         verb = self.COMMANDS.get(name)
         if verb is None:
-            raise UnknownCommand("Unknown command", "unknown command %r" % name[:40])
+            # the name is not logged: it may be a password (the rest of a refused SASL exchange)
+            raise UnknownCommand("Unknown command", "unknown command (%d octets)" % len(name))
         if self.state not in verb.states or verb.handler is None:
             raise NotNow(verb.not_now or "Command not valid in this state",
                          "%s not valid in state %s" % (name, self.state.value))

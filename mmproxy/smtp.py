@@ -251,10 +251,11 @@ class SmtpSession(Session):
     def read_request(self) -> Request:
         line = self.read_line()
         verb, arg = _split(line)
+        known = verb is not None and (verb in self.COMMANDS or verb in self.service.extra_verbs)
+        # What is no known command may be the rest of a refused AUTH exchange: never logged as such.
+        self.log.debug("C: %s", _masked(verb, line) if known else "(%d octets, no known command)" % len(line))
         if verb is None:
-            self.log.debug("C: %r", line[:100])
             raise ClientSyntaxError(BAD_SYNTAX)
-        self.log.debug("C: %s", _masked(verb, line))
         return Request(verb, [arg], line)
 
     def lookup(self, name: str) -> Verb:
@@ -639,7 +640,7 @@ class SmtpSession(Session):
 
     def cmd_XCLIENT(self, req: Request) -> None:
         """Postfix XCLIENT and XFORWARD: the proxy speaks for the client; the client never does."""
-        self.log.warning("client tried %r", req.line[:60])
+        self.log.warning("client tried %s", req.verb)
         raise NotNow(NOT_PROXIED)
 
     def cmd_QUIT(self, req: Request) -> None:
@@ -731,8 +732,8 @@ def _split(line: bytes) -> Tuple[Optional[str], bytes]:
     return verb.decode("ascii").upper(), arg
 
 
-def _masked(verb: str, line: bytes) -> str:
-    """A client line for the log: AUTH arguments never appear."""
+def _masked(verb: Optional[str], line: bytes) -> str:
+    """A command line for the log: AUTH arguments never appear."""
     if verb == "AUTH":
         mech = line.split(b" ")[1:2]
         return "AUTH %s ********" % (mech[0].decode("ascii", "replace") if mech else "")

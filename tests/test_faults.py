@@ -148,6 +148,19 @@ def test_a_command_whose_tag_parses_gets_a_tagged_completion(proxy, command, rep
     r.expect_lines(reply, "z OK NOOP completed")
 
 
+@pytest.mark.parametrize("size", [b"00000000012", b"0" * 5000 + b"12"])
+def test_literal_sizes_with_many_digits_are_literals(proxy, size):
+    """RFC 9051's number is 1*DIGIT: leading zeros make no command of the literal's content."""
+    r = greeted(proxy)
+    r.send(b"a1 FROB {" + size + b"+}\r\na2 LOGOUT\r\n\r\na3 NOOP\r\n")
+    r.expect_lines("a1 BAD " + imap.BAD_UNKNOWN, "a3 OK NOOP completed")
+    r.send(b"b1 LOGIN alice {" + size[:-2] + b"08+}\r\nalice-pw\r\n")
+    r.expect(b"b1 OK [CAPABILITY ")
+    r = greeted(proxy)
+    r.send(b"c1 LOGIN {" + b"9" * 5000 + b"}\r\nc2 NOOP\r\n")      # a size no int() should be asked for
+    r.expect_lines("c1 BAD [TOOBIG] Literal too big", "c2 OK NOOP completed")
+
+
 def test_the_same_after_literals(proxy):
     r = greeted(proxy)
     r.send(b"a1 LOGIN {5}\r\n")
@@ -454,3 +467,29 @@ def test_a_client_that_floods_valid_commands_does_not_stall_the_others(proxy, ki
         assert worst < 0.5, "a session waited %.2fs while another client flooded the worker" % worst
     finally:
         flood.wait(10)
+
+
+def test_credentials_in_lines_that_are_no_commands_never_reach_the_log(mail_stack):
+    """The rest of a refused SASL exchange, or a PASS the proxy cannot read as one, is no command:
+    it is answered, and logged (LogLevel 5) without its bytes."""
+    info = mail_stack.info()
+    b64 = base64.b64encode(b"\0alice\0alice-pw")
+    b64pw = base64.b64encode(b"alice-pw")
+    with Proxy(info, imap=False, pop={"RestrictPlainPasswords": True},
+               smtp={"SmtpRelays": "%s:%d" % (info["smtp"]["host"], info["smtp"]["port"]),
+                     "SmtpProxyPassword": "x", "RestrictPlainPasswords": True}) as p:
+        for port, data in ((p.smtp_port, b"EHLO x\r\nAUTH LOGIN\r\nYWxpY2U=\r\n" + b64pw + b"\r\n"),
+                           (p.smtp_port, b"EHLO x\r\nAUTH\tPLAIN " + b64 + b"\r\n"),
+                           (p.smtp_port, b"EHLO x\r\nAUTH PLAIN " + b64 + b"\r\r\n"),
+                           (p.smtp_port, b"EHLO x\r\nAUTH LOGIN\r\nYWxpY2U\r\n"),
+                           (p.pop_port, b"USER alice\r\nPASS\talice-pw\r\n"),
+                           (p.pop_port, b"AUTH LOGIN\r\nYWxpY2U=\r\n" + b64pw + b"\r\n")):
+            r = RawClient(p.host, port)
+            r.readline()
+            r.send(data + b"QUIT\r\n")
+            r.read_all()
+        text = wait_for_log(p, "session end")
+        time.sleep(0.5)
+        text = proxy_log(p)
+        for secret in ("alice-pw", "ALICE-PW", b64.decode(), b64pw.decode(), b64pw.decode().upper(), "YWxpY2U"):
+            assert secret not in text, [line for line in text.splitlines() if secret in line]
