@@ -118,7 +118,8 @@ SUPPORTED_KEYWORDS = ("8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "EXPN", "
 NEVER_PASSED = frozenset({"STARTTLS", "BINARYMIME", "XCLIENT", "XFORWARD", "BDAT"})
 FORWARDED_VERBS = frozenset({"MAIL", "RCPT", "RSET", "NOOP", "VRFY", "EXPN", "HELP", "ETRN"})
 VERB = re.compile(rb"[A-Za-z][A-Za-z0-9]{0,19}")
-BDAT_ARGS = re.compile(rb"\s*(\d{1,12})(\s+LAST)?\s*", re.I)
+BDAT_ARGS = re.compile(rb"[ \t]+(\d{1,12})(?:[ \t]+(LAST))?[ \t]*", re.I)
+BDAT_LINE = re.compile(rb"BDAT(?![A-Za-z0-9])", re.I)     # any line a relay might take for BDAT
 
 # Replies, as constants the tests import too.
 BANNER = "mmproxy %s ESMTP proxy ready" % __version__
@@ -250,6 +251,10 @@ class SmtpSession(Session):
 
     def read_request(self) -> Request:
         line = self.read_line()
+        if BDAT_LINE.match(line):
+            # whatever follows BDAT, a chunk may follow the line: cmd_BDAT reads it or hangs up
+            self.log.debug("C: %s", _masked("BDAT", line))
+            return Request("BDAT", [line[4:]], line)
         verb, arg = _split(line)
         known = verb is not None and (verb in self.COMMANDS or verb in self.service.extra_verbs)
         # What is no known command may be the rest of a refused AUTH exchange: never logged as such.
@@ -607,7 +612,7 @@ class SmtpSession(Session):
             self.reader.discard(size)
             raise UnknownCommand(NO_BDAT)
         relay = self.introduced_relay()
-        relay.send(req.line + b"\r\n", DATA_BLOCK_TIMEOUT)
+        relay.send(b"BDAT %d%s\r\n" % (size, b" LAST" if last else b""), DATA_BLOCK_TIMEOUT)
         self.state = SmtpState.DATA
         left = size
         while left:

@@ -639,13 +639,28 @@ def test_bdat_bare_line_ends_refused(proxy, relay, chunks):
     not_delivered(proxy, relay, subj)
 
 
-def test_bdat_without_a_size_closes_with_421(proxy):
-    """Nobody can tell where such a chunk ends: refused, then a goodbye, then the close."""
+@pytest.mark.parametrize("line", [b"BDAT lots", b"BDAT 12 LAST\x00", b"BDAT 12 LAST\r", b"BDAT", b"bdat -1",
+                                  b"BDAT 12 LAST NOW"])
+def test_bdat_without_a_readable_size_closes_with_421(proxy, line):
+    """Nobody can tell where such a chunk ends (or whether one follows): refused, then a goodbye, then
+    the close; the chunk is never run as commands."""
     raw = raw_session(proxy)
-    raw.send(b"BDAT lots\r\nRSET\r\n")
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\n")
+    assert [reply(raw)[0] for _ in range(2)] == [250, 250]
+    raw.send(line + b"\r\nNOOP\r\nNOOP\r\n")
     assert reply(raw) == (501, [smtp.BAD_BDAT.encode()])
     assert reply(raw) == (421, [smtp.BDAT_LOST.encode()])
     raw.expect_close()
+
+
+def test_bdat_with_tabs_is_a_chunk(proxy, relay):
+    subj = subject()
+    text = message(subj).encode()
+    raw = raw_session(proxy)
+    raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\n"
+             + b"BDAT\t%d\tlast\r\n" % len(text) + text + b"NOOP\r\n")
+    assert [reply(raw)[0] for _ in range(4)] == [250, 250, 250, 250]
+    delivered(relay, subj)
 
 
 def test_smtputf8_on_and_off(proxy, relay, proxy_off):
