@@ -213,7 +213,7 @@ class ImapSession(LoginSession):
     BYE_AUTH_FAILURES = BYE_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
     INTERNAL_ERROR = BYE_INTERNAL
-    GOODBYE_IDLE = BYE_IDLE.encode() + b"\r\n"
+    GOODBYES = {"idle": BYE_IDLE.encode() + b"\r\n", "shutdown": BYE_SHUTDOWN.encode() + b"\r\n"}
 
     # ------------------------------------------------------------------ capabilities and greeting
     def capabilities(self) -> str:

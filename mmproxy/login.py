@@ -6,7 +6,7 @@ SMTP has no login to replay and does not use this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from mmproxy import sasl
 from mmproxy.backend import Store
@@ -97,7 +97,7 @@ class LoginSession(Session):
     LOGIN_STATE: Any = None          # waiting for credentials (IMAP not authenticated, POP authorization)
     AUTHENTICATING: Any = None       # a SASL exchange or a login in progress
     RELAYING: Any = None             # the pump has the connection
-    GOODBYE_IDLE = b""               # written to the client when Timeout ends a pumped session
+    GOODBYES: Mapping[str, bytes] = {}   # the pump's goodbyes: "idle" (Timeout) and "shutdown"
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -273,5 +273,5 @@ class LoginSession(Session):
             release()
             log_end_line(log, p.reason or "closed", state, describe, started, received + p.bytes_up,
                      sent + p.bytes_down)
-        Pump(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client, self.GOODBYE_IDLE)
+        Pump(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client, self.GOODBYES)
 

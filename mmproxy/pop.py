@@ -126,7 +126,7 @@ class PopSession(LoginSession):
     BYE_AUTH_FAILURES = ERR_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
     INTERNAL_ERROR = ERR_INTERNAL
-    GOODBYE_IDLE = ERR_IDLE.encode() + b"\r\n"
+    GOODBYES = {"idle": ERR_IDLE.encode() + b"\r\n", "shutdown": ERR_SHUTDOWN.encode() + b"\r\n"}
     service: PopService
 
     def __init__(self, *args: object) -> None:

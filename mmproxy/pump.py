@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import ssl
-from typing import Any, Callable, List, Optional, Set, Tuple, cast
+from typing import Any, Callable, List, Mapping, Optional, Set, Tuple, cast
 
 import gevent
 from gevent import get_hub
@@ -83,22 +83,24 @@ class Pump:
     When the store ends (after LOGOUT, QUIT or its own timeout), what it sent goes to the client
     and both connections close at once: the client's connection slot is free.  When the client
     ends, the store is told (a half-close), and its last answer still reaches the client, within
-    CLOSE_GRACE.  ``goodbye`` is written to the client when the idle timeout ends a session whose
-    store-to-client stream is quiet (``* BYE ...``, ``-ERR ...``).  ``on_close(pump)`` runs once.
+    CLOSE_GRACE.  When the proxy ends a session itself (``idle`` for the idle timeout, ``shutdown``
+    when the daemon stops), ``goodbyes[why]`` is written to the client first, where it cannot cut
+    a response in two: when the store-to-client stream is quiet (``* BYE ...``, ``-ERR ...``).
+    ``on_close(pump)`` runs once.
     """
 
-    __slots__ = ("up", "down", "idle", "last", "on_close", "reason", "closed", "tls", "goodbye", "__weakref__")
+    __slots__ = ("up", "down", "idle", "last", "on_close", "reason", "closed", "tls", "goodbyes", "__weakref__")
 
     def __init__(self, client: socket.socket, store: socket.socket, idle: float,
                  on_close: Callable[["Pump"], None], to_store: bytes = b"", to_client: bytes = b"",
-                 goodbye: bytes = b"") -> None:
+                 goodbyes: Optional[Mapping[str, bytes]] = None) -> None:
         self.up = _Side(client, store)
         self.down = _Side(store, client)
         self.idle = idle
         self.on_close = on_close
         self.reason = ""
         self.closed = False
-        self.goodbye = goodbye
+        self.goodbyes = goodbyes or {}
         self.tls = isinstance(client, ssl.SSLSocket) or isinstance(store, ssl.SSLSocket)
         self.last = get_hub().loop.now()
         client.settimeout(0.0)
@@ -253,14 +255,15 @@ class Pump:
             return self.close(self.reason)
         self.idle = min(self.idle, CLOSE_GRACE)
 
-    def idle_out(self, seconds: float) -> None:
-        """Timeout: say goodbye where it cannot cut a response in two, then close."""
-        if self.goodbye and not self.down.blocked and not self.down.done:
+    def end(self, why: str, reason: str) -> None:
+        """The proxy ends the session: ``goodbyes[why]`` where it cannot cut a response in two, then close."""
+        goodbye = self.goodbyes.get(why)
+        if goodbye and not self.closed and not self.down.blocked and not self.down.done:
             try:
-                self.down.dst.send(self.goodbye)      # a few bytes into an idle socket: never blocks
+                self.down.dst.send(goodbye)           # a few bytes into a quiet socket: never blocks
             except (OSError, *_AGAIN):
                 pass
-        self.close("idle for %ds" % seconds)
+        self.close(reason)
 
     def close(self, reason: str = "") -> None:
         """Stop both directions and close both sockets; ``on_close`` runs once."""
@@ -314,7 +317,7 @@ def _sweep() -> None:
         gevent.sleep(SWEEP_EVERY)
         now = loop.now()
         for p in [p for p in _PUMPS if now - p.last > p.idle]:
-            p.idle_out(now - p.last)
+            p.end("idle", "idle for %ds" % (now - p.last))
 
 
 def _ensure_sweeper() -> None:
@@ -324,6 +327,6 @@ def _ensure_sweeper() -> None:
 
 
 def close_all(reason: str) -> None:
-    """Close every pump of this process (the daemon is stopping)."""
+    """End every pump of this process with its shutdown goodbye (the daemon is stopping)."""
     for p in list(_PUMPS):
-        p.close(reason)
+        p.end("shutdown", reason)

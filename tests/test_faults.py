@@ -493,3 +493,22 @@ def test_credentials_in_lines_that_are_no_commands_never_reach_the_log(mail_stac
         text = proxy_log(p)
         for secret in ("alice-pw", "ALICE-PW", b64.decode(), b64pw.decode(), b64pw.decode().upper(), "YWxpY2U"):
             assert secret not in text, [line for line in text.splitlines() if secret in line]
+
+
+def test_stopping_says_goodbye_to_every_session(mail_stack):
+    info = mail_stack.info()
+    with Proxy(info, pop={}) as p:
+        before = greeted(p)
+        imap_in = greeted(p)
+        imap_in.send(b"a LOGIN alice alice-pw\r\n")
+        imap_in.expect(b"a OK [CAPABILITY ")
+        pop_in = greeted(p, "pop")
+        pop_in.send(b"USER bob\r\nPASS " + info["users"]["bob"]["password"].encode() + b"\r\n")
+        pop_in.expect_lines("+OK")
+        pop_in.expect(b"+OK")
+        p.stop()
+        before.expect_lines(imap.BYE_SHUTDOWN)
+        imap_in.expect_lines(imap.BYE_SHUTDOWN)
+        pop_in.expect_lines(pop.ERR_SHUTDOWN)
+        for r in (before, imap_in, pop_in):
+            r.expect_close()

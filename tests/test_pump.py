@@ -19,7 +19,7 @@ def start(idle=30.0, to_store=b"", to_client=b"", wrap=None, goodbye=b""):
     if wrap:
         client, client_in = wrap(client, client_in)
     done = gevent.event.AsyncResult()
-    r = pumpmod.Pump(client_in, store_in, idle, done.set, to_store, to_client, goodbye)
+    r = pumpmod.Pump(client_in, store_in, idle, done.set, to_store, to_client, {"idle": goodbye})
     return client, store, r, done
 
 
