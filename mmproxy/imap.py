@@ -49,7 +49,7 @@ MAX_NONSYNC_LITERAL = 4096  # RFC 7888 LITERAL-
 MAX_ARGS = 256              # arguments, list members included (an ID of 30 pairs has 62)
 MAX_DEPTH = 4               # nested parentheses
 
-TAG = re.compile(rb"[\x21-\x7e]{1,64}")
+TAG = re.compile(rb"[\x21-\x7e]{1,1000}")     # RFC 9051 sets no length; the line limit bounds it
 _TAG_SPECIALS = re.compile(rb'[(){%*"\\+]')
 VERB = re.compile(rb"[A-Za-z]{1,32}")
 LITERAL_AT_END = re.compile(rb"\{(\d+)(\+?)\}\Z")     # RFC 9051 number: 1*DIGIT, leading zeros allowed
@@ -242,7 +242,7 @@ class ImapSession(LoginSession):
         try:
             line = self.reader.readline()
         except ClientTooLong:
-            self.tag = _tag_of(bytes(self.reader.buf[:80]))    # answer a too-long command under its tag
+            self.tag = _tag_of(bytes(self.reader.buf[:1002]))    # answer a too-long command under its tag
             raise
         tag, _, rest = line.partition(b" ")
         if not TAG.fullmatch(tag) or _TAG_SPECIALS.search(tag):
@@ -349,7 +349,7 @@ class ImapSession(LoginSession):
     def cmd_ID(self, req: Request) -> None:
         """RFC 2971: answered by the proxy before login (the store hears about the client from us)."""
         arg = req.args[0]
-        if not (arg == b"NIL" or (isinstance(arg, list) and len(arg) % 2 == 0
+        if not ((isinstance(arg, bytes) and arg.upper() == b"NIL") or (isinstance(arg, list) and len(arg) % 2 == 0
                                   and all(isinstance(a, bytes) for a in arg))):
             raise ClientSyntaxError("Syntax: ID (field value ...) or ID NIL")
         self.send('* ID ("name" "mmproxy" "version" "%s")' % __version__)

@@ -84,7 +84,7 @@ class LineReader:
 
     def readline(self, limit: Optional[int] = None) -> bytes:
         """One line without its terminator; too_long() when it exceeds ``limit`` (default
-        ``max_line``) bytes."""
+        ``max_line``) bytes, counting its CR but not its LF."""
         limit = self.max_line if limit is None else limit
         start = 0
         while True:

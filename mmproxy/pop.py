@@ -115,7 +115,7 @@ _SPOOF = frozenset({PopState.SPOOFED})
 
 class PopSession(LoginSession):
     kind = "pop"
-    max_line = MAX_COMMAND
+    max_line = MAX_COMMAND - 1           # the reader counts a line's CR, not its LF: 255 octets in all
     State = PopState
     INITIAL = LOGIN_STATE = PopState.AUTHORIZATION
     AUTHENTICATING = PopState.AUTHENTICATING
@@ -254,30 +254,31 @@ class PopSession(LoginSession):
 
     # ------------------------------------------------------------------ the spoofed maildrop
     # A consistent maildrop of zero or one message while the store is down; nothing is deleted anywhere.
-    def _message(self, arg: Optional[bytes] = None) -> bytes:
+    def _message(self, number: Optional[bytes] = None) -> Optional[bytes]:
+        """The spoofed message, if it is there (and is ``number`` when one is given)."""
         msg = self.service.spool.message if self.service.spool else None
-        if msg is None or self.deleted or (arg is not None and arg != b"1"):
-            raise CommandError(NO_SUCH_MESSAGE)
+        if msg is None or self.deleted or (number is not None and number != b"1"):
+            return None
         return msg
+
+    def _no_such_message(self) -> None:
+        self.send("-ERR " + NO_SUCH_MESSAGE)         # an ordinary answer, not a bad command
 
     def cmd_STAT(self, req: Request) -> None:
         """RFC 1939 section 5."""
-        try:
-            self.send("+OK 1 %d" % len(self._message()))
-        except CommandError:
-            self.send("+OK 0 0")
+        msg = self._message()
+        self.send("+OK 1 %d" % len(msg) if msg is not None else "+OK 0 0")
 
     def _listing(self, req: Request, value: object) -> None:
+        msg = self._message(req.args[0] if req.args else None)
         if req.args:
-            self._message(req.args[0])
+            if msg is None:
+                return self._no_such_message()
             self.send("+OK 1 %s" % value)
             return
         self.send("+OK")
-        try:
-            self._message()
+        if msg is not None:
             self.send("1 %s" % value)
-        except CommandError:
-            pass
         self.send(".")
 
     def cmd_LIST(self, req: Request) -> None:
@@ -292,13 +293,17 @@ class PopSession(LoginSession):
     def cmd_RETR(self, req: Request) -> None:
         """RFC 1939 section 5."""
         msg = self._message(req.args[0])
+        if msg is None:
+            return self._no_such_message()
         self._send_text(msg, msg)
 
     def cmd_TOP(self, req: Request) -> None:
         """RFC 1939 section 7."""
-        msg = self._message(req.args[0])
         if not req.args[1].isdigit():
             raise ClientSyntaxError("Syntax: TOP msg n")
+        msg = self._message(req.args[0])
+        if msg is None:
+            return self._no_such_message()
         self._send_text(msg, _top(msg, int(req.args[1])))
 
     def _send_text(self, msg: bytes, text: bytes) -> None:
@@ -309,7 +314,8 @@ class PopSession(LoginSession):
 
     def cmd_DELE(self, req: Request) -> None:
         """RFC 1939 section 5 (only marked: nothing is deleted anywhere)."""
-        self._message(req.args[0])
+        if self._message(req.args[0]) is None:
+            return self._no_such_message()
         self.deleted = True
         self.send("+OK Message deleted")
 

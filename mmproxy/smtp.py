@@ -146,6 +146,7 @@ TLS_ACTIVE = "554 5.5.1 TLS already active"
 TLS_NOT_NOW = "503 5.5.1 STARTTLS not allowed now (mail transaction or authentication in progress)"
 AUTH_NOT_NOW = "503 5.5.1 AUTH not allowed in a mail transaction"
 DATA_NOT_NOW = "503 5.5.1 Error: need MAIL command"
+EHLO_FIRST = "503 5.5.1 Error: send HELO/EHLO first"
 TLS_GO = "220 2.0.0 Ready to start TLS"
 NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 BARE_EOL = "550 5.6.11 Message refused: bare CR or LF in message text (SMTP smuggling protection)"
@@ -155,6 +156,7 @@ BYE = "221 2.0.0 Bye"
 
 class SmtpState(enum.Enum):
     GREETING = "greeting"          # connected to a relay; the client is not introduced yet
+    TLS_STARTED = "tls started"    # after STARTTLS: EHLO again first (RFC 3207 4.2)
     RELAYING = "relaying"          # introduced: commands go to the relay, no mail transaction
     ENVELOPE = "envelope"          # MAIL accepted: RCPT, DATA or BDAT next
     DATA = "data"                  # message text on its way
@@ -163,6 +165,7 @@ class SmtpState(enum.Enum):
 
 _COMMAND_STATES = frozenset({SmtpState.GREETING, SmtpState.RELAYING, SmtpState.ENVELOPE})
 _OUTSIDE_MAIL = frozenset({SmtpState.GREETING, SmtpState.RELAYING})
+_ANY = _COMMAND_STATES | {SmtpState.TLS_STARTED}
 
 
 class LineEndings:
@@ -265,8 +268,15 @@ class SmtpSession(Session):
 
     def lookup(self, name: str) -> Verb:
         if name in self.service.extra_verbs and name not in self.COMMANDS:
+            if self.state is SmtpState.TLS_STARTED:
+                raise NotNow(EHLO_FIRST)
             return FORWARD                    # EhloKeywords that are commands (TURN, ATRN, ...)
-        return super().lookup(name)
+        try:
+            return super().lookup(name)
+        except NotNow:
+            if self.state is SmtpState.TLS_STARTED:
+                raise NotNow(EHLO_FIRST) from None
+            raise
 
     # ------------------------------------------------------------------ failures
     def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
@@ -375,8 +385,9 @@ class SmtpSession(Session):
         offered = set(relay.keywords["XCLIENT"].upper().split())
         ip = unmapped(self.client_ip)
         attrs: List[Tuple[str, str]] = []
-        if helo:
-            attrs.append(("HELO", xtext(helo)))      # over 255 octets: [UNAVAILABLE] (xclient_commands)
+        # over 255 octets: [UNAVAILABLE] (xclient_commands); none yet: unknown, so that the relay
+        # forgets a name from before STARTTLS (RFC 3207 4.2)
+        attrs.append(("HELO", xtext(helo) if helo else "[UNAVAILABLE]"))
         if proto:
             attrs.append(("PROTO", proto))
         if self.login and len(xtext(self.login.encode("utf-8", "surrogateescape"))) > XCLIENT_VALUE_MAX:
@@ -429,10 +440,15 @@ class SmtpSession(Session):
         return name if ip in addrs else "[UNAVAILABLE]"
 
     def batchable(self, line: bytes) -> bool:
-        """A pipelined command that can go to the relay in the same write as the one before it."""
+        """A pipelined command that can go to the relay in the same write as the one before it: one
+        the table forwards, in the present state."""
         verb, _ = _split(line)
-        return verb is not None and (verb in FORWARDED_VERBS
-                                     or (verb in self.service.extra_verbs and verb not in self.COMMANDS))
+        if verb is None:
+            return False
+        try:
+            return self.lookup(verb).handler is SmtpSession.cmd_forward
+        except CommandError:
+            return False
 
     def forward(self, req: Request) -> None:
         """Forward a command, and those the client pipelined behind it, to the relay; answer each in order."""
@@ -488,7 +504,7 @@ class SmtpSession(Session):
         relay = self.connected_relay()
         r = relay.command(req.line)
         if r.code == 250:
-            self.state = SmtpState.RELAYING
+            self.state = SmtpState.RELAYING       # also after TLS_STARTED: the EHLO that was asked for
             if proto == "ESMTP":
                 relay.learn(r)
                 self.answer(Reply(250, self.filter_ehlo(r)))
@@ -531,6 +547,10 @@ class SmtpSession(Session):
             raise NotNow(TLS_NOT_NOW)
         self.send(TLS_GO)
         self.starttls()
+        # RFC 3207 4.2: what was learnt before TLS is forgotten, and the client says EHLO again
+        # (its new EHLO also replaces the name the relay heard before TLS).
+        if self.state is not SmtpState.GREETING:
+            self.state = SmtpState.TLS_STARTED
 
     def cmd_AUTH(self, req: Request) -> None:
         """RFC 4954: passed to the relay unchanged, with its challenges and the client's responses."""
@@ -659,16 +679,17 @@ class SmtpSession(Session):
         self.finish("quit")
 
     COMMANDS = {
-        "EHLO": Verb(cmd_EHLO, _COMMAND_STATES, (0, -1)),
-        "HELO": Verb(cmd_HELO, _COMMAND_STATES, (0, -1)),
-        "STARTTLS": Verb(cmd_STARTTLS, _OUTSIDE_MAIL, (0, -1), not_now=TLS_NOT_NOW),
+        "EHLO": Verb(cmd_EHLO, _ANY, (0, -1)),
+        "HELO": Verb(cmd_HELO, _ANY, (0, -1)),
+        "STARTTLS": Verb(cmd_STARTTLS, _OUTSIDE_MAIL | {SmtpState.TLS_STARTED}, (0, -1), not_now=TLS_NOT_NOW),
         "AUTH": Verb(cmd_AUTH, _OUTSIDE_MAIL, (0, -1), not_now=AUTH_NOT_NOW),
         "DATA": Verb(cmd_DATA, frozenset({SmtpState.ENVELOPE}), (0, -1), not_now=DATA_NOT_NOW),
-        "BDAT": Verb(cmd_BDAT, _COMMAND_STATES, (0, -1)),
-        "XCLIENT": Verb(cmd_XCLIENT, _COMMAND_STATES, (0, -1)),
-        "XFORWARD": Verb(cmd_XCLIENT, _COMMAND_STATES, (0, -1)),
-        "QUIT": Verb(cmd_QUIT, _COMMAND_STATES, (0, -1)),
-        **dict.fromkeys(FORWARDED_VERBS, Verb(cmd_forward, _COMMAND_STATES, (0, -1))),
+        "BDAT": Verb(cmd_BDAT, _ANY, (0, -1)),          # always: its chunk must be read, whatever the answer
+        "XCLIENT": Verb(cmd_XCLIENT, _ANY, (0, -1)),
+        "XFORWARD": Verb(cmd_XCLIENT, _ANY, (0, -1)),
+        "QUIT": Verb(cmd_QUIT, _ANY, (0, -1)),
+        **dict.fromkeys(FORWARDED_VERBS, Verb(cmd_forward, _COMMAND_STATES, (0, -1), not_now=EHLO_FIRST)),
+        **dict.fromkeys(("NOOP", "RSET"), Verb(cmd_forward, _ANY, (0, -1))),
     }
 
 

@@ -512,3 +512,30 @@ def test_stopping_says_goodbye_to_every_session(mail_stack):
         pop_in.expect_lines(pop.ERR_SHUTDOWN)
         for r in (before, imap_in, pop_in):
             r.expect_close()
+
+
+def test_small_protocol_points(proxy):
+    """RFC 2449 4: 255 octets a POP command line, CR LF included; RFC 3501 9: NIL in any case;
+    RFC 9051: a tag has no length limit of its own."""
+    r = greeted(proxy, "pop")
+    r.send(b"USER " + b"a" * 248 + b"\r\n")                 # 255 octets in all
+    r.expect_lines("+OK")
+    r.send(b"USER " + b"a" * 249 + b"\r\n")                 # 256
+    r.expect_lines(pop.ERR_TOO_LONG)
+    r.expect_close()
+    r = greeted(proxy)
+    tag = b"t" * 200
+    r.send(b"a ID nil\r\n" + tag + b" NOOP\r\n")
+    r.expect_lines('* ID ("name" "mmproxy" "version" "%s")' % __version__, "a OK ID completed",
+                   tag + b" OK NOOP completed")
+
+
+def test_a_spoofed_maildrop_answers_no_such_message_without_counting_it(mail_stack):
+    from helpers import unused_port
+    with Proxy(mail_stack.info(), imap=False, pop={"BacksidePort": unused_port("127.0.0.2", "127.0.0.3"),
+                                                   "SpoofEmptyMailbox": "on"}) as p:
+        r = greeted(p, "pop")
+        r.send(b"USER alice\r\nPASS alice-pw\r\n")
+        r.expect_lines("+OK", "+OK Maildrop ready")
+        r.send(b"".join(b"RETR 1\r\nLIST 2\r\n" for _ in range(8)) + b"STAT\r\nQUIT\r\n")
+        r.expect_lines(*["-ERR " + pop.NO_SUCH_MESSAGE] * 16, "+OK 0 0", "+OK Bye")

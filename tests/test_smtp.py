@@ -480,6 +480,29 @@ def test_plaintext_pipelined_after_starttls_is_dropped(proxy):
     tls.close()
 
 
+def test_starttls_forgets_what_came_before(proxy, relay):
+    """RFC 3207 4.2: what was learnt before TLS is discarded, at the relay too (the client is
+    introduced anew): without a new EHLO the pre-TLS name is gone; with one, the relay has it."""
+    for ehlo in (b"EHLO", b"HELO"):
+        raw = raw_session(proxy, helo=b"before-tls.example.net")
+        raw.send(b"STARTTLS\r\n")
+        assert reply(raw)[0] == 220
+        raw.sock, raw.buf = ssl._create_unverified_context().wrap_socket(raw.sock, server_hostname="localhost"), b""
+        raw.send(b"NOOP\r\nMAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nAUTH PLAIN\r\n")
+        assert [reply(raw) for _ in range(4)] == [(250, [b"250 2.0.0 Ok"])] + [(503, [smtp.EHLO_FIRST.encode()])] * 3
+        raw.send(ehlo + b" again.example.net\r\n")
+        code, lines = reply(raw)
+        assert code == 250 and b"STARTTLS" not in b"".join(lines)
+        subj = subject()
+        raw.send(b"MAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        assert [reply(raw)[0] for _ in range(3)] == [250, 250, 354]
+        raw.send(message(subj).encode() + b".\r\nQUIT\r\n")
+        assert [reply(raw)[0] for _ in range(2)] == [250, 221]
+        received = delivered(relay, subj).get_all("Received")[-1]
+        assert "[%s]" % CLIENT in received and "before-tls" not in received, received
+        assert "again.example.net" in received, received
+
+
 def test_relay_leg_tls_and_auth_passthrough(proxy, relay):
     """The relay offers AUTH only over TLS (smtpd_tls_auth_only): the client sees AUTH because the proxy
     used STARTTLS towards the relay; AUTH goes through unchanged and the relay verifies it."""
