@@ -47,6 +47,7 @@ NEGATIVE_TTL = 60         # an unknown user is remembered this long, so a new ac
 POOL_SIZE = 8             # concurrent LDAP requests per kind (search, bind) and directory
 
 _MISS = object()
+HOSTED_DOMAIN_CLASSES = frozenset({"inetdomain", "maildomain"})
 DOMAIN_ATTRS = ["inetDomainBaseDN", "mailAccessProxyPreAuth", "mailAccessProxyReplay",
                 "inetDomainSearchFilter", "objectClass"]
 
@@ -235,7 +236,11 @@ class Directory:
 
     # ------------------------------------------------------------------ lookups
     def find_domain(self, name: str) -> Optional[Domain]:
-        """The DC-tree node of a hosted domain (dc=example,dc=com,<base>); None when there is none."""
+        """The DC-tree node of a hosted domain (dc=example,dc=com,<base>); None when there is none.
+
+        Only a node that is a domain of the Sun schema (objectClass inetDomain or mailDomain) is
+        one: ``dc=com`` exists too, and a login as ``user@com`` must not search all of it.
+        """
         if not self.hosted:
             return Domain(name, self.base, self.base)
         if not is_host_name(name):
@@ -248,6 +253,9 @@ class Directory:
             if not rows:
                 return None
             a = rows[0][1]
+            if not HOSTED_DOMAIN_CLASSES & {c.lower() for c in a.get("objectclass", [])}:
+                log.info("%s is no hosted domain (objectClass inetDomain or mailDomain)", dn)
+                return None
 
             def first(k: str) -> Optional[str]:
                 values = a.get(k.lower())

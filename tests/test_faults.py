@@ -96,6 +96,15 @@ def test_login_ids_that_are_not_utf8_fail_as_logins_with_the_cause_logged(proxy)
     no_tracebacks(proxy)
 
 
+def test_a_dc_tree_node_that_is_no_mail_domain_is_unknown(proxy, mail_stack):
+    """carol@example.org's password with carol@org: dc=org exists, but is no hosted domain."""
+    r = greeted(proxy)
+    r.send(b'a LOGIN carol@org "carol pw"\r\nb LOGIN carol@example.org "carol pw"\r\n')
+    r.expect_lines("a " + imap.NO_AUTH)
+    r.expect(b"b OK [CAPABILITY ")
+    wait_for_log(proxy, "unknown domain 'org'")
+
+
 def test_a_line_break_in_a_password_is_refused_and_logged_as_such(proxy):
     r = greeted(proxy)
     r.send(b"a LOGIN alice {10+}\r\npass\r\nword\r\nb NOOP\r\n")
