@@ -139,6 +139,14 @@ class PopSession(LoginSession):
         banner = one_line(self.cfg.Banner) or "mmproxy %s POP3 proxy ready" % __version__
         self.send("+OK %s%s" % (banner, (" " + self.timestamp.decode()) if self.cfg.CRAMs else ""))
 
+    def lookup(self, name: str) -> Verb:
+        try:
+            return super().lookup(name)
+        except NotNow:
+            if self.state is PopState.SPOOFED:     # PASS's "USER first" is for the authorization state
+                raise NotNow("Command not valid in this state") from None
+            raise
+
     def read_request(self) -> Request:
         """One command line: a verb and its blank-separated arguments (RFC 1939 section 3)."""
         line = self.reader.readline()
