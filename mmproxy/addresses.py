@@ -1,6 +1,7 @@
 """Client addresses and host names: one spelling, one syntax, for every part of mmproxy.
 
-A leaf module (standard library only), so the configuration reader can use it as well.
+A leaf module (standard library only), so the configuration reader can use it as well.  Results
+are memoised: the same clients come back, and every session asks about its client more than once.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z", re.I)
 
 
+@functools.lru_cache(maxsize=16384)
 def unmapped(ip: str) -> Address:
     """The address of a client as one object: an IPv4-mapped IPv6 address (a dual-stack listener)
     is the IPv4 one, an IPv6 zone (``%eth0``) is dropped, brackets are allowed.
@@ -26,6 +28,7 @@ def unmapped(ip: str) -> Address:
     return a
 
 
+@functools.lru_cache(maxsize=16384)
 def address_key(ip: str) -> str:
     """The canonical text of a client address (the key of per-address state); text that is no
     address is returned unchanged, so it can never match a real one."""

@@ -13,9 +13,8 @@ client sends it, and the session goes on.
 """
 from __future__ import annotations
 
-import enum
 import re
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from mmproxy import __version__
 from mmproxy.backend import Store
@@ -40,7 +39,7 @@ from mmproxy.errors import (
     UnknownCommand,
 )
 from mmproxy.login import LoginService, LoginSession, Target, credentials
-from mmproxy.session import Line, Request, Verb, one_line
+from mmproxy.session import Line, Request, State, Verb, one_line
 
 MAX_LINE = 65536            # one line of a command (Dovecot's imap_max_line_length is 64k too)
 MAX_COMMAND = 65536         # a command with all its lines and literals
@@ -83,7 +82,7 @@ OWN_CAPABILITIES = frozenset({"LITERAL-", "LITERAL+", "SASL-IR", "ID", "STARTTLS
 Arg = Union[bytes, List[Any]]     # an atom or string (bytes), or a parenthesised list
 
 
-class ImapState(enum.Enum):
+class ImapState(State):
     NOT_AUTHENTICATED = "not authenticated"
     AUTHENTICATING = "authenticating"
     RELAYING = "relaying"
@@ -105,6 +104,7 @@ class ArgParser:
     def __init__(self) -> None:
         self.stack: List[List[Arg]] = [[]]
         self.count = 0
+        self.lists = False
 
     def _add(self, value: Arg) -> None:
         self.count += 1
@@ -125,6 +125,7 @@ class ArgParser:
                     raise ClientTooLong("Lists nested too deep")
                 inner: List[Arg] = []
                 self._add(inner)
+                self.lists = True
                 self.stack.append(inner)
             elif closed:
                 if len(self.stack) == 1:
@@ -202,6 +203,7 @@ def quote(value: bytes) -> Optional[bytes]:
 
 class ImapSession(LoginSession):
     kind = "imap"
+    service: "ImapService"
     max_line = MAX_LINE
     State = ImapState
     INITIAL = LOGIN_STATE = ImapState.NOT_AUTHENTICATED
@@ -217,7 +219,16 @@ class ImapSession(LoginSession):
 
     # ------------------------------------------------------------------ capabilities and greeting
     def capabilities(self) -> str:
-        """What the client is told before login."""
+        """What the client is told before login (made once per service and TLS state)."""
+        shared = self.cfg is self.service.cfg          # no virtual-domain settings of its own
+        text = self.service.capabilities.get(self.tls_active) if shared else None
+        if text is None:
+            text = self._capabilities()
+            if shared:
+                self.service.capabilities[self.tls_active] = text
+        return text
+
+    def _capabilities(self) -> str:
         cfg = self.cfg
         base = [c for c in (cfg.Capability or "IMAP4rev1").split()
                 if c.upper() not in OWN_CAPABILITIES and not c.upper().startswith("AUTH=")]
@@ -295,7 +306,7 @@ class ImapSession(LoginSession):
                 raise ClientTooLong("Command too long")
         if error is not None:
             raise error
-        return Request(verb, parser.finish(), line, self.tag)
+        return Request(verb, parser.finish(), line, self.tag, parser.lists)
 
     # ------------------------------------------------------------------ failures
     def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
@@ -484,3 +495,7 @@ def _tag_of(start: bytes) -> str:
 class ImapService(LoginService):
     kind = "imap"
     session_class = ImapSession
+
+    def __init__(self, entry: Any) -> None:
+        super().__init__(entry)
+        self.capabilities: Dict[bool, str] = {}       # TLS active? -> the pre-login CAPABILITY

@@ -5,6 +5,7 @@ SMTP has no login to replay and does not use this module.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
@@ -21,9 +22,11 @@ from mmproxy.errors import (
     PrivacyRequired,
 )
 from mmproxy.loginid import LoginId, replay_id, split_login
+from mmproxy.logs import DETAIL
 from mmproxy.pump import Pump
 from mmproxy.session import PRELOGIN_DEADLINE, PRELOGIN_IDLE, Line, Service, Session, failure_kind, log_end_line
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LOGIN_ID = 256           # octets of a login id (RFC 4616 lets PLAIN carry 255 UTF-8 characters)
 MAX_SASL_LINE = 12288        # one base64 client response of a SASL exchange (RFC 4954's AUTH line)
 
@@ -54,7 +57,7 @@ def credentials(user: bytes, password: bytes = b"",
         text = user.decode("utf-8")
     except UnicodeDecodeError:
         raise AuthFailed("login id %r is not UTF-8" % user[:80]) from None
-    if any(c < " " or c == "\x7f" for c in text):
+    if _CONTROL.search(text):
         raise AuthFailed("login id %r holds control characters" % text[:80])
     if b"\0" in password or b"\r" in password or b"\n" in password:
         raise AuthFailed("password of %r holds a NUL, CR or LF" % text[:80])
@@ -266,7 +269,8 @@ class LoginSession(Session):
         self.state, self.pumping = self.RELAYING, True
         self.user = target.login.canonical
         received, sent = self.reader.received, self.sent + len(to_client)
-        log, release, describe, started = self.log, self.release, self.describe(), self.started
+        log, release, started = self.log, self.release, self.started
+        describe = self.describe() if log.isEnabledFor(DETAIL) else ""
         state = self.state.value
 
         def closed(p: Pump) -> None:

@@ -11,7 +11,6 @@ enabled`` unless AuthService is on for the address the client connected to.
 """
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 import time
@@ -41,7 +40,7 @@ from mmproxy.errors import (
     UnknownCommand,
 )
 from mmproxy.login import LoginService, LoginSession, Target, credentials
-from mmproxy.session import Line, Request, Verb, one_line
+from mmproxy.session import Line, Request, State, Verb, one_line
 
 MAX_COMMAND = 255            # RFC 2449 section 4: a command line, CRLF included
 
@@ -64,7 +63,7 @@ NO_SUCH_MESSAGE = "No such message"
 CAPABILITIES = ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING")
 
 
-class PopState(enum.Enum):
+class PopState(State):
     AUTHORIZATION = "authorization"
     USER_GIVEN = "authorization, USER given"
     AUTHENTICATING = "authenticating"

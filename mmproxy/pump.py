@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import ssl
-from typing import Any, Callable, List, Mapping, Optional, Set, Tuple, cast
+from typing import Callable, List, Mapping, Optional, Set, Tuple
 
 import gevent
 from gevent import get_hub
@@ -61,8 +61,8 @@ class _Side:
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src, self.dst = src, dst
         # gevent sockets own an io watcher per direction: reuse them (not in gevent's public types)
-        self.rd = cast(Any, src)._read_event
-        self.wr = cast(Any, dst)._write_event
+        self.rd = src._read_event  # type: ignore[attr-defined]
+        self.wr = dst._write_event  # type: ignore[attr-defined]
         self.left: Optional[bytes] = None                 # bytes the destination has not taken
         self.pipe: Optional[Tuple[int, int]] = None       # a pipe holding ``inpipe`` such bytes
         self.inpipe = 0

@@ -20,6 +20,7 @@ reply, never silence, and never a traceback in the log.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import socket
@@ -69,9 +70,17 @@ def set_worker(number: Optional[int]) -> None:
     _worker = "" if number is None else "w%d-" % number
 
 
+@functools.lru_cache(maxsize=64)
 def one_line(text: object) -> str:
     """A configured text (Banner, ServerDownAlert) as one line of single spaces."""
     return " ".join(str(text or "").split())
+
+
+class State(enum.Enum):
+    """Base of the protocols' state enums: members hash by identity (Enum's own __hash__ is Python
+    code, and the command loop asks "is the state in this set?" for every command)."""
+
+    __hash__ = object.__hash__
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class Verb:
     """
 
     handler: Optional[Callable[[Any, "Request"], None]]
-    states: FrozenSet[enum.Enum]
+    states: FrozenSet[State]
     args: Tuple[int, int] = (0, 0)
     syntax: str = ""
     strings: bool = True
@@ -101,6 +110,7 @@ class Request:
     args: List[Any] = field(default_factory=list)
     line: bytes = b""
     tag: str = ""
+    lists: bool = False          # some argument is a parenthesised list (IMAP)
 
 
 class Service:
@@ -331,7 +341,7 @@ class Session:
         verb = self.lookup(request.verb)
         least, most = verb.args
         n = len(request.args)
-        if n < least or (most >= 0 and n > most) or (verb.strings and any(isinstance(a, list) for a in request.args)):
+        if n < least or (most >= 0 and n > most) or (verb.strings and request.lists):
             raise ClientSyntaxError("Syntax: %s" % (verb.syntax or request.verb))
         verb.handler(self, request)      # type: ignore[misc]  # lookup() refused None
 

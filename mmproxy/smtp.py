@@ -64,7 +64,6 @@ must accept and greet within ``FailoverTimeout`` seconds, and then answers withi
 """
 from __future__ import annotations
 
-import enum
 import re
 import socket
 import ssl
@@ -92,7 +91,7 @@ from mmproxy.errors import (
     ServerShutdown,
     UnknownCommand,
 )
-from mmproxy.session import Line, Request, Service, Session, Verb, one_line
+from mmproxy.session import Line, Request, Service, Session, State, Verb, one_line
 from mmproxy.smtpclient import REPLY_TIMEOUT, SETUP_TIMEOUT, RelayConnection, Reply
 from mmproxy.xclient import XCLIENT_VALUE_MAX, proxy_header, xclient_addr, xclient_commands, xtext
 
@@ -154,7 +153,7 @@ DATA_LINE_TOO_LONG = "552 5.3.4 Message refused: line longer than %d octets" % M
 BYE = "221 2.0.0 Bye"
 
 
-class SmtpState(enum.Enum):
+class SmtpState(State):
     GREETING = "greeting"          # connected to a relay; the client is not introduced yet
     TLS_STARTED = "tls started"    # after STARTTLS: EHLO again first (RFC 3207 4.2)
     RELAYING = "relaying"          # introduced: commands go to the relay, no mail transaction
