@@ -127,3 +127,14 @@ def tcp_pair():
     inside, _ = lst.accept()
     lst.close()
     return outside, inside
+
+
+def until_close(sock, timeout=5):
+    """Everything a socket receives until the peer's FIN (a reset fails the test: ConnectionResetError)."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk

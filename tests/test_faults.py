@@ -18,7 +18,7 @@ import pytest
 from mmproxy import __version__, imap, pop
 from mmproxy.testing.proxy import Proxy
 
-from helpers import ImapFrom, PopFrom, RawClient, proxy_log, tcp_pair, wait_for_log
+from helpers import ImapFrom, PopFrom, RawClient, proxy_log, tcp_pair, until_close, wait_for_log
 
 LATIN_PW = b"p\xe4sswort"          # the ISO-8859-1 password of the fixture's user "latin"
 
@@ -221,12 +221,7 @@ def test_logout_closes_at_once_and_frees_the_connection_slot(mail_stack):
             c.login("alice", info["users"]["alice"]["password"])
             t = time.monotonic()
             c.send(b"z LOGOUT\r\n")
-            data = b""
-            while True:                            # the store's goodbye, then EOF: no half-open minute
-                chunk = c.sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = until_close(c.sock)             # the store's goodbye, then EOF: no half-open minute
             assert data.startswith(b"* BYE") and b"z OK" in data
             assert time.monotonic() - t < 1.0
             c.sock.close()
@@ -376,13 +371,7 @@ def test_unforeseen_exceptions_get_a_reply_and_one_error_line(mail_stack, monkey
             a.settimeout(5)
             a.recv(4096)                                            # the greeting
             a.sendall(send)
-            got = b""
-            while True:
-                chunk = a.recv(4096)
-                if not chunk:
-                    break
-                got += chunk
-            assert got.split(b"\r\n")[:-1] == want
+            assert until_close(a).split(b"\r\n")[:-1] == want
             g.join(5)
             service.close()
     finally:
@@ -422,13 +411,7 @@ def test_closes_the_proxy_decides_are_clean_even_with_unread_input(proxy):
         r = greeted(proxy, kind.decode())
         r.sock.sendall(data)
         time.sleep(0.5)
-        rest = r.buf
-        r.sock.settimeout(5)
-        while True:
-            chunk = r.sock.recv(65536)        # ConnectionResetError here would be the fault
-            if not chunk:
-                break
-            rest += chunk
+        rest = r.buf + until_close(r.sock)      # ConnectionResetError here would be the fault
         assert rest.endswith(last.encode() + b"\r\n"), rest[-200:]
 
 

@@ -10,7 +10,7 @@ import pytest
 from mmproxy import pump as pumpmod
 from mmproxy.testing.proxy import make_cert
 
-from helpers import tcp_pair
+from helpers import tcp_pair, until_close
 
 
 def start(idle=30.0, to_store=b"", to_client=b"", wrap=None, goodbye=b""):
@@ -68,13 +68,7 @@ def test_pending_bytes_go_first_and_the_store_ending_closes_both_at_once():
     store.sendall(b"* BYE\r\nb OK Logout completed\r\n")
     store.shutdown(socket.SHUT_WR)
     assert done.get(timeout=2).reason == "closed by store"
-    data = b""
-    while True:
-        chunk = client.recv(100)
-        if not chunk:
-            break
-        data += chunk
-    assert data == b"* BYE\r\nb OK Logout completed\r\n"
+    assert until_close(client) == b"* BYE\r\nb OK Logout completed\r\n"
     assert store.recv(100) == b""                  # the store's connection was closed too
 
 
