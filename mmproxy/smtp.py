@@ -469,8 +469,8 @@ class SmtpSession(Session):
             verb = _split(line)[0]
             if verb == "MAIL" and r.code == 250:
                 self.state, self.endings = SmtpState.ENVELOPE, LineEndings()
-            elif verb == "RSET" and r.code == 250:
-                self.state = SmtpState.RELAYING
+            elif verb == "RSET" and r.code == 250 and self.state is not SmtpState.TLS_STARTED:
+                self.state = SmtpState.RELAYING       # (after STARTTLS only EHLO ends that state)
 
     def answer(self, r: Reply) -> None:
         """Pass a relay reply on; a 421 from the relay ends the session."""
@@ -630,6 +630,9 @@ class SmtpSession(Session):
         if not self.offered("CHUNKING"):
             self.reader.discard(size)
             raise UnknownCommand(NO_BDAT)
+        if self.state is SmtpState.TLS_STARTED:
+            self.reader.discard(size)
+            raise NotNow(EHLO_FIRST)
         relay = self.introduced_relay()
         relay.send(b"BDAT %d%s\r\n" % (size, b" LAST" if last else b""), DATA_BLOCK_TIMEOUT)
         self.state = SmtpState.DATA

@@ -488,8 +488,10 @@ def test_starttls_forgets_what_came_before(proxy, relay):
         raw.send(b"STARTTLS\r\n")
         assert reply(raw)[0] == 220
         raw.sock, raw.buf = ssl._create_unverified_context().wrap_socket(raw.sock, server_hostname="localhost"), b""
-        raw.send(b"NOOP\r\nMAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nAUTH PLAIN\r\n")
-        assert [reply(raw) for _ in range(4)] == [(250, [b"250 2.0.0 Ok"])] + [(503, [smtp.EHLO_FIRST.encode()])] * 3
+        raw.send(b"NOOP\r\nMAIL FROM:<someone@example.net>\r\nRCPT TO:<bob@example.com>\r\nAUTH PLAIN\r\n"
+                 b"RSET\r\nBDAT 5 LAST\r\nhelloMAIL FROM:<someone@example.net>\r\n")
+        assert [reply(raw) for _ in range(7)] == [(250, [b"250 2.0.0 Ok"])] + [(503, [smtp.EHLO_FIRST.encode()])] * 3 \
+            + [(250, [b"250 2.0.0 Ok"])] + [(503, [smtp.EHLO_FIRST.encode()])] * 2
         raw.send(ehlo + b" again.example.net\r\n")
         code, lines = reply(raw)
         assert code == 250 and b"STARTTLS" not in b"".join(lines)
