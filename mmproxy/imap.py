@@ -48,7 +48,7 @@ MAX_NONSYNC_LITERAL = 4096  # RFC 7888 LITERAL-
 MAX_ARGS = 256              # arguments, list members included (an ID of 30 pairs has 62)
 MAX_DEPTH = 4               # nested parentheses
 
-TAG = re.compile(rb"[\x21-\x7e]{1,1000}")     # RFC 9051 sets no length; the line limit bounds it
+TAG = re.compile(rb"[\x21-\x7e]+")            # RFC 9051 sets no length; the line limit bounds it
 _TAG_SPECIALS = re.compile(rb'[(){%*"\\+]')
 VERB = re.compile(rb"[A-Za-z]{1,32}")
 LITERAL_AT_END = re.compile(rb"\{(\d+)(\+?)\}\Z")     # RFC 9051 number: 1*DIGIT, leading zeros allowed
@@ -165,6 +165,8 @@ def _quoted(text: bytes, start: int) -> Tuple[bytes, int]:
     content = text[start:end]
     if len(content) > MAX_STRING:
         raise ClientTooLong("String too long")
+    if b"\0" in content or b"\r" in content:
+        raise ClientSyntaxError("Invalid characters in quoted string")      # RFC 9051: TEXT-CHAR
     if b"\\" in content:
         # escapes pair from the left: split at the escaped backslashes, then only \" may be left
         parts = [p.replace(b'\\"', b'"') for p in content.split(b"\\\\")]
@@ -253,7 +255,7 @@ class ImapSession(LoginSession):
         try:
             line = self.reader.readline()
         except ClientTooLong:
-            self.tag = _tag_of(bytes(self.reader.buf[:1002]))    # answer a too-long command under its tag
+            self.tag = _tag_of(bytes(self.reader.buf[:MAX_LINE]))    # answer a too-long command under its tag
             raise
         tag, _, rest = line.partition(b" ")
         if not TAG.fullmatch(tag) or _TAG_SPECIALS.search(tag):

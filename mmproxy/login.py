@@ -22,7 +22,6 @@ from mmproxy.errors import (
     PrivacyRequired,
 )
 from mmproxy.loginid import LoginId, replay_id, split_login
-from mmproxy.logs import DETAIL
 from mmproxy.pump import Pump
 from mmproxy.session import PRELOGIN_DEADLINE, PRELOGIN_IDLE, Line, Service, Session, failure_kind, log_end_line
 
@@ -269,13 +268,12 @@ class LoginSession(Session):
         self.state, self.pumping = self.RELAYING, True
         self.user = target.login.canonical
         received, sent = self.reader.received, self.sent + len(to_client)
-        log, release, started = self.log, self.release, self.started
-        describe = self.describe() if log.isEnabledFor(DETAIL) else ""
-        state = self.state.value
+        log, release, started, state = self.log, self.release, self.started, self.state.value
+        user, host, port = self.user, target.host, target.cfg.BacksidePort     # no formatting before it is needed
 
         def closed(p: Pump) -> None:
             release()
-            log_end_line(log, p.reason or "closed", state, describe, started, received + p.bytes_up,
-                     sent + p.bytes_down)
+            log_end_line(log, p.reason or "closed", state, "user %s, store %s:%d" % (user, host, port), started,
+                         received + p.bytes_up, sent + p.bytes_down)
         Pump(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client, self.GOODBYES)
 

@@ -57,7 +57,6 @@ MAX_BAD_COMMANDS = 10      # then the session is closed (nginx max_errors, aiosm
 MAX_AUTH_FAILURES = 3      # failed logins per connection before it is closed
 SEND_TIMEOUT = 60.0        # a client that does not read its answers is dropped after this
 LINGER = 2.0               # seconds a closing session reads away what the client still sends
-BURST = 8                  # commands served in a row before the other sessions get their turn
 
 Line = Union[str, bytes]
 _ids = itertools.count(1)
@@ -301,8 +300,8 @@ class Session:
                     if left <= 0:
                         break
                     self.sock.settimeout(left)
-        except (OSError, ValueError):
-            pass                             # nothing more to read now, or the client is gone
+        except (OSError, ValueError, gevent.GreenletExit):
+            pass                             # nothing more to read now, the client is gone, or we stop
         try:
             self.sock.close()
         except OSError:
@@ -312,8 +311,9 @@ class Session:
         """Read and dispatch commands until the state says stop; every failure goes to ``fail``.
 
         A client that keeps the socket full never makes a read wait, and gevent switches only when
-        one would: every BURST commands the loop yields to the other sessions (as the pump does)."""
-        served = 0
+        one would: after a command, while more of the client's input is already buffered, the loop
+        waits until the hub has nothing else to do (``gevent.idle``: every pending I/O event of the
+        other sessions is served first; ``sleep(0)`` would only run the other ready greenlets)."""
         while self.state not in self.FINAL:
             try:
                 self.dispatch(self.read_request())
@@ -321,9 +321,8 @@ class Session:
                 raise
             except Exception as e:
                 self.fail(e)
-            served += 1
-            if served % BURST == 0:
-                gevent.sleep(0)
+            if self.reader.buf:
+                gevent.idle()
 
     def lookup(self, name: str) -> Verb:
         """The table row of a verb allowed now; UnknownCommand or NotNow."""

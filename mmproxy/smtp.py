@@ -100,6 +100,7 @@ MAX_DATA_LINE = 65536       # RFC 5321 4.5.3.1.6 says 1000 octets; be lenient, s
 MAX_SKIP = 1 << 20          # an overlong command line is skipped up to this much, then we hang up
 MAX_BATCH = 100             # pipelined commands forwarded in one write
 DATA_CHUNK = 65536          # message text goes to the relay in writes of about this size
+YIELD_LINES = 256           # message lines read in a row before the other sessions get their turn
 LOOKUP_TIMEOUT = 10.0       # reverse and forward DNS of the client (ClientLookup)
 
 # Towards the relay (RFC 5321 4.5.3.2), beyond smtpclient's SETUP_TIMEOUT and REPLY_TIMEOUT; the
@@ -117,6 +118,7 @@ SUPPORTED_KEYWORDS = ("8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "EXPN", "
 NEVER_PASSED = frozenset({"STARTTLS", "BINARYMIME", "XCLIENT", "XFORWARD", "BDAT"})
 FORWARDED_VERBS = frozenset({"MAIL", "RCPT", "RSET", "NOOP", "VRFY", "EXPN", "HELP", "ETRN"})
 VERB = re.compile(rb"[A-Za-z][A-Za-z0-9]{0,19}")
+SASL_MECH = re.compile(r"[A-Z0-9_-]{1,20}")          # RFC 4422 3.1 mechanism names
 BDAT_ARGS = re.compile(rb"[ \t]+(\d{1,12})(?:[ \t]+(LAST))?[ \t]*", re.I)
 BDAT_LINE = re.compile(rb"BDAT(?![A-Za-z0-9])", re.I)     # any line a relay might take for BDAT
 
@@ -253,8 +255,9 @@ class SmtpSession(Session):
 
     def read_request(self) -> Request:
         line = self.read_line()
-        if BDAT_LINE.match(line):
+        if BDAT_LINE.match(line.lstrip(b" \t")):
             # whatever follows BDAT, a chunk may follow the line: cmd_BDAT reads it or hangs up
+            line = line.lstrip(b" \t")
             self.log.debug("C: %s", _masked("BDAT", line))
             return Request("BDAT", [line[4:]], line)
         verb, arg = _split(line)
@@ -553,7 +556,10 @@ class SmtpSession(Session):
 
     def cmd_AUTH(self, req: Request) -> None:
         """RFC 4954: passed to the relay unchanged, with its challenges and the client's responses."""
-        mech = req.args[0].split(b" ", 1)[0].upper().decode("ascii", "replace")
+        words = req.args[0].split(None, 1)
+        mech = words[0].upper().decode("ascii", "replace") if words else ""
+        if not SASL_MECH.fullmatch(mech):
+            raise ClientSyntaxError("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
         if self.plaintext_refused and mech in sasl.PLAINTEXT:
             raise PrivacyRequired(NEED_TLS)
         relay = self.introduced_relay()
@@ -585,7 +591,11 @@ class SmtpSession(Session):
         self.state = SmtpState.DATA
         out = bytearray()
         self.message_deadline()
+        lines = 0
         while True:
+            lines += 1
+            if lines % YIELD_LINES == 0:
+                gevent.idle()                     # a fast client must not starve the other sessions
             piece = self.reader.read_raw(MAX_DATA_LINE)
             if not piece.endswith(b"\n"):
                 return self.refuse_message(DATA_LINE_TOO_LONG, "line over %d octets" % MAX_DATA_LINE)
@@ -598,7 +608,6 @@ class SmtpSession(Session):
                 relay.send(bytes(out), DATA_BLOCK_TIMEOUT)
                 out.clear()
                 self.message_deadline()
-                gevent.sleep(0)                   # a fast client must not starve the other sessions
         relay.send(bytes(out) + b".\r\n", DATA_BLOCK_TIMEOUT)
         self.message_done(relay.reply(DATA_END_TIMEOUT))
 
@@ -644,7 +653,7 @@ class SmtpSession(Session):
             if not self.endings.feed(piece):
                 return self.refuse_message(BARE_EOL, "bare CR or LF in a BDAT chunk")
             relay.send(piece, DATA_BLOCK_TIMEOUT)
-            gevent.sleep(0)
+            gevent.idle()
         if last and not self.endings.complete():
             return self.refuse_message(BARE_EOL, "a bare CR at the end of the message")
         if last:
@@ -763,6 +772,7 @@ def _split(line: bytes) -> Tuple[Optional[str], bytes]:
 def _masked(verb: Optional[str], line: bytes) -> str:
     """A command line for the log: AUTH arguments never appear."""
     if verb == "AUTH":
-        mech = line.split(b" ")[1:2]
-        return "AUTH %s ********" % (mech[0].decode("ascii", "replace") if mech else "")
+        words = line.split(None, 2)[1:2]
+        mech = words[0].decode("ascii", "replace").upper() if words else ""
+        return "AUTH %s ********" % (mech if SASL_MECH.fullmatch(mech) else "?")
     return repr(line[:200])[2:-1]

@@ -472,6 +472,8 @@ def test_credentials_in_lines_that_are_no_commands_never_reach_the_log(mail_stac
                      "SmtpProxyPassword": "x", "RestrictPlainPasswords": True}) as p:
         for port, data in ((p.smtp_port, b"EHLO x\r\nAUTH LOGIN\r\nYWxpY2U=\r\n" + b64pw + b"\r\n"),
                            (p.smtp_port, b"EHLO x\r\nAUTH\tPLAIN " + b64 + b"\r\n"),
+                           (p.smtp_port, b"EHLO x\r\nAUTH PLAIN\t" + b64 + b"\r\n"),
+                           (p.smtp_port, b"EHLO x\r\nAUTH PLAIN\x0b" + b64 + b"\r\n"),
                            (p.smtp_port, b"EHLO x\r\nAUTH PLAIN " + b64 + b"\r\r\n"),
                            (p.smtp_port, b"EHLO x\r\nAUTH LOGIN\r\nYWxpY2U\r\n"),
                            (p.pop_port, b"USER alice\r\nPASS\talice-pw\r\n"),
@@ -516,10 +518,10 @@ def test_small_protocol_points(proxy):
     r.expect_lines(pop.ERR_TOO_LONG)
     r.expect_close()
     r = greeted(proxy)
-    tag = b"t" * 200
-    r.send(b"a ID nil\r\n" + tag + b" NOOP\r\n")
+    tag = b"t" * 5000
+    r.send(b"a ID nil\r\n" + tag + b' NOOP\r\nb LOGIN alice "pw\rx"\r\n')
     r.expect_lines('* ID ("name" "mmproxy" "version" "%s")' % __version__, "a OK ID completed",
-                   tag + b" OK NOOP completed")
+                   tag + b" OK NOOP completed", "b BAD Invalid characters in quoted string")
 
 
 def test_a_spoofed_maildrop_answers_no_such_message_without_counting_it(mail_stack):
@@ -531,3 +533,14 @@ def test_a_spoofed_maildrop_answers_no_such_message_without_counting_it(mail_sta
         r.expect_lines("+OK", "+OK Maildrop ready")
         r.send(b"".join(b"RETR 1\r\nLIST 2\r\n" for _ in range(8)) + b"STAT\r\nQUIT\r\n")
         r.expect_lines(*["-ERR " + pop.NO_SUCH_MESSAGE] * 16, "+OK 0 0", "+OK Bye")
+
+
+def test_a_stop_during_a_lingering_close_keeps_the_end_line(mail_stack):
+    with Proxy(mail_stack.info(), imap={"LogLevel": 2}) as p:
+        r = greeted(p)
+        r.send(b"a LOGOUT\r\n" + b"J" * (1 << 20))        # more than is ever read: the close lingers
+        r.expect_lines(imap.BYE_LOGOUT, "a OK Logout completed")
+        time.sleep(0.3)
+        p.proc.terminate()                                 # SIGTERM while the close lingers
+        assert p.proc.wait(10) == 0
+        assert "session end: logout (state not authenticated" in proxy_log(p)

@@ -544,8 +544,9 @@ def test_auth_multi_step_login_mechanism(proxy):
 def test_plaintext_auth_refused_without_tls(proxy_rr):
     c = client(proxy_rr)
     plain = base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode())).decode()
-    code, text = c.docmd("AUTH", "PLAIN " + plain)
-    assert (code, "%d %s" % (code, text.decode())) == (538, smtp.NEED_TLS)
+    for sep in (" ", "\t", "\x0b"):             # whatever blank stands after the mechanism
+        code, text = c.docmd("AUTH", "PLAIN" + sep + plain)
+        assert (code, "%d %s" % (code, text.decode())) == (538, smtp.NEED_TLS)
     c.quit()
 
 
@@ -665,7 +666,7 @@ def test_bdat_bare_line_ends_refused(proxy, relay, chunks):
 
 
 @pytest.mark.parametrize("line", [b"BDAT lots", b"BDAT 12 LAST\x00", b"BDAT 12 LAST\r", b"BDAT", b"bdat -1",
-                                  b"BDAT 12 LAST NOW"])
+                                  b"BDAT 12 LAST NOW", b" BDAT x", b"\tBDAT 1\xd9\xa4"])
 def test_bdat_without_a_readable_size_closes_with_421(proxy, line):
     """Nobody can tell where such a chunk ends (or whether one follows): refused, then a goodbye, then
     the close; the chunk is never run as commands."""
