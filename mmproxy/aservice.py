@@ -18,6 +18,7 @@ import pwd
 import resource
 import signal
 import socket
+import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -89,7 +90,7 @@ def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
         sock.listen(BACKLOG)
-    except BaseException:
+    except OSError:
         sock.close()
         raise
     sock.setblocking(False)
@@ -196,7 +197,7 @@ class AService:
                 self.services[(kind, entry.spec.instance)] = service
                 for ep in entry.spec.listeners:
                     self._listen(service, ep.host, ep.port)
-        except BaseException:
+        except (ConfigError, OSError):
             self.close_listeners()
             raise
         if self.worker is None:
@@ -333,15 +334,16 @@ class Master:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         if pid == 0:
             gevent.reinit()
-            code = 0
+            code = 1
             try:
                 worker = AService(self.config, self.foreground, worker=i)
                 worker.start()
                 worker.serve_forever()
-            except BaseException:
-                log.exception("worker %d failed", i)
-                code = 1
+                code = 0
             finally:
+                # the child never returns into the master's code: what went wrong is logged here
+                if code:
+                    log.error("worker %d failed", i, exc_info=sys.exc_info()[0] is not None)
                 logging.shutdown()
                 os._exit(code)
         self.pids[pid] = i

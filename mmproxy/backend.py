@@ -62,8 +62,8 @@ class Store:
 
 
 @functools.lru_cache(maxsize=4096)
-def _family(host: str) -> Optional[int]:
-    """The address family of an IP address literal; None for a host name."""
+def address_family(host: str) -> Optional[int]:
+    """The address family of an IP address literal; None for a host name (memoised)."""
     try:
         return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
@@ -72,14 +72,14 @@ def _family(host: str) -> Optional[int]:
 
 def _connect(host: str, port: int, timeout: float) -> gsocket.socket:
     """mailHost is usually an address: then skip the resolver (a thread-pool round trip per login)."""
-    family = _family(host)
+    family = address_family(host)
     if family is None:
         return gsocket.create_connection((host, port), timeout=timeout)
     sock = gsocket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect((host, port))
-    except BaseException:
+    except OSError:                        # socket.timeout included
         sock.close()
         raise
     return sock

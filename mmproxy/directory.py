@@ -30,7 +30,7 @@ from gevent.threadpool import ThreadPool
 
 from mmproxy.addresses import is_host_name
 from mmproxy.config import ServiceConfig
-from mmproxy.errors import AuthFailed, AuthTempFail
+from mmproxy.errors import AuthFailed, AuthTempFail, MMProxyError
 from mmproxy.loginid import LoginId, format_attrs, search_filter
 
 # python-ldap guards each connection with threading.Lock as looked up at import time, i.e. gevent's
@@ -164,7 +164,7 @@ class Directory:
                 if c is None:
                     c = self._open(service_bind)
                 return c, fn(c), None
-            except Exception as e:
+            except ldap.LDAPError as e:
                 return c, None, e
 
         try:
@@ -186,8 +186,8 @@ class Directory:
             if conn is not None:
                 self.pool.spawn(_unbind, conn)
             raise AuthTempFail("directory error: %s" % _ldap_msg(e)) from None
-        except BaseException:
-            conns.lose()
+        except gevent.GreenletExit:
+            conns.lose()                           # the job goes on without us: its connection is lost
             raise
         conns.give(conn)
         return result
@@ -200,7 +200,7 @@ class Directory:
         pending = self._inflight[key] = AsyncResult()
         try:
             value = fn()
-        except BaseException as e:
+        except (MMProxyError, ldap.LDAPError) as e:
             pending.set_exception(e)
             raise
         else:
@@ -208,6 +208,8 @@ class Directory:
             return value
         finally:
             del self._inflight[key]
+            if not pending.ready():                # killed, or failed as nobody foresaw: no waiter hangs
+                pending.set_exception(AuthTempFail("directory lookup abandoned"))
 
     def _search(self, base: str, scope: int, flt: str,
                 attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
@@ -325,7 +327,7 @@ class Directory:
 def _unbind(conn: Any) -> None:
     try:
         conn.unbind_s()
-    except Exception:
+    except ldap.LDAPError:
         pass
 
 

@@ -26,7 +26,6 @@ from mmproxy.errors import (
     BackendProtocolError,
     BackendUnavailable,
     ClientError,
-    ClientGone,
     ClientSyntaxError,
     ClientTimeout,
     ClientTooLong,
@@ -207,12 +206,10 @@ class ImapSession(LoginSession):
     kind = "imap"
     service: "ImapService"
     max_line = MAX_LINE
-    State = ImapState
     INITIAL = LOGIN_STATE = ImapState.NOT_AUTHENTICATED
     AUTHENTICATING = ImapState.AUTHENTICATING
     RELAYING = ImapState.RELAYING
     CLOSED = ImapState.LOGOUT
-    FINAL = frozenset({ImapState.RELAYING, ImapState.LOGOUT})
     BYE_TOO_MANY = BYE_TOO_MANY
     BYE_AUTH_FAILURES = BYE_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
@@ -308,14 +305,12 @@ class ImapSession(LoginSession):
                 raise ClientTooLong("Command too long")
         if error is not None:
             raise error
-        return Request(verb, parser.finish(), line, self.tag, parser.lists)
+        return Request(verb, parser.finish(), line, parser.lists)
 
     # ------------------------------------------------------------------ failures
     def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
         """The one place where the failure taxonomy becomes IMAP replies: (lines, end?)."""
         tag = self.tag or "*"
-        if isinstance(e, ClientGone):
-            return [], True
         if isinstance(e, ClientTimeout):
             return [BYE_IDLE], True
         if isinstance(e, ClientTooLong):
@@ -347,16 +342,16 @@ class ImapSession(LoginSession):
     def cmd_CAPABILITY(self, req: Request) -> None:
         """RFC 9051 6.1.1."""
         self.send("* CAPABILITY " + self.capabilities())
-        self.send(req.tag + " OK Capability completed")
+        self.send(self.tag + " OK Capability completed")
 
     def cmd_NOOP(self, req: Request) -> None:
         """RFC 9051 6.1.2."""
-        self.send(req.tag + " OK NOOP completed")
+        self.send(self.tag + " OK NOOP completed")
 
     def cmd_LOGOUT(self, req: Request) -> None:
         """RFC 9051 6.1.3."""
         self.send(BYE_LOGOUT)
-        self.send(req.tag + " OK Logout completed")
+        self.send(self.tag + " OK Logout completed")
         self.finish("logout")
 
     def cmd_ID(self, req: Request) -> None:
@@ -366,13 +361,13 @@ class ImapSession(LoginSession):
                                   and all(isinstance(a, bytes) for a in arg))):
             raise ClientSyntaxError("Syntax: ID (field value ...) or ID NIL")
         self.send('* ID ("name" "mmproxy" "version" "%s")' % __version__)
-        self.send(req.tag + " OK ID completed")
+        self.send(self.tag + " OK ID completed")
 
     def cmd_STARTTLS(self, req: Request) -> None:
         """RFC 9051 6.2.1; anything pipelined behind it is discarded (CVE-2011-0411)."""
         if self.service.tls is None or self.tls_active:
             raise NotNow("STARTTLS not available")
-        self.send(req.tag + " OK Begin TLS negotiation now")
+        self.send(self.tag + " OK Begin TLS negotiation now")
         self.starttls()
 
     def cmd_LOGIN(self, req: Request) -> None:

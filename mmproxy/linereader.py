@@ -83,19 +83,19 @@ class LineReader:
         self.buf += data
 
     def readline(self, limit: Optional[int] = None) -> bytes:
-        """One line without its terminator; too_long() when it exceeds ``limit`` (default
-        ``max_line``) bytes, counting its CR but not its LF."""
+        """One line without its terminator; too_long() when the line, terminator included, is
+        longer than ``limit`` (default ``max_line``) octets."""
         limit = self.max_line if limit is None else limit
         start = 0
         while True:
             i = self.buf.find(b"\n", start)
             if i >= 0:
-                if i > limit:
+                if i >= limit:
                     raise self.too_long("line of more than %d octets" % limit)
                 line = bytes(self.buf[:i])
                 del self.buf[:i + 1]
                 return line[:-1] if line.endswith(b"\r") else line
-            if len(self.buf) > limit:
+            if len(self.buf) >= limit:
                 raise self.too_long("line of more than %d octets" % limit)
             start = len(self.buf)
             self._fill()
@@ -145,7 +145,7 @@ class LineReader:
     def peek_line(self, limit: int) -> Optional[bytes]:
         """The next line if it is already buffered whole and within ``limit`` octets (without its
         terminator; nothing is consumed), else None.  Never reads, never raises."""
-        i = self.buf.find(b"\n", 0, limit + 1)
+        i = self.buf.find(b"\n", 0, limit)          # the same bound as read_raw(limit)
         if i < 0:
             return None
         line = bytes(self.buf[:i])

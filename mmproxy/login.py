@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple
 
 from mmproxy import sasl
 from mmproxy.backend import Store
@@ -22,6 +22,7 @@ from mmproxy.errors import (
     PrivacyRequired,
 )
 from mmproxy.loginid import LoginId, replay_id, split_login
+from mmproxy.logs import DETAIL
 from mmproxy.pump import Pump
 from mmproxy.session import PRELOGIN_DEADLINE, PRELOGIN_IDLE, Line, Service, Session, failure_kind, log_end_line
 
@@ -100,6 +101,10 @@ class LoginSession(Session):
     AUTHENTICATING: Any = None       # a SASL exchange or a login in progress
     RELAYING: Any = None             # the pump has the connection
     GOODBYES: Mapping[str, bytes] = {}   # the pump's goodbyes: "idle" (Timeout) and "shutdown"
+
+    @classmethod
+    def final_states(cls) -> FrozenSet[Any]:
+        return frozenset({cls.CLOSED, cls.RELAYING})
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -242,11 +247,12 @@ class LoginSession(Session):
     def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
         """Connect to the store, replay the login there, answer the client, start the pump."""
         store = self.connect_store(target)
+        reply = None
         try:
             reply = self.replay(store, target, password, verified)
-        except BaseException:
-            store.close()
-            raise
+        finally:
+            if reply is None:                      # refused, failed, or the session was killed
+                store.close()
         self.logged_in(target)
         self.send(reply)
         self.log.info("login user=%s store=%s", target.login.canonical, target)
@@ -273,7 +279,8 @@ class LoginSession(Session):
 
         def closed(p: Pump) -> None:
             release()
-            log_end_line(log, p.reason or "closed", state, "user %s, store %s:%d" % (user, host, port), started,
-                         received + p.bytes_up, sent + p.bytes_down)
+            if log.isEnabledFor(DETAIL):
+                log_end_line(log, p.reason or "closed", state, "user %s, store %s:%d" % (user, host, port), started,
+                             received + p.bytes_up, sent + p.bytes_down)
         Pump(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client, self.GOODBYES)
 

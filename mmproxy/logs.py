@@ -89,7 +89,7 @@ class DailyFile(_NoLock):
                 self.stream = open(os.path.join(self.directory, "%s_%s.log" % (self.prefix, day)), "a", buffering=1)
                 self.day = day
             self.stream.write(self.format(record) + "\n")
-        except Exception:
+        except (OSError, ValueError):             # disk full, no descriptors, a closed stream
             self.handleError(record)
 
     def handleError(self, record: logging.LogRecord) -> None:

@@ -27,7 +27,6 @@ from mmproxy.errors import (
     BackendError,
     BackendProtocolError,
     BackendUnavailable,
-    ClientGone,
     ClientSyntaxError,
     ClientTimeout,
     ClientTooLong,
@@ -114,13 +113,12 @@ _SPOOF = frozenset({PopState.SPOOFED})
 
 class PopSession(LoginSession):
     kind = "pop"
-    max_line = MAX_COMMAND - 1           # the reader counts a line's CR, not its LF: 255 octets in all
-    State = PopState
+    max_line = MAX_COMMAND
     INITIAL = LOGIN_STATE = PopState.AUTHORIZATION
+    NOT_NOW_IN = {PopState.SPOOFED: "Command not valid in this state"}   # not PASS's "USER first"
     AUTHENTICATING = PopState.AUTHENTICATING
     RELAYING = PopState.RELAYING
     CLOSED = PopState.CLOSED
-    FINAL = frozenset({PopState.RELAYING, PopState.CLOSED})
     BYE_TOO_MANY = ERR_TOO_MANY
     BYE_AUTH_FAILURES = ERR_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
@@ -138,14 +136,6 @@ class PopSession(LoginSession):
         banner = one_line(self.cfg.Banner) or "mmproxy %s POP3 proxy ready" % __version__
         self.send("+OK %s%s" % (banner, (" " + self.timestamp.decode()) if self.cfg.CRAMs else ""))
 
-    def lookup(self, name: str) -> Verb:
-        try:
-            return super().lookup(name)
-        except NotNow:
-            if self.state is PopState.SPOOFED:     # PASS's "USER first" is for the authorization state
-                raise NotNow("Command not valid in this state") from None
-            raise
-
     def read_request(self) -> Request:
         """One command line: a verb and its blank-separated arguments (RFC 1939 section 3)."""
         line = self.reader.readline()
@@ -154,8 +144,6 @@ class PopSession(LoginSession):
 
     def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
         """The one place where the failure taxonomy becomes POP3 replies: (lines, end?)."""
-        if isinstance(e, ClientGone):
-            return [], True
         if isinstance(e, ClientTimeout):
             return [ERR_IDLE], True
         if isinstance(e, ClientTooLong):

@@ -16,7 +16,6 @@ it is gone (back-pressure).
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import ssl
@@ -24,8 +23,6 @@ from typing import Callable, List, Mapping, Optional, Set, Tuple
 
 import gevent
 from gevent import get_hub
-
-log = logging.getLogger(__name__)
 
 CHUNK = 65536
 _BUF = bytearray(CHUNK)
@@ -284,10 +281,7 @@ class Pump:
                 s.close()
             except OSError:
                 pass
-        try:
-            self.on_close(self)
-        except Exception:
-            log.error("pump close callback failed", exc_info=log.isEnabledFor(logging.DEBUG))
+        self.on_close(self)
 
 
 class _Failed(OSError):

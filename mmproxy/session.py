@@ -103,12 +103,11 @@ class Verb:
 @dataclass
 class Request:
     """One command as read: its verb (upper case), its arguments in the protocol's shape, the raw
-    line (SMTP forwards it), and the IMAP tag."""
+    line (SMTP forwards it).  (An IMAP command's tag is the session's ``tag``.)"""
 
     verb: str
     args: List[Any] = field(default_factory=list)
     line: bytes = b""
-    tag: str = ""
     lists: bool = False          # some argument is a parenthesised list (IMAP)
 
 
@@ -125,6 +124,7 @@ class Service:
         self.ssl_ports = {(e.host, e.port) for e in (self.cfg.SSLPorts or [])}
         self.sessions: set = set()
         self.limits = ConnLimits(self.cfg.ConnLimits or ())
+        self.commands: Mapping[str, Verb] = self.session_class.COMMANDS    # the table its sessions use
         self.log = logging.getLogger("mmproxy." + self.kind)
 
     def implicit_tls(self, host: str, port: int) -> bool:
@@ -141,7 +141,7 @@ class Service:
             return
         try:
             session = self.session_class(self, sock, addr)
-        except Exception as e:                    # e.g. a vdmap.cfg value this address cannot use
+        except (OSError, ValueError) as e:        # the client is gone already; an unusable vdmap.cfg value
             self.limits.release(ip)
             self.log.error("[%s:%d] cannot start a session: %s: %s", addr[0], addr[1], type(e).__name__, e,
                            exc_info=self.log.isEnabledFor(logging.DEBUG))
@@ -182,12 +182,12 @@ class Session:
     ``greet``, ``read_request`` and ``reply_for``."""
 
     kind = "?"                              # a kinds.SERVICES name
-    max_line = 8192                         # a command line, before its terminator
+    max_line = 8192                         # a command line, its terminator included
     COMMANDS: Mapping[str, Verb] = {}
-    State: Any = None                       # the protocol's state enum
+    NOT_NOW_IN: Mapping[Any, str] = {}      # state -> the refusal of every verb not valid in it
     INITIAL: Any = None                     # the state a session starts in
     CLOSED: Any = None                      # the state of a session that is over
-    FINAL: FrozenSet[Any] = frozenset()     # states in which the command loop stops
+    FINAL: FrozenSet[Any] = frozenset()     # states in which the command loop stops (derived)
     BYE_TOO_MANY = ""                       # the goodbye after MAX_BAD_COMMANDS
     BYE_AUTH_FAILURES = ""                  # the goodbye after MAX_AUTH_FAILURES failed logins
     TOO_MANY_CONNECTIONS = ""               # the refusal before a session starts (ConnLimits)
@@ -221,6 +221,15 @@ class Session:
         self.tag = ""                       # IMAP: the tag of the command being read, once known
 
     release: Callable[[], None] = staticmethod(lambda: None)   # gives the ConnLimits slot back
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.FINAL = cls.final_states()
+
+    @classmethod
+    def final_states(cls) -> FrozenSet[Any]:
+        """The states in which the command loop stops: the end (LoginSession adds the pump's)."""
+        return frozenset({cls.CLOSED})
 
     # ------------------------------------------------------------------ what a protocol provides
     def greet(self) -> None:
@@ -258,18 +267,12 @@ class Session:
 
     # ------------------------------------------------------------------ life cycle
     def run(self, implicit_tls: bool) -> None:
-        """The whole session: TLS on implicit-TLS ports, greeting, commands, the goodbye."""
+        """The whole session: TLS on implicit-TLS ports, greeting, commands until the state says
+        stop, the goodbye.  Each step runs through ``attempt``."""
         try:
-            try:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if implicit_tls:
-                    self.wrap_tls()
-                self.greet()
-                self.serve()
-            except gevent.GreenletExit:
-                self.fail(ServerShutdown("server shutting down"))
-            except Exception as e:
-                self.fail(e)
+            self.attempt(self.open, implicit_tls)
+            while self.state not in self.FINAL:
+                self.attempt(self.step)
             try:
                 self.flush()
             except ClientGone:
@@ -278,6 +281,39 @@ class Session:
             if not self.pumping:
                 self.close()
                 self.log_end(self.end_reason or "closed", self.reader.received, self.sent)
+
+    def attempt(self, action: Callable[..., None], *args: Any) -> None:
+        """Run one step of the session; what it raises is answered through ``fail``.
+
+        The one place where an exception becomes a reply.  A client can make any step fail: with
+        an error of the taxonomy (errors.py), or with one nobody foresaw, which is answered as the
+        protocol's internal error (the last resort that keeps tracebacks out of the log); the
+        daemon stopping (GreenletExit) gets the protocol's shutdown goodbye.
+        """
+        try:
+            action(*args)
+        except gevent.GreenletExit:
+            self.fail(ServerShutdown("server shutting down"))
+        except Exception as e:
+            self.fail(e)
+
+    def open(self, implicit_tls: bool) -> None:
+        """TLS on an implicit-TLS port, then the greeting."""
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if implicit_tls:
+            self.wrap_tls()
+        self.greet()
+
+    def step(self) -> None:
+        """One command, read and dispatched.
+
+        A client that keeps the socket full never makes a read wait, and gevent switches only when
+        one would: after a command, while more of the client's input is already buffered, the step
+        waits until the hub has nothing else to do (``gevent.idle``: every pending I/O event of the
+        other sessions is served first; ``sleep(0)`` would only run the other ready greenlets)."""
+        self.dispatch(self.read_request())
+        if self.reader.buf:
+            gevent.idle()
 
     def close(self) -> None:
         """Close the client connection behind the last reply: a FIN right after it and, when the
@@ -307,31 +343,15 @@ class Session:
         except OSError:
             pass
 
-    def serve(self) -> None:
-        """Read and dispatch commands until the state says stop; every failure goes to ``fail``.
-
-        A client that keeps the socket full never makes a read wait, and gevent switches only when
-        one would: after a command, while more of the client's input is already buffered, the loop
-        waits until the hub has nothing else to do (``gevent.idle``: every pending I/O event of the
-        other sessions is served first; ``sleep(0)`` would only run the other ready greenlets)."""
-        while self.state not in self.FINAL:
-            try:
-                self.dispatch(self.read_request())
-            except gevent.GreenletExit:
-                raise
-            except Exception as e:
-                self.fail(e)
-            if self.reader.buf:
-                gevent.idle()
-
     def lookup(self, name: str) -> Verb:
-        """The table row of a verb allowed now; UnknownCommand or NotNow."""
-        verb = self.COMMANDS.get(name)
+        """The table row of a verb allowed now; UnknownCommand or NotNow (the state's refusal, else
+        the verb's, else the protocol's)."""
+        verb = self.service.commands.get(name)
         if verb is None:
             # the name is not logged: it may be a password (the rest of a refused SASL exchange)
             raise UnknownCommand("Unknown command", "unknown command (%d octets)" % len(name))
         if self.state not in verb.states or verb.handler is None:
-            raise NotNow(verb.not_now or "Command not valid in this state",
+            raise NotNow(self.NOT_NOW_IN.get(self.state) or verb.not_now or "Command not valid in this state",
                          "%s not valid in state %s" % (name, self.state.value))
         return verb
 
@@ -354,11 +374,8 @@ class Session:
     def fail(self, e: BaseException) -> None:
         """Answer a failure in the protocol's words (``reply_for``), log it at its level, count it
         (bad commands, failed logins), and end the session when the reply says so or a budget is spent."""
-        try:
-            lines, end = self.reply_for(e)
-        except Exception:
-            self.log.error("no reply for %s: %s", type(e).__name__, e)
-            lines, end = [], True
+        # a client that is gone can be told nothing, whatever the protocol
+        lines, end = ([], True) if isinstance(e, ClientGone) else self.reply_for(e)
         reason = self.log_failure(e)
         bad_command = isinstance(e, CommandError) or (isinstance(e, ClientTooLong) and e.recoverable)
         if bad_command and not end:

@@ -64,6 +64,7 @@ must accept and greet within ``FailoverTimeout`` seconds, and then answers withi
 """
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import ssl
@@ -79,7 +80,6 @@ from mmproxy.errors import (
     BackendError,
     BackendUnavailable,
     ClientError,
-    ClientGone,
     ClientSyntaxError,
     ClientTimeout,
     ClientTooLong,
@@ -198,10 +198,9 @@ class LineEndings:
 class SmtpSession(Session):
     kind = "smtp"
     max_line = MAX_COMMAND_LINE
-    State = SmtpState
     INITIAL = SmtpState.GREETING
+    NOT_NOW_IN = {SmtpState.TLS_STARTED: EHLO_FIRST}
     CLOSED = SmtpState.CLOSED
-    FINAL = frozenset({SmtpState.CLOSED})
     BYE_TOO_MANY = TOO_MANY
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
     INTERNAL_ERROR = INTERNAL_ERROR
@@ -258,33 +257,24 @@ class SmtpSession(Session):
         if BDAT_LINE.match(line.lstrip(b" \t")):
             # whatever follows BDAT, a chunk may follow the line: cmd_BDAT reads it or hangs up
             line = line.lstrip(b" \t")
-            self.log.debug("C: %s", _masked("BDAT", line))
+            self.log_command("BDAT", line)
             return Request("BDAT", [line[4:]], line)
         verb, arg = _split(line)
-        known = verb is not None and (verb in self.COMMANDS or verb in self.service.extra_verbs)
-        # What is no known command may be the rest of a refused AUTH exchange: never logged as such.
-        self.log.debug("C: %s", _masked(verb, line) if known else "(%d octets, no known command)" % len(line))
+        self.log_command(verb, line)
         if verb is None:
             raise ClientSyntaxError(BAD_SYNTAX)
         return Request(verb, [arg], line)
 
-    def lookup(self, name: str) -> Verb:
-        if name in self.service.extra_verbs and name not in self.COMMANDS:
-            if self.state is SmtpState.TLS_STARTED:
-                raise NotNow(EHLO_FIRST)
-            return FORWARD                    # EhloKeywords that are commands (TURN, ATRN, ...)
-        try:
-            return super().lookup(name)
-        except NotNow:
-            if self.state is SmtpState.TLS_STARTED:
-                raise NotNow(EHLO_FIRST) from None
-            raise
+    def log_command(self, verb: Optional[str], line: bytes) -> None:
+        """A client command at LogLevel 5, AUTH arguments masked.  What is no known command may be
+        the rest of a refused AUTH exchange (a password): only its length is logged."""
+        if self.log.isEnabledFor(logging.DEBUG):
+            known = verb in self.service.commands
+            self.log.debug("C: %s", _masked(verb, line) if known else "(%d octets, no known command)" % len(line))
 
     # ------------------------------------------------------------------ failures
     def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
         """The one place where the failure taxonomy becomes SMTP replies: (lines, end?)."""
-        if isinstance(e, ClientGone):
-            return [], True
         if isinstance(e, ClientTimeout):
             return [TIMEOUT], True
         if isinstance(e, ClientTooLong):
@@ -335,6 +325,7 @@ class SmtpSession(Session):
 
     def connect_relay(self, host: str, port: int, timeout: float) -> RelayConnection:
         relay = RelayConnection(host, port, timeout, self.proxy_header())
+        taken = False
         try:
             r = relay.reply(timeout)
             if r.code != 220:
@@ -349,10 +340,11 @@ class SmtpSession(Session):
             if "XCLIENT" not in relay.keywords and not relay.proxied:
                 raise HandOverRefused("%s does not offer XCLIENT to this proxy (is the proxy's address in its "
                                       "smtpd_authorized_xclient_hosts?)" % relay)
+            taken = True
             return relay
-        except BaseException:
-            relay.close()
-            raise
+        finally:
+            if not taken:
+                relay.close()
 
     def proxy_header(self) -> bytes:
         version = self.cfg.SmtpRelayProxyProtocol
@@ -461,7 +453,7 @@ class SmtpSession(Session):
             if line is None or not self.batchable(line):
                 break
             self.read_line()
-            self.log.debug("C: %s", _masked(_split(line)[0] or "", line))
+            self.log_command(_split(line)[0], line)
             batch.append(line)
         relay.send(b"".join(line + b"\r\n" for line in batch))
         for line in batch:
@@ -704,7 +696,6 @@ class SmtpSession(Session):
     }
 
 
-FORWARD = SmtpSession.COMMANDS["MAIL"]      # the row of every forwarded verb
 
 
 class SmtpService(Service):
@@ -724,8 +715,9 @@ class SmtpService(Service):
                              " ".join(sorted(ignored)))
         self.keywords = (set(SUPPORTED_KEYWORDS) | listed) - NEVER_PASSED
         # listed keywords that are commands (TURN, ATRN, ...) are forwarded like the base verbs
-        self.extra_verbs = {k for k in listed - NEVER_PASSED if re.fullmatch(r"[A-Z][A-Z0-9]*", k)} \
-            - set(SmtpSession.COMMANDS)
+        extra_verbs = {k for k in listed - NEVER_PASSED if re.fullmatch(r"[A-Z][A-Z0-9]*", k)} - set(self.commands)
+        forward = self.commands["MAIL"]                 # the row of every forwarded verb
+        self.commands = {**self.commands, **dict.fromkeys(extra_verbs, forward)}
 
     def relay_order(self) -> List[Tuple[str, int]]:
         """Relays to try, starting one further each session; those that failed lately come last."""

@@ -4,13 +4,12 @@
 """
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from dataclasses import dataclass
 from typing import Dict, List
 
 from mmproxy import tls as tlsmod
-from mmproxy.backend import MAX_STORE_LINE, Store
+from mmproxy.backend import MAX_STORE_LINE, Store, address_family
 from mmproxy.errors import BackendProtocolError, BackendUnavailable
 from mmproxy.linereader import BackendReader
 
@@ -84,7 +83,7 @@ class RelayConnection(Store):
             raise BackendProtocolError("%s sent data after its STARTTLS go-ahead" % self)
         self.sock.settimeout(tlsmod.HANDSHAKE_TIMEOUT)
         try:
-            self.sock = ctx.wrap_socket(self.sock, server_hostname=None if _is_ip(self.host) else self.host)
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=None if address_family(self.host) else self.host)
         except (OSError, ssl.SSLError) as e:
             raise BackendUnavailable("%s: TLS handshake failed: %s" % (self, e)) from None
         self.reader = BackendReader(self.sock, MAX_STORE_LINE, SETUP_TIMEOUT, str(self))
@@ -94,10 +93,3 @@ class RelayConnection(Store):
     def pipelining(self) -> bool:
         return "PIPELINING" in self.keywords
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False

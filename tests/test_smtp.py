@@ -7,7 +7,6 @@ at is what a client sees: reply codes, and the messages in the relays' sink mail
 """
 import base64
 import os
-import poplib
 import shutil
 import signal
 import smtplib
@@ -24,7 +23,7 @@ from mmproxy.testing import DelayProxy, DovecotStore, Postfix, free_port
 from mmproxy.testing.base import make_tempdir
 from mmproxy.testing.proxy import Proxy, make_cert
 
-from helpers import RawClient, unused_port
+from helpers import PopFrom, RawClient, proxy_log, unused_port
 
 CLIENT = "127.0.0.9"          # an anonymous client: not in any relay's mynetworks
 SASL_USER, SASL_PW = "sasluser", "sasl-pw"
@@ -180,10 +179,6 @@ def not_delivered(p, pf, subj):
     """Nothing with this subject reached the relay: a marker sent afterwards arrives, the subject not."""
     send(p, pf, to="marker@example.com")
     assert not find(pf, subj)
-
-
-def proxy_log(p):
-    return "".join(open(os.path.join(p.log_dir, f), errors="replace").read() for f in os.listdir(p.log_dir))
 
 
 def reply(raw):
@@ -781,15 +776,6 @@ def test_idle_client_gets_421_and_shutdown_says_421(mail_stack, relay2):
 
 
 # ---------------------------------------------------------------------- POP before SMTP
-class PopFrom(poplib.POP3):
-    def __init__(self, host, port, source, timeout=10):
-        self._source = source
-        super().__init__(host, port, timeout=timeout)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-
-
 def test_pop_before_smtp(proxy, relay, mail_stack):
     """Refused to a foreign domain before a POP login from the client's address, accepted after it."""
     source = "127.0.0.20"
