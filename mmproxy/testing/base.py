@@ -288,7 +288,7 @@ class Daemon:
             try:
                 if self._ready():
                     return
-            except Exception:
+            except OSError:                # not listening yet
                 pass
             if time.monotonic() > deadline:
                 self.stop()

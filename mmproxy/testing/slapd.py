@@ -94,11 +94,15 @@ access to *
     def _ready(self) -> bool:
         if not port_open(self.host, self.port):
             return False
-        conn = self.connect("root")
+        import ldap
         try:
-            return bool(conn.whoami_s())
-        finally:
-            conn.unbind_s()
+            conn = self.connect("root")
+            try:
+                return bool(conn.whoami_s())
+            finally:
+                conn.unbind_s()
+        except ldap.LDAPError:             # up, but not answering yet
+            return False
 
     # -- clients -----------------------------------------------------------------------------
     def connect(self, who: Union[str, Tuple[str, str]] = "proxy", timeout: float = 5.0) -> LDAPObject:

@@ -76,6 +76,7 @@ class MailStack:
             self.dir = make_tempdir("mmproxy-stack-")
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o755)
+        started = False
         try:
             self.slapd = Slapd(self.directory, workdir=os.path.join(self.dir, "ldap"),
                                loglevel=self.slapd_loglevel)
@@ -100,9 +101,10 @@ class MailStack:
                 d.start(wait=False)
             for d in daemons:
                 d.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+            started = True
+        finally:
+            if not started:        # a part failed (or we were interrupted): stop what did start
+                self.stop()
         return self
 
     def stop(self) -> None:
