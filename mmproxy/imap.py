@@ -407,6 +407,10 @@ class ImapSession(LoginSession):
                  % (self.client_ip, self.client_port, self.server_ip, self.server_port)).encode()
         user = target.replay.encode("utf-8")
         user_q, pass_q = quote(user), quote(password)
+        # Untagged lines before the ID's completion belong to the store's greeting (Dovecot may
+        # send "* OK Waiting for authentication process" before its real greeting): never the
+        # client's.  Those after it answer the LOGIN ([ALERT]) and are passed on.
+        answered_id = False
         if user_q is not None and pass_q is not None:
             # One round trip: the commands wait in the store's socket until it has greeted.
             store.send(ident + b"\r\nX1 LOGIN " + user_q + b" " + pass_q + b"\r\n")
@@ -421,18 +425,19 @@ class ImapSession(LoginSession):
                     store.send(q)
                     continue
                 store.send(b"{%d}\r\n" % len(value))
-                _await_continuation(store)
+                answered_id |= _await_continuation(store)
                 store.send(value)
             store.send(b"\r\n")
         caps: Optional[bytes] = None
         while True:
             line = store.readline()
             if line.startswith(b"X0 "):
+                answered_id = True
                 continue
             if line.startswith(b"* "):
                 if line[2:].upper().startswith(b"CAPABILITY "):
                     caps = line[13:]
-                elif not line[2:].upper().startswith(b"ID "):
+                elif answered_id and not line[2:].upper().startswith(b"ID "):
                     self.send(line)               # e.g. an [ALERT] from the store
                 continue
             if line.startswith(b"X1 "):
@@ -474,11 +479,14 @@ def _greeting(store: Store) -> None:
         raise BackendUnavailable("%s greeted with %r" % (store, greeting[:80]))
 
 
-def _await_continuation(store: Store) -> None:
+def _await_continuation(store: Store) -> bool:
+    """Read up to the store's "+" for a LOGIN literal; whether the ID's completion came on the way."""
+    answered_id = False
     while True:
         line = store.readline()
         if line.startswith(b"+"):
-            return
+            return answered_id
+        answered_id |= line.startswith(b"X0 ")
         if line.startswith(b"X1 "):
             raise BackendProtocolError("%s refused the login literal: %r" % (store, line[:80]))
 

@@ -202,8 +202,8 @@ class LoginSession(Session):
     def locate(self, user: str) -> Target:
         """Split the login id, find the domain and user, apply per-domain settings.
 
-        Raises AuthFailed (unknown user or domain), AuthTempFail (directory trouble) or
-        BackendUnavailable (the user has no store).
+        Raises AuthFailed (unknown user or domain) or AuthTempFail (directory trouble).  A user
+        with no store gets a Target without host: ``authorise`` says so only after the password.
         """
         cfg = self.cfg
         lid = split_login(user, cfg.VirtualDomainDelim or "", cfg.DefaultDomain, cfg.CanonicalVirtualDomainDelim or "@")
@@ -221,9 +221,7 @@ class LoginSession(Session):
                 cfg = cfg.override(over)
             except ValueError as e:
                 self.log.warning("ignoring a per-domain setting of %s: %s", domain.dn, e)
-        if not entry.mailhost:
-            raise BackendUnavailable("%s has none of %s" % (entry.dn, " ".join(cfg.MailHostAttrs)))
-        return Target(lid, entry, cfg, entry.mailhost, replay_id(cfg.ReplayFormat, lid, entry.attrs))
+        return Target(lid, entry, cfg, entry.mailhost or "", replay_id(cfg.ReplayFormat, lid, entry.attrs))
 
     def login(self, creds: Credentials) -> None:
         """Find the store, verify (PreAuth or challenge-response), replay the login, answer the
@@ -238,11 +236,16 @@ class LoginSession(Session):
         self.user, self.target = creds.user, None
         target = self.target = self.locate(creds.user)
         if creds.verify is not None:
-            return target, creds.verify(target), True
-        if target.cfg.PreAuth:
+            password, verified = creds.verify(target), True
+        elif target.cfg.PreAuth:
             self.service.directory.authenticate(target.user, creds.password)
-            return target, creds.password, True
-        return target, creds.password, False
+            password, verified = creds.password, True
+        else:
+            password, verified = creds.password, False
+        if not target.host:
+            # only now: before the password is checked, this answer would tell who exists
+            raise BackendUnavailable("%s has none of %s" % (target.user.dn, " ".join(target.cfg.MailHostAttrs)))
+        return target, password, verified
 
     def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
         """Connect to the store, replay the login there, answer the client, start the pump."""

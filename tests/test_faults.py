@@ -544,3 +544,57 @@ def test_a_stop_during_a_lingering_close_keeps_the_end_line(mail_stack):
         p.proc.terminate()                                 # SIGTERM while the close lingers
         assert p.proc.wait(10) == 0
         assert "session end: logout (state not authenticated" in proxy_log(p)
+
+
+def test_a_user_without_a_store_is_told_so_only_with_the_right_password(proxy):
+    """PreAuth first: before the password is checked, "store unavailable" would tell who exists."""
+    r = greeted(proxy)
+    r.send(b"a LOGIN frank definitely-wrong\r\nb LOGIN frank frank-pw\r\n")
+    r.expect_lines("a " + imap.NO_AUTH, "* OK [ALERT] Your IMAP server appears to be temporarily out of service.",
+                   "b " + imap.NO_STORE)
+    r = greeted(proxy, "pop")
+    r.send(b"USER frank\r\nPASS definitely-wrong\r\nUSER frank\r\nPASS frank-pw\r\n")
+    r.expect_lines("+OK", pop.ERR_AUTH, "+OK", pop.ERR_STORE)
+
+
+def test_untagged_lines_of_the_stores_greeting_never_reach_the_client(mail_stack):
+    """A store that greets twice (Dovecot's "Waiting for authentication process" before its real
+    greeting): only what answers the LOGIN ([ALERT]) reaches the client.  The store here is a
+    scripted peer on 127.0.0.2, to have the order every time."""
+    from gevent import socket as gsocket
+
+    lst = gsocket.socket()
+    lst.bind(("127.0.0.2", 0))
+    lst.listen(4)
+    port = lst.getsockname()[1]
+
+    def store():
+        for literal in (False, True):
+            conn, _ = lst.accept()
+            conn.sendall(b"* OK Waiting for authentication process to respond..\r\n"
+                         b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] Store ready.\r\n")
+            data = b""
+            while b"X1 LOGIN" not in data:
+                data += conn.recv(4096)
+            if literal:                                  # the 8-bit password goes as a literal
+                conn.sendall(b'* ID ("name" "store")\r\nX0 OK ID completed\r\n+ OK\r\n')
+                while not data.endswith(b"\r\n") or data.count(b"\r\n") < 3:
+                    data += conn.recv(4096)
+            else:
+                conn.sendall(b'* ID ("name" "store")\r\nX0 OK ID completed\r\n')
+            conn.sendall(b"* OK [ALERT] Quota nearly full\r\nX1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+            conn.recv(4096)
+            conn.close()
+
+    g = gevent.spawn(store)
+    try:
+        with Proxy(mail_stack.info(), imap={"BacksidePort": port}) as p:
+            for login in (b"a LOGIN alice alice-pw\r\n", b"a LOGIN latin {8+}\r\n" + LATIN_PW + b"\r\n"):
+                r = greeted(p)
+                r.send(login)
+                r.expect_lines("* OK [ALERT] Quota nearly full", "a OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+                r.sock.close()
+        g.get(timeout=10)
+    finally:
+        g.kill()
+        lst.close()
