@@ -32,13 +32,14 @@ LATIN_PW = b"p\xe4sswort"             # ISO-8859-1 "pässwort": not valid UTF-8
 LATIN_AS_UTF8 = "p\u00e4sswort".encode("utf-8")     # the same text in UTF-8: a wrong password
 
 
-def wait_for_log(read, needle, timeout=5.0):
-    """Dovecot writes its log through a separate process: poll until `needle` shows up."""
+def wait_for_new_lines(read, marker, before, timeout=5.0):
+    """The log lines holding `marker` after the first `before` of them, once there is one (bounded)."""
     deadline = time.monotonic() + timeout
     while True:
-        text = read()
-        if needle in text or time.monotonic() > deadline:
-            return text
+        lines = [ln for ln in read().splitlines() if marker in ln]
+        if len(lines) > before:
+            return lines[before:]
+        assert time.monotonic() < deadline, "no new %r line in the log" % marker
         time.sleep(0.05)
 
 
@@ -334,6 +335,7 @@ def test_pop3_latin1_password_in_utf8_is_wrong(mail_stack):
 def test_imap_id_x_originating_ip_sets_rip(mail_stack):
     erin = mail_stack.user("erin")
     store = mail_stack.stores["127.0.0.2"]
+    before = store.read_log().count("imap-login: Info: Login: user=<erin>")   # other tests log erin in too
     m = imaplib.IMAP4("127.0.0.2", mail_stack.imap_port)
     try:
         typ, _ = m._simple_command("ID", '("x-originating-ip" "127.0.0.77" "x-originating-port" "4242")')
@@ -341,14 +343,14 @@ def test_imap_id_x_originating_ip_sets_rip(mail_stack):
         m.login("erin", erin["password"])
     finally:
         m.logout()
-    log = wait_for_log(store.read_log, "user=<erin>")
-    lines = [ln for ln in log.splitlines() if "Login: user=<erin>" in ln]
-    assert lines and "rip=127.0.0.77" in lines[-1], log[-2000:]
+    lines = wait_for_new_lines(store.read_log, "imap-login: Info: Login: user=<erin>", before)
+    assert "rip=127.0.0.77" in lines[0], lines
 
 
 def test_pop3_xclient_sets_rip(mail_stack):
     u = mail_stack.user("user3")
     store = mail_stack.stores["127.0.0.2"]
+    before = store.read_log().count("pop3-login: Info: Login: user=<user3>")   # other tests log user3 in too
     p = poplib.POP3("127.0.0.2", mail_stack.pop3_port, timeout=10)
     try:
         assert b"[XCLIENT]" in p.getwelcome()        # Dovecot announces it in the greeting, not in CAPA
@@ -357,9 +359,8 @@ def test_pop3_xclient_sets_rip(mail_stack):
         p.pass_(u["password"])
     finally:
         p.quit()
-    log = wait_for_log(store.read_log, "user=<user3>")
-    lines = [ln for ln in log.splitlines() if "Login: user=<user3>" in ln]
-    assert lines and "rip=127.0.0.88" in lines[-1], log[-2000:]
+    lines = wait_for_new_lines(store.read_log, "pop3-login: Info: Login: user=<user3>", before)
+    assert "rip=127.0.0.88" in lines[0], lines
 
 
 def test_store_add_user_while_running(mail_stack):
