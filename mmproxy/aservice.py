@@ -159,11 +159,18 @@ def runtime_problems(config: Config) -> List[Problem]:
             out.append(problem(cfg, file, "LogDir", "warning",
                                "LogDir %s does not exist: no log file will be written" % cfg.LogDir))
     for entry in config.services:
-        if service_class(entry.spec.kind) is not None and entry.cfg.SSLEnable:
+        if service_class(entry.spec.kind) is None:
+            continue
+        cfg = entry.cfg
+        if cfg.SSLEnable:
+            cert_param = next((n for n in ("SSLCertFile", "SSLCertNicknames", "SSLCacheDir") if cfg.is_set(n)),
+                              "SSLEnable")
+            out += [problem(cfg, entry.file, cert_param, sev, msg) for sev, msg in tls.certificate_problems(cfg)]
+        if entry.spec.kind in ("imap", "pop"):
             try:
-                tls.server_context(entry.cfg)
+                tls.store_context(cfg)
             except ConfigError as e:
-                out.append(Problem(entry.file, None, "error", str(e)))
+                out.append(problem(cfg, entry.file, "SSLBacksideCAFile", "error", str(e)))
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import ssl
 import time
 from typing import Optional
 
@@ -29,16 +30,38 @@ class Store:
     """
 
     def __init__(self, host: str, port: int, connect_timeout: float = CONNECT_TIMEOUT,
-                 deadline: Optional[float] = REPLY_TIMEOUT) -> None:
+                 deadline: Optional[float] = REPLY_TIMEOUT, tls: Optional[ssl.SSLContext] = None) -> None:
         self.host, self.port = host, port
+        started = time.monotonic()
         try:
             self.sock = _connect(host, port, connect_timeout)
         except (OSError, gsocket.timeout) as e:
             raise BackendUnavailable("cannot connect to %s:%d: %s" % (host, port, _why(e))) from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            self._handshake(tls, started + (deadline or REPLY_TIMEOUT))
         self.reader = BackendReader(self.sock, MAX_STORE_LINE, REPLY_TIMEOUT, "%s:%d" % (host, port))
         if deadline is not None:
             self.reader.deadline = time.monotonic() + deadline
+
+    def _handshake(self, ctx: ssl.SSLContext, deadline: float) -> None:
+        """Implicit TLS (SSLBacksidePort): the handshake, within what is left of the deadline; the
+        store's name is its mailHost (an IP address or a host name), checked when ``ctx`` verifies."""
+        self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as e:
+            self.close()
+            raise BackendUnavailable("%s:%d: TLS certificate refused: %s"
+                                     % (self.host, self.port, e.verify_message or e.reason)) from None
+        except (OSError, ssl.SSLError, gsocket.timeout) as e:
+            self.close()
+            raise BackendUnavailable("%s:%d: TLS handshake failed: %s" % (self.host, self.port, _why(e))) from None
+
+    @property
+    def tls_version(self) -> Optional[str]:
+        """The TLS version of the connection (None in plaintext)."""
+        return self.sock.version() if isinstance(self.sock, ssl.SSLSocket) else None
 
     def __str__(self) -> str:
         return "%s:%d" % (self.host, self.port)

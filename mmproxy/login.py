@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple
 
-from mmproxy import sasl
+from mmproxy import sasl, tls
 from mmproxy.backend import Store
 from mmproxy.directory import Directory, User
 from mmproxy.errors import (
@@ -75,8 +75,13 @@ class Target:
     host: str
     replay: str
 
+    @property
+    def port(self) -> int:
+        """The store's port: SSLBacksidePort (implicit TLS) when set, else BacksidePort."""
+        return int(self.cfg.SSLBacksidePort or self.cfg.BacksidePort)
+
     def __str__(self) -> str:
-        return "%s:%d" % (self.host, self.cfg.BacksidePort)
+        return "%s:%d" % (self.host, self.port)
 
 
 class LoginService(Service):
@@ -85,6 +90,7 @@ class LoginService(Service):
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
         self.directory = Directory(self.cfg)
+        self.store_tls = tls.store_context(self.cfg)      # SSLBacksidePort; None: plaintext
 
     def close(self) -> None:
         self.directory.close()
@@ -262,7 +268,7 @@ class LoginSession(Session):
         self.start_pump(store, target)
 
     def connect_store(self, target: Target) -> Store:
-        return Store(target.host, target.cfg.BacksidePort)
+        return Store(target.host, target.port, tls=self.service.store_tls)
 
     def start_pump(self, store: Store, target: Target) -> None:
         """Login done: the client and store sockets now belong to the pump; this greenlet ends.
@@ -278,7 +284,7 @@ class LoginSession(Session):
         self.user = target.login.canonical
         received, sent = self.reader.received, self.sent + len(to_client)
         log, release, started, state = self.log, self.release, self.started, self.state.value
-        user, host, port = self.user, target.host, target.cfg.BacksidePort     # no formatting before it is needed
+        user, host, port = self.user, target.host, target.port     # no formatting before it is needed
 
         def closed(p: Pump) -> None:
             release()

@@ -73,7 +73,7 @@ from typing import Dict, List, Optional, Tuple
 
 import gevent
 
-from mmproxy import __version__, sasl
+from mmproxy import __version__, sasl, tls
 from mmproxy.addresses import is_host_name, unmapped
 from mmproxy.authservice import RECORDS
 from mmproxy.errors import (
@@ -744,11 +744,7 @@ class SmtpService(Service):
     def relay_tls(self) -> ssl.SSLContext:
         """TLS towards relays: encryption without certificate verification (documented)."""
         if self._relay_tls is None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            self._relay_tls = ctx
+            self._relay_tls = tls.client_context(self.cfg)
         return self._relay_tls
 
 

@@ -123,8 +123,9 @@ _group(
     ("MailHostAttrs", t.Words(), "mailHost", "I P",
      "attributes naming the user's store, tried in order", _SUP),
     ("UserGroupDN", t.DN(), None, "I P",
-     "base DN for Schema v2 searches and for certificate mapping"),
-    ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN", {"obsolete": "UserGroupDN"}),
+     "base DN of certificate mapping searches (CertmapFile; default: the LdapURL base)"),
+    ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN (UserGroupDN takes precedence)",
+     {"obsolete": "UserGroupDN"}),
     ("VirtualDomainFile", t.Path(must_exist="file"), None, _IPS,
      "vdmap.cfg: per-server-address settings (`vdmap NAME IP`, then `NAME:Param value` lines)", _SUP),
 )
@@ -142,7 +143,10 @@ _group(
     ("AuthenticationLdapAttributes", t.Words(), "", "I P",
      "extra user attributes sent to the authentication server"),
     ("CertmapFile", t.Path(must_exist="file"), None, _IPS,
-     "certificate-to-user mapping for client certificate logins", {"security": True}),
+     "certmap.conf: maps a client certificate to a user (`certmap NAME ISSUERDN`, `NAME:DNComps`, "
+     "`NAME:FilterComps`, `NAME:VerifyCert`, `NAME:CmapLdapAttr`) for IMAP AUTHENTICATE EXTERNAL and POP "
+     "AUTH EXTERNAL; needs SSLClientCAFile, StoreAdmin and StoreAdminPass",
+     {"security": True}),
 )
 _group(
     "Store",
@@ -150,7 +154,9 @@ _group(
     ("ReplayFormat", t.Format("UVso", attr=True), "%U", "I P",
      "login id replayed to the store: %U user, %V domain, %A[attr] user attribute, %s user+domain, "
      "%o login as typed", dict(_SUP, per_domain=True)),
-    ("StoreAdmin", t.Str(), None, "I P", "store administrator for proxy authorization"),
+    ("StoreAdmin", t.Str(), None, "I P",
+     "store administrator for proxy authorization: certificate logins reach the store as SASL PLAIN with "
+     "authzid=<user>, authcid=StoreAdmin (a Dovecot master user)"),
     ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin"),
     ("SpoofEmptyMailbox", t.Bool(), "off", "P", "store down: show an empty POP mailbox", _SUP),
     ("SpoofMessageFile", t.Path(must_exist="file"), None, "P",
@@ -228,8 +234,21 @@ _group(
      dict(_SUP, security=True)),
     ("SSLSecmodFile", t.NotUsed("hardware crypto modules are an NSS feature; mmproxy uses OpenSSL"), None,
      _IPS, "NSS security module list (accepted, not used)", dict(_SUP, security=True)),
-    ("SSLBacksidePort", t.PORT, None, "I P", "store port to reach over TLS (unset: plaintext to the store)",
-     {"security": True}),
+    ("SSLBacksidePort", t.Int(0, 65535), None, "I P",
+     "store port reached with TLS from the first byte (993, 995) instead of BacksidePort; unset or 0: "
+     "plaintext to the store. The store's certificate is verified only with SSLBacksideCAFile",
+     dict(_SUP, security=True)),
+    ("SSLBacksideCAFile", t.Path(must_exist="file"), None, "I P",
+     "mmproxy extension: PEM file of the CA certificates the stores' certificates must chain to; set, "
+     "SSLBacksidePort connections verify the certificate and that it names the store (its mailHost); "
+     "unset, they are not verified (as the legacy product)", dict(_SUP, security=True)),
+    ("SSLClientCAFile", t.Path(must_exist="file"), None, "I P",
+     "mmproxy extension: PEM file of the CA certificates client certificates must chain to; set (with "
+     "CertmapFile), TLS clients are asked for a certificate (not required)", {"security": True}),
+    ("SSLMinVersion", t.TLSVersion(), "TLSv1.2", _IPS,
+     "mmproxy extension: the lowest TLS version accepted from clients and used with stores and relays "
+     "(TLSv1, TLSv1.1, TLSv1.2, TLSv1.3); below TLSv1.2 only for clients that cannot do better, knowingly",
+     dict(_SUP, security=True)),
 )
 
 PARAMS: Dict[str, Param] = {p.key: p for p in _ALL}

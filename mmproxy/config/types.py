@@ -592,6 +592,29 @@ class Capability(Type):
         return raw
 
 
+class TLSVersion(Type):
+    """A TLS protocol version: TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3 (also written 1.2, tls1.2, TLSv1_2);
+    the value is the canonical name.  Below TLSv1.2 (RFC 8996 deprecates 1.0 and 1.1) is warned."""
+
+    name = "TLS version"
+    VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+    def convert(self, raw: str, ctx: Optional[Ctx] = None) -> str:
+        word = raw.strip().lower().replace("_", ".")
+        for prefix in ("tlsv", "tls"):
+            if word.startswith(prefix):
+                word = word[len(prefix):]
+                break
+        word = {"1.0": "1", "10": "1", "11": "1.1", "12": "1.2", "13": "1.3"}.get(word, word)
+        name = "TLSv" + word
+        if name not in self.VERSIONS:
+            raise ValueError("not a TLS version (use %s)" % ", ".join(self.VERSIONS))
+        if ctx and self.VERSIONS.index(name) < 2:
+            ctx.warn("%s is below TLSv1.2: RFC 8996 deprecates TLS 1.0 and 1.1; allow it only for clients that "
+                     "cannot do better" % name)
+        return name
+
+
 class Ciphers(Type):
     """``all`` (a modern default) or an OpenSSL cipher string; names that select nothing are warned."""
 

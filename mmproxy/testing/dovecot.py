@@ -34,6 +34,11 @@ class DovecotStore(Daemon):
     of a proxy on loopback are honoured, so the login lines in `log_file` show the real client
     as rip=. `extra_conf` is appended to the generated configuration.
 
+    TLS: with `ssl_cert`/`ssl_key` (PEM paths) the store offers STARTTLS/STLS and, when
+    `port_imaps`/`port_pop3s` are given, implicit TLS there (Dovecot logs `TLS` in the login
+    line of such a session). `master_users`: {login: password} of master users (a master passdb):
+    SASL PLAIN with authzid=<user>, authcid=<master>, the master's password logs in as <user>.
+
     aliases: {address: login}: further names that reach a login's mailbox by LMTP only (e.g.
     'alice@example.com' -> 'alice'); they are userdb entries, not passdb ones, so they cannot
     log in over IMAP or POP3.
@@ -53,6 +58,8 @@ class DovecotStore(Daemon):
                  aliases: Optional[Dict[str, str]] = None,
                  mail_root: Optional[str] = None, large_bytes: int = 0,
                  auth_failure_delay: float = 0, auth_penalty: bool = False, extra_conf: str = "",
+                 port_imaps: int = 0, port_pop3s: int = 0, ssl_cert: Optional[str] = None,
+                 ssl_key: Optional[str] = None, master_users: Optional[Dict[str, Password]] = None,
                  keep: bool = False) -> None:
         self.dovecot = find_binary("dovecot")
         self.doveconf = find_binary("doveconf")
@@ -63,6 +70,9 @@ class DovecotStore(Daemon):
         self.port_imap = port_imap
         self.port_pop3 = port_pop3
         self.port_lmtp = port_lmtp
+        self.port_imaps, self.port_pop3s = (port_imaps, port_pop3s) if ssl_cert else (0, 0)
+        self.ssl_cert, self.ssl_key = ssl_cert, ssl_key
+        self.master_users: Dict[str, Password] = dict(master_users or {})
         self.users: Dict[str, Password] = dict(users.items() if isinstance(users, dict) else users)
         self.aliases: Dict[str, str] = dict(aliases or {})
         self.large_bytes = int(large_bytes)
@@ -74,6 +84,7 @@ class DovecotStore(Daemon):
         self.conf = os.path.join(self.dir, "dovecot.conf")
         self.passwd = os.path.join(self.dir, "passwd")
         self.userdb = os.path.join(self.dir, "userdb")
+        self.masters = os.path.join(self.dir, "masters")
         # unique per process and store, so it never clashes with the system's or another test's
         self.instance_name = "mmproxy-test-%d-%s-%d" % (os.getpid(), ip, port_imap)
 
@@ -186,6 +197,12 @@ class DovecotStore(Daemon):
             f.writelines(self._userdb_line(addr, login) for addr, login in self.aliases.items())
         for login in self.users:
             self._make_mailbox(login)
+        with open(self.masters, "w") as f:
+            f.writelines(self._passwd_line(login, pw) for login, pw in self.master_users.items())
+        ssl, listener_ssl = "ssl = no", ""
+        if self.ssl_cert:
+            listener_ssl = "\n    ssl = yes"
+            ssl = "ssl = yes\nssl_cert = <%s\nssl_key = <%s\nssl_min_protocol = TLSv1.2" % (self.ssl_cert, self.ssl_key)
         protocols = "imap pop3" + (" lmtp" if self.port_lmtp else "")
         lmtp = ""
         if self.port_lmtp:
@@ -212,7 +229,7 @@ state_dir = {self.dir}/state
 log_path = {self.log_file}
 protocols = {protocols}
 listen = {self.ip}
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 # keep the login exactly as replayed (lower-cased): 'alice', 'carol@example.org'
@@ -224,6 +241,12 @@ login_trusted_networks = 127.0.0.0/8
 mail_location = maildir:~/Maildir
 mail_max_userip_connections = 1000
 first_valid_uid = 1
+# master users (SASL PLAIN authzid=<user> authcid=<master>): the user is then looked up in the userdb only
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=SSHA {self.masters}
+}}
 passdb {{
   driver = passwd-file
   args = scheme=SSHA {self.passwd}
@@ -238,7 +261,7 @@ service imap-login {{
     port = {self.port_imap}
   }}
   inet_listener imaps {{
-    port = 0
+    port = {self.port_imaps}{listener_ssl}
   }}
   process_min_avail = 1
 }}
@@ -247,7 +270,7 @@ service pop3-login {{
     port = {self.port_pop3}
   }}
   inet_listener pop3s {{
-    port = 0
+    port = {self.port_pop3s}{listener_ssl}
   }}
   process_min_avail = 1
 }}
@@ -259,9 +282,10 @@ service pop3-login {{
         return [self.dovecot, "-F", "-c", self.conf]
 
     def _ready(self) -> bool:
-        ports = [self.port_imap, self.port_pop3] + ([self.port_lmtp] if self.port_lmtp else [])
+        ports = [self.port_imap, self.port_pop3] + [p for p in (self.port_lmtp, self.port_imaps, self.port_pop3s) if p]
         return all(listening(self.ip, p) for p in ports)
 
     def info(self) -> dict:
         return {"ip": self.ip, "imap": self.port_imap, "pop3": self.port_pop3, "lmtp": self.port_lmtp,
+                "imaps": self.port_imaps or None, "pop3s": self.port_pop3s or None,
                 "log": self.log_file, "users": sorted(self.users)}

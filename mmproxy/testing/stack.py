@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from .base import free_port, make_tempdir
 from .directory import STORE_IPS, Directory, default_directory
 from .dovecot import DovecotStore
 from .postfix import Postfix
 from .slapd import Slapd
+
+STORE_ADMIN, STORE_ADMIN_PW = "mmpstore", "mmpstore-pw"     # Dovecot master user of every store
 
 
 def _ports(n: int, *hosts: str) -> list:
@@ -32,6 +34,9 @@ class MailStack:
 
     users: how many numbered users (user1..userN) the default directory gets; or pass your own
     `directory`. large_bytes > 0 adds a message of about that size to every INBOX.
+    tls=True (the default) gives every store a certificate from the stack's own CA (``stack.ca``, a
+    certs.TestCA: it issues client certificates too), STARTTLS/STLS and implicit TLS on the SAME
+    ``imaps_port``/``pop3s_port`` everywhere, and the master user STORE_ADMIN / STORE_ADMIN_PW.
     `stop()` stops everything and removes the temp dir unless keep=True; use
     `stack.slapd.restart()` / `stack.stores[ip].restart()` to bounce one part.
     """
@@ -40,7 +45,7 @@ class MailStack:
                  store_ips: tuple = STORE_IPS, workdir: Optional[str] = None, keep: bool = False,
                  large_bytes: int = 0, lmtp: bool = True, slapd_loglevel: str = "stats",
                  store_conf: str = "", postfix: bool = False,
-                 postfix_options: Optional[dict] = None) -> None:
+                 postfix_options: Optional[dict] = None, tls: bool = True) -> None:
         self.store_ips = tuple(store_ips)
         self.directory = directory if directory is not None else default_directory(users, self.store_ips)
         self.keep = keep
@@ -56,6 +61,9 @@ class MailStack:
         self.slapd: Optional[Slapd] = None
         self.stores: Dict[str, DovecotStore] = {}
         self.imap_port = self.pop3_port = 0
+        self.tls = tls
+        self.imaps_port = self.pop3s_port = 0
+        self.ca: Optional[Any] = None          # certs.TestCA when tls
         self.lmtp_port: Optional[int] = None
 
     @property
@@ -80,16 +88,24 @@ class MailStack:
         try:
             self.slapd = Slapd(self.directory, workdir=os.path.join(self.dir, "ldap"),
                                loglevel=self.slapd_loglevel)
-            ports = _ports(3 if self.lmtp else 2, *self.store_ips)
-            self.imap_port, self.pop3_port = ports[0], ports[1]
-            self.lmtp_port = ports[2] if self.lmtp else None
+            ports = _ports(5, *self.store_ips)
+            self.imap_port, self.pop3_port, self.imaps_port, self.pop3s_port = ports[:4]
+            self.lmtp_port = ports[4] if self.lmtp else None
+            cert = key = None
+            if self.tls:
+                from .certs import TestCA  # cryptography: only when asked for
+                self.ca = TestCA(os.path.join(self.dir, "tls"), "mmproxy test store CA")
+                cert, key = self.ca.issue("store", ips=self.store_ips, dns=("localhost",))
+            else:
+                self.imaps_port = self.pop3s_port = 0
             for ip in self.store_ips:
                 self.stores[ip] = DovecotStore(
                     ip, self.imap_port, self.pop3_port, self.directory.store_users(ip),
                     aliases=self.directory.store_aliases(ip),
                     port_lmtp=self.lmtp_port, workdir=os.path.join(self.dir, "store-" + ip),
                     mail_root=os.path.join(self.dir, "mail"), large_bytes=self.large_bytes,
-                    extra_conf=self.store_conf)
+                    extra_conf=self.store_conf, port_imaps=self.imaps_port, port_pop3s=self.pop3s_port,
+                    ssl_cert=cert, ssl_key=key, master_users={STORE_ADMIN: STORE_ADMIN_PW} if self.tls else None)
             daemons = [self.slapd, *self.stores.values()]
             if self.with_postfix:
                 opts = dict(self.postfix_options)
@@ -141,7 +157,8 @@ class MailStack:
         """Everything a test or a human needs to connect (plain data, JSON-serialisable):
 
         workdir; ldap {url host port suffix bind_dn bind_pw root_dn root_pw log};
-        imap_port pop3_port lmtp_port (the same on every store);
+        imap_port pop3_port lmtp_port imaps_port pop3s_port (the same on every store; TLS ports None
+        without tls); tls: None, or {ca store_admin store_admin_pw};
         stores {ip: {ip imap pop3 lmtp log users}};
         smtp (None without postfix) {host port mynetworks xclient_hosts relay_domains sink log};
         domains {name: {dn org_dn people_dn status attrs}};
@@ -155,6 +172,10 @@ class MailStack:
             "imap_port": self.imap_port,
             "pop3_port": self.pop3_port,
             "lmtp_port": self.lmtp_port,
+            "imaps_port": self.imaps_port or None,
+            "pop3s_port": self.pop3s_port or None,
+            "tls": ({"ca": self.ca.path, "store_admin": STORE_ADMIN, "store_admin_pw": STORE_ADMIN_PW}
+                    if self.ca else None),
             "stores": {ip: s.info() for ip, s in self.stores.items()},
             "smtp": self.postfix.info() if self.postfix else None,
             "domains": {d.name: {"dn": d.dn, "org_dn": d.org_dn, "people_dn": d.people_dn,
