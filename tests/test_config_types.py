@@ -30,6 +30,7 @@ SSLEnable SSLPorts SSLCacheDir SSLCertPrefix SSLCertFile SSLCertNicknames SSLKey
 SSLSecmodFile RestrictPlainPasswords VirtualDomainFile CRAMs SpoofEmptyMailbox SpoofMessageFile AuthService
 AuthServiceTTL SmtpRelays SmtpProxyPassword EhloKeywords FailoverTimeout PopBeforeSmtpKludgeChannel ClientLookup
 SmtpRelayProxyProtocol BeTheUser BeTheGroup ConnLimits""".split()
+SUPPORTED += "SSLBacksidePort SSLBacksideCAFile SSLMinVersion".split()           # TLS (issue 8)
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():
