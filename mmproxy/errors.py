@@ -16,6 +16,7 @@ place (``reply_for``), after the model of Dovecot's ``login_proxy_failure_type``
           PrivacyRequired             a clear-text password before TLS (RestrictPlainPasswords)
       AuthFailed                  bad credentials (counted as a failed login)
       AuthzFailed                 authorization identity differs (refused, not counted)
+      AccessDenied                a verified user's access filter (TCPAccessAttr) refuses the login
       AuthTempFail                the directory could not answer (never a bad password)
       StoreRefused                the store said no to a replayed login; carries its reply
       BackendError                the store or SMTP relay behind the proxy
@@ -103,6 +104,12 @@ class AuthFailed(MMProxyError):
 
 class AuthzFailed(MMProxyError):
     """The SASL authorization identity differs from the authentication identity."""
+
+
+class AccessDenied(MMProxyError):
+    """The user's access filter (``TCPAccessAttr``) refuses this client or service, and the
+    password was verified (before that, the refusal is an AuthFailed: it must tell no more than a
+    wrong password would)."""
 
 
 class AuthTempFail(MMProxyError):

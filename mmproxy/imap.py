@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from mmproxy import __version__
 from mmproxy.backend import Store
 from mmproxy.errors import (
+    AccessDenied,
     AuthFailed,
     AuthTempFail,
     AuthzFailed,
@@ -73,6 +74,8 @@ BYE_SHUTDOWN = "* BYE [UNAVAILABLE] Server shutting down"
 BYE_INTERNAL = "* BYE [UNAVAILABLE] Internal error, closing connection"
 BYE_LOGOUT = "* BYE Logging out"
 TOO_MANY_CONNECTIONS = "* BYE [UNAVAILABLE] Too many connections from your address"
+ACCESS_DENIED = "* BYE Access denied"
+NO_ACCESS = "NO [CONTACTADMIN] Access denied"
 
 # Capabilities the proxy decides itself before login, whatever the Capability parameter says
 # (it supplies the rest, e.g. IMAP4rev1 IMAP4rev2; after login the store's own list is passed on).
@@ -213,6 +216,7 @@ class ImapSession(LoginSession):
     BYE_TOO_MANY = BYE_TOO_MANY
     BYE_AUTH_FAILURES = BYE_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    ACCESS_DENIED = ACCESS_DENIED
     INTERNAL_ERROR = BYE_INTERNAL
     GOODBYES = {"idle": BYE_IDLE.encode() + b"\r\n", "shutdown": BYE_SHUTDOWN.encode() + b"\r\n"}
 
@@ -326,6 +330,8 @@ class ImapSession(LoginSession):
             return ["%s %s" % (tag, NO_AUTH)], False
         if isinstance(e, AuthzFailed):
             return ["%s %s" % (tag, NO_AUTHZ)], False
+        if isinstance(e, AccessDenied):
+            return ["%s %s" % (tag, NO_ACCESS)], False
         if isinstance(e, StoreRefused):
             return [e.reply], False
         if isinstance(e, AuthTempFail):

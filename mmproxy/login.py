@@ -5,14 +5,16 @@ SMTP has no login to replay and does not use this module.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple, Union
 
-from mmproxy import sasl, tls
+from mmproxy import access, hostnames, sasl, tls
 from mmproxy.backend import Store
 from mmproxy.directory import Directory, User
 from mmproxy.errors import (
+    AccessDenied,
     AuthCancelled,
     AuthFailed,
     AuthzFailed,
@@ -62,6 +64,15 @@ def credentials(user: bytes, password: bytes = b"",
     if b"\0" in password or b"\r" in password or b"\n" in password:
         raise AuthFailed("password of %r holds a NUL, CR or LF" % text[:80])
     return Credentials(text, password, verify)
+
+
+@functools.lru_cache(maxsize=1024)
+def user_filter(text: str) -> Union[access.Filter, access.FilterSyntaxError]:
+    """A per-user filter value, parsed once (the same few values recur), or why it does not parse."""
+    try:
+        return access.parse(text)
+    except access.FilterSyntaxError as e:
+        return e
 
 
 @dataclass
@@ -248,10 +259,34 @@ class LoginSession(Session):
             password, verified = creds.password, True
         else:
             password, verified = creds.password, False
+        self.check_access(target, verified)
         if not target.host:
             # only now: before the password is checked, this answer would tell who exists
             raise BackendUnavailable("%s has none of %s" % (target.user.dn, " ".join(target.cfg.MailHostAttrs)))
         return target, password, verified
+
+    def check_access(self, target: Target, verified: bool) -> None:
+        """The user's own access filter, the value of the attribute ``TCPAccessAttr`` names (values
+        joined by ``$``), for this client and service (``imaps``/``pops`` on an implicit-TLS port);
+        a value that does not parse refuses (fail closed).  A refusal is AccessDenied once the
+        password is verified; before that (PreAuth off) an AuthFailed, so that the answer tells
+        no more than a wrong password would (the log says which it was)."""
+        attr = target.cfg.TCPAccessAttr
+        values = target.user.get(attr) if attr else []
+        if not values:
+            return
+        service = self.kind + ("s" if self.implicit_tls else "")
+        flt = user_filter("$".join(values))
+        if isinstance(flt, access.FilterSyntaxError):
+            why = "denied: %r does not parse: %s" % ("$".join(values)[:200], flt)
+        else:
+            lookup = hostnames.lookup
+            allowed, why = flt.decide(service, access.Host(self.client_ip, lookup), access.Host(self.server_ip, lookup),
+                                      target.login.canonical)
+            if allowed:
+                return
+        error = AccessDenied if verified else AuthFailed
+        raise error("%s of %s: %s %s" % (attr, target.user.dn, service, why))
 
     def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
         """Connect to the store, replay the login there, answer the client, start the pump."""

@@ -21,6 +21,7 @@ from mmproxy.addresses import unmapped
 from mmproxy.authservice import RECORDS
 from mmproxy.backend import Store
 from mmproxy.errors import (
+    AccessDenied,
     AuthFailed,
     AuthTempFail,
     AuthzFailed,
@@ -56,6 +57,8 @@ ERR_TOO_MANY = "-ERR Too many errors, closing connection"
 ERR_AUTH_FAILURES = "-ERR [AUTH] Too many authentication failures, closing connection"
 ERR_SHUTDOWN = "-ERR [SYS/TEMP] Server shutting down"
 TOO_MANY_CONNECTIONS = "-ERR [SYS/TEMP] Too many connections from your address"
+ACCESS_DENIED = "-ERR [SYS/PERM] Access denied"
+ERR_ACCESS = ACCESS_DENIED
 NO_SUCH_MESSAGE = "No such message"
 
 # What the proxy says in CAPA (RFC 2449); the login part only before login.
@@ -122,6 +125,7 @@ class PopSession(LoginSession):
     BYE_TOO_MANY = ERR_TOO_MANY
     BYE_AUTH_FAILURES = ERR_AUTH_FAILURES
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    ACCESS_DENIED = ACCESS_DENIED
     INTERNAL_ERROR = ERR_INTERNAL
     GOODBYES = {"idle": ERR_IDLE.encode() + b"\r\n", "shutdown": ERR_SHUTDOWN.encode() + b"\r\n"}
     service: PopService
@@ -156,6 +160,8 @@ class PopSession(LoginSession):
             return [ERR_AUTH], False
         if isinstance(e, AuthzFailed):
             return [ERR_AUTHZ], False
+        if isinstance(e, AccessDenied):
+            return [ERR_ACCESS], False
         if isinstance(e, StoreRefused):
             return [e.reply], False
         if isinstance(e, AuthTempFail):

@@ -31,9 +31,11 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tupl
 
 import gevent
 
-from mmproxy import tls
+from mmproxy import hostnames, tls
+from mmproxy.access import Host
 from mmproxy.connlimits import ConnLimits
 from mmproxy.errors import (
+    AccessDenied,
     AuthFailed,
     AuthTempFail,
     AuthzFailed,
@@ -133,6 +135,8 @@ class Service:
 
     def handle(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
         """One accepted connection, start to end (the listener's handler)."""
+        if not self.admit(sock, addr, implicit_tls):
+            return
         ip = addr[0]
         if not self.limits.acquire(ip):
             self.log.warning("[%s:%d] refused: more than %s connections from this address (ConnLimits)",
@@ -156,17 +160,48 @@ class Service:
             if not session.pumping:
                 session.release()
 
-    def refuse(self, sock: socket.socket, reply: str, implicit_tls: bool) -> None:
-        """No session for this connection: say why in the protocol's words (in clear text only: no
-        TLS for this one) and close."""
+    def refuse(self, sock: socket.socket, reply: str, implicit_tls: bool, handshake: bool = False) -> None:
+        """No session for this connection: say why in the protocol's words and close.  On an
+        implicit-TLS port only with ``handshake`` (the refusal then goes over TLS), else nothing
+        is said there."""
         try:
+            if implicit_tls and handshake and self.tls is not None:
+                sock.settimeout(tls.HANDSHAKE_TIMEOUT)
+                sock = self.tls.wrap_socket(sock, server_side=True)
+                implicit_tls = False
             if not implicit_tls:
                 sock.settimeout(5)
                 sock.sendall(reply.encode() + b"\r\n")
-        except OSError:
+        except (OSError, ssl.SSLError, socket.timeout):
             pass
         finally:
             sock.close()
+
+    def admit(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> bool:
+        """``TCPAccess`` (the virtual domain's own when vdmap.cfg sets one) for a new connection,
+        before anything else; ``ClientLookup`` starts the client's reverse DNS.  False: refused
+        (the protocol's refusal sent, one log line, the socket closed)."""
+        cfg = self.cfg
+        if cfg.TCPAccess is None and not cfg.ClientLookup and getattr(self.entry, "vdomains", None) is None:
+            return True                        # nothing to check (the common case: no system call)
+        try:
+            server = sock.getsockname()
+        except OSError:                        # gone already
+            sock.close()
+            return False
+        over = self.overrides_for(server[0])
+        if over.get("ClientLookup", cfg.ClientLookup):
+            hostnames.prefetch(addr[0])
+        flt = over.get("TCPAccess", cfg.TCPAccess)
+        if flt is None:
+            return True
+        service = self.kind + ("s" if implicit_tls else "")
+        decision = flt.decide(service, Host(addr[0], hostnames.lookup), Host(server[0], hostnames.lookup))
+        if decision.allowed:
+            return True
+        self.log.info("[%s:%d] refused: TCPAccess %s: %s", addr[0], addr[1], service, decision.why)
+        self.refuse(sock, self.session_class.ACCESS_DENIED, implicit_tls, handshake=True)
+        return False
 
     def overrides_for(self, server_ip: str) -> Dict[str, Any]:
         """The vdmap.cfg settings of the virtual domain at ``server_ip`` (empty when none)."""
@@ -191,6 +226,7 @@ class Session:
     BYE_TOO_MANY = ""                       # the goodbye after MAX_BAD_COMMANDS
     BYE_AUTH_FAILURES = ""                  # the goodbye after MAX_AUTH_FAILURES failed logins
     TOO_MANY_CONNECTIONS = ""               # the refusal before a session starts (ConnLimits)
+    ACCESS_DENIED = ""                      # the refusal before a session starts (TCPAccess)
     INTERNAL_ERROR = ""                     # the goodbye when a session cannot even start
 
     def __init__(self, service: Service, sock: socket.socket, addr: Tuple[str, int]) -> None:
@@ -219,6 +255,7 @@ class Session:
         self.pumping = False                # the pump owns the sockets now
         self.started = time.monotonic()
         self.tag = ""                       # IMAP: the tag of the command being read, once known
+        self.implicit_tls = False           # on an SSLPorts port (access filters: imaps, pops, smtps)
 
     release: Callable[[], None] = staticmethod(lambda: None)   # gives the ConnLimits slot back
 
@@ -269,6 +306,7 @@ class Session:
     def run(self, implicit_tls: bool) -> None:
         """The whole session: TLS on implicit-TLS ports, greeting, commands until the state says
         stop, the goodbye.  Each step runs through ``attempt``."""
+        self.implicit_tls = implicit_tls
         try:
             self.attempt(self.open, implicit_tls)
             while self.state not in self.FINAL:
@@ -408,7 +446,7 @@ class Session:
         if isinstance(e, CommandError):
             self.log.debug("bad command in state %s: %s", state, e)
             return "bad command"
-        if isinstance(e, (AuthFailed, AuthzFailed, AuthTempFail, StoreRefused, BackendError)):
+        if isinstance(e, (AuthFailed, AuthzFailed, AccessDenied, AuthTempFail, StoreRefused, BackendError)):
             return self.log_login_failure(e)
         if isinstance(e, ServerShutdown):
             self.log.debug("server shutting down in state %s", state)
@@ -470,6 +508,7 @@ def log_end_line(log: logging.LoggerAdapter, reason: str, state: str, describe: 
 def failure_kind(e: BaseException) -> str:
     """A few words for logs: why a login (or a relay) did not go through."""
     for cls, words in ((AuthFailed, "auth failed"), (AuthzFailed, "authorization identity refused"),
+                       (AccessDenied, "access denied"),
                        (AuthTempFail, "directory unavailable"), (StoreRefused, "refused by store"),
                        (BackendError, "store unavailable")):
         if isinstance(e, cls):

@@ -73,8 +73,8 @@ from typing import Dict, List, Optional, Tuple
 
 import gevent
 
-from mmproxy import __version__, sasl, tls
-from mmproxy.addresses import is_host_name, unmapped
+from mmproxy import __version__, hostnames, sasl, tls
+from mmproxy.addresses import unmapped
 from mmproxy.authservice import RECORDS
 from mmproxy.errors import (
     BackendError,
@@ -101,7 +101,6 @@ MAX_SKIP = 1 << 20          # an overlong command line is skipped up to this muc
 MAX_BATCH = 100             # pipelined commands forwarded in one write
 DATA_CHUNK = 65536          # message text goes to the relay in writes of about this size
 YIELD_LINES = 256           # message lines read in a row before the other sessions get their turn
-LOOKUP_TIMEOUT = 10.0       # reverse and forward DNS of the client (ClientLookup)
 
 # Towards the relay (RFC 5321 4.5.3.2), beyond smtpclient's SETUP_TIMEOUT and REPLY_TIMEOUT; the
 # greeting comes within FailoverTimeout instead.
@@ -134,6 +133,7 @@ TOO_MANY = "421 4.7.0 Too many errors, closing connection"
 SKIP_TOO_LONG = "421 4.7.0 Line far too long, closing connection"
 AFTER_REFUSAL = "421 4.7.0 Closing connection after a refused message"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
+ACCESS_DENIED = "421 4.7.0 Access denied"
 LINE_TOO_LONG = "500 5.5.2 Line too long"
 UNKNOWN = "502 5.5.2 Error: command not recognized"
 BAD_SYNTAX = "501 5.5.2 Syntax error in command line"
@@ -203,6 +203,7 @@ class SmtpSession(Session):
     CLOSED = SmtpState.CLOSED
     BYE_TOO_MANY = TOO_MANY
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
+    ACCESS_DENIED = ACCESS_DENIED
     INTERNAL_ERROR = INTERNAL_ERROR
     service: "SmtpService"
 
@@ -416,22 +417,7 @@ class SmtpSession(Session):
 
     def client_name(self) -> str:
         """The client's verified host name for XCLIENT NAME (ClientLookup), else [UNAVAILABLE]/[TEMPUNAVAIL]."""
-        if not self.cfg.ClientLookup:
-            return "[UNAVAILABLE]"
-        ip = str(unmapped(self.client_ip))
-        try:
-            with gevent.Timeout(LOOKUP_TIMEOUT):
-                name = socket.gethostbyaddr(ip)[0].rstrip(".").lower()
-                if not is_host_name(name):
-                    self.log.info("reverse DNS of %s is not a host name: %r", ip, name[:100])
-                    return "[UNAVAILABLE]"
-                # forward-confirmed: a PTR record alone is the client's own claim
-                addrs = {str(unmapped(str(ai[4][0]))) for ai in socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)}
-        except gevent.Timeout:
-            return "[TEMPUNAVAIL]"
-        except (OSError, UnicodeError, ValueError):
-            return "[UNAVAILABLE]"
-        return name if ip in addrs else "[UNAVAILABLE]"
+        return hostnames.xclient_name(self.client_ip) if self.cfg.ClientLookup else "[UNAVAILABLE]"
 
     def batchable(self, line: bytes) -> bool:
         """A pipelined command that can go to the relay in the same write as the one before it: one

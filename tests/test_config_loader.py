@@ -254,9 +254,7 @@ def test_unsupported_parameters(tmp_path):
                                         "default:RestrictPlainPasswords yes\n",
              PopProxyAService="default:AuthService yes\n")
     config = load_config(d)
-    assert msgs(config, "error") == [
-        "%s/ImapProxyAService.cfg:2: TCPAccess is recognised, not supported yet; mmproxy refuses to start rather "
-        "than drop this access control" % d]           # SSLBacksidePort (line 3) is supported
+    assert msgs(config, "error") == []            # TCPAccess (line 2) and SSLBacksidePort (line 3) are supported
     assert msgs(config, "warning") == [
         "%s/ImapProxyAService.cfg:1: warning: BGMax is recognised, not supported yet: ignored" % d,
         "%s/ImapProxyAService.cfg:4: warning: CertMapDN is recognised, not supported yet: ignored" % d,

@@ -29,7 +29,7 @@ LdapCacheSize LdapCacheTTL AuthCacheSize AuthCacheTTL LdapRefreshInterval Backsi
 SSLEnable SSLPorts SSLCacheDir SSLCertPrefix SSLCertFile SSLCertNicknames SSLKeyFile SSLKeyPasswdFile SSLCipherSpecs
 SSLSecmodFile RestrictPlainPasswords VirtualDomainFile CRAMs SpoofEmptyMailbox SpoofMessageFile AuthService
 AuthServiceTTL SmtpRelays SmtpProxyPassword EhloKeywords FailoverTimeout PopBeforeSmtpKludgeChannel ClientLookup
-SmtpRelayProxyProtocol BeTheUser BeTheGroup ConnLimits""".split()
+SmtpRelayProxyProtocol BeTheUser BeTheGroup ConnLimits TCPAccess TCPAccessAttr""".split()
 SUPPORTED += "SSLBacksidePort SSLBacksideCAFile SSLMinVersion".split()           # TLS (issue 8)
 
 
@@ -86,8 +86,8 @@ def test_every_default_renders_and_parses_back(p):
 def test_support_problem():
     assert support_problem(lookup("PreAuth"), True) is None
     assert support_problem(lookup("BGMax"), 5)[0] == "warning"
-    assert support_problem(lookup("TCPAccess"), "+imap:ALL")[0] == "error"
-    assert "refuses to start" in support_problem(lookup("TCPAccess"), "x")[1]
+    assert support_problem(lookup("CertmapFile"), "/x")[0] == "error"
+    assert "refuses to start" in support_problem(lookup("CertmapFile"), "/x")[1]
 
 
 # --- scalars ------------------------------------------------------------------------------------------

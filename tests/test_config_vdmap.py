@@ -40,7 +40,7 @@ def test_problems_carry_file_and_line(tmp_path):
                                  "siroe:BacksidePort 1143\n"
                                  "siroe:SSLEnable yes\n"
                                  "siroe:PreAuth perhaps\n"
-                                 "siroe:TCPAccess \"-imap:ALL\"\n"
+                                 "siroe:TCPAccess \"-imap:ALL EXCEPT\"\n"
                                  "siroe:ClientLookup yes\n"
                                  "siroe:PreAuth yes\n"
                                  "siroe:PreAuth no\n"
@@ -54,8 +54,7 @@ def test_problems_carry_file_and_line(tmp_path):
         "vdmap.cfg:7: SSLEnable cannot be set per virtual domain; mmproxy refuses to start rather than drop "
         "this access control",
         "vdmap.cfg:8: PreAuth: not a boolean (use yes/no, on/off, true/false or 1/0)",
-        "vdmap.cfg:9: TCPAccess is recognised, not supported yet; mmproxy refuses to start rather than drop "
-        "this access control",
+        "vdmap.cfg:9: TCPAccess: column 34: no client after EXCEPT",
         "vdmap.cfg:12: warning: siroe:PreAuth is set again (first at line 11): the last value wins",
         "vdmap.cfg:13: warning: virtual domain ghost has no `vdmap ghost IP` line: its settings are never used"]
 

@@ -43,14 +43,17 @@ class Entry:
     section: Optional[str]
     key: str
     value: str             # quotes removed; "" means unset
+    column: int = 0        # of the value's first character in the line (1-based; 0: unknown)
 
     @property
     def where(self) -> str:
         return "%s:%d" % (self.file, self.line)
 
 
-def _value(text: str) -> str:
-    """The value without quotes or trailing comment; ValueError for a quote left open."""
+def _value(text: str) -> Tuple[str, int]:
+    """The value without quotes or trailing comment, and the offset of its first character in
+    ``text``; ValueError for a quote left open."""
+    lead = len(text) - len(text.lstrip())
     text = text.strip()
     if text.startswith('"'):
         end = text.find('"', 1)
@@ -59,9 +62,9 @@ def _value(text: str) -> str:
         rest = text[end + 1:].strip()
         if rest and not rest.startswith("#"):
             raise ValueError("unexpected text after the closing quote: %s" % rest)
-        return text[1:end]
+        return text[1:end], lead + 1
     comment = re.search(r"\s#", text)
-    return (text[:comment.start()] if comment else text).rstrip()
+    return (text[:comment.start()] if comment else text).rstrip(), lead
 
 
 def parse(text: str, file: str) -> Tuple[List[Entry], List[Problem]]:
@@ -77,11 +80,12 @@ def parse(text: str, file: str) -> Tuple[List[Entry], List[Problem]]:
             problems.append(error(file, n, "cannot read this line: expected `default:Key value`"))
             continue
         try:
-            value = _value(m.group("value") or "")
+            value, offset = _value(m.group("value") or "")
         except ValueError as e:
             problems.append(error(file, n, "%s: %s" % (m.group("key"), e)))
             continue
-        entries.append(Entry(file, n, m.group("section"), m.group("key"), value))
+        column = len(raw) - len(raw.lstrip()) + (m.start("value") if m.group("value") else len(line)) + offset + 1
+        entries.append(Entry(file, n, m.group("section"), m.group("key"), value, column))
     return entries, problems
 
 

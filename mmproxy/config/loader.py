@@ -234,7 +234,7 @@ def _settings(entries: List[Entry], section: str, code: str, kind: Optional[str]
             continue
         if e.value == "":
             continue
-        ctx = Ctx(config_dir, kind)
+        ctx = Ctx(config_dir, kind, column=e.column)
         try:
             value = p.convert(e.value, ctx)
         except ValueError as ex:

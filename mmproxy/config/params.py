@@ -164,10 +164,13 @@ _group(
 )
 _group(
     "Access control and limits",
-    ("TCPAccess", t.Str(), None, _IPS, "wrapper-style access filter applied to every client",
-     {"per_domain": True, "security": True}),
+    ("TCPAccess", t.AccessFilter(), None, _IPS,
+     "access filter checked at connect, before the greeting: +|-service,...:client ... [EXCEPT client ...] "
+     "rules separated by $ (Messaging Server syntax; README, Access filters), or the absolute name of a "
+     "file of rules", dict(_SUP, per_domain=True, security=True)),
     ("TCPAccessAttr", t.Str(), "mailAllowedServiceAccess", "I P",
-     "user attribute holding a per-user access filter"),
+     "user attribute holding a per-user access filter, checked after the directory lookup, before the "
+     "store is contacted (empty: none)", _SUP),
     ("ClientLookup", t.Bool(), "no", _IPS,
      "reverse DNS lookup of every client; SMTP tells the relay the forward-confirmed name (XCLIENT NAME, "
      "else [UNAVAILABLE]); no benefit for IMAP and POP, as the legacy manual says",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 from urllib.parse import unquote
 
+from mmproxy import access
 from mmproxy.addresses import is_host_name
 from mmproxy.config import kinds
 
@@ -27,6 +28,7 @@ class Ctx:
     config_dir: str = ""
     service: Optional[str] = None          # "imap", "pop", "smtp"; None for AService.cfg
     warnings: List[str] = field(default_factory=list)
+    column: int = 0                        # of the value in its line (1-based), for messages; 0: unknown
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -538,6 +540,45 @@ class Networks(Type):
 
     def render(self, value: Any) -> str:
         return ",".join(_net_render(n) for n in value or ())
+
+
+class AccessFilter(Type):
+    """A Messaging Server access filter (mmproxy/access.py has the syntax), or the absolute name of
+    a file of them: rules on as many lines as wanted (``$`` still separates rules on one line),
+    blank lines and ``#`` comments skipped.  An error names the column at fault (in the file's
+    line, for a file)."""
+
+    name = "access filter or file"
+
+    def convert(self, raw: str, ctx: Optional[Ctx] = None) -> access.Filter:
+        ctx = ctx or Ctx()
+        if not raw.strip().startswith("/"):
+            try:
+                flt = access.parse(raw)
+            except access.FilterSyntaxError as e:
+                raise ValueError("column %d: %s" % ((ctx.column or 1) + e.offset, e.reason)) from None
+        else:
+            path = ctx.path(raw.strip())
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    lines = f.read().splitlines()
+            except OSError as e:
+                raise ValueError("cannot read %s: %s" % (path, e.strerror)) from None
+            rules: List[access.Rule] = []
+            for n, line in enumerate(lines, 1):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    try:
+                        rules += access.parse_rules(line)
+                    except access.FilterSyntaxError as e:
+                        raise ValueError("%s:%d: column %d: %s" % (path, n, e.offset + 1, e.reason)) from None
+            flt = access.Filter(tuple(rules), raw.strip(), path)
+        if flt.names_users:
+            ctx.warn("a user@host pattern names a user: the user is known only after login (mmproxy does no "
+                     "RFC 931 ident lookup), so at connect time only ALL@host and UNKNOWN@host match")
+        return flt
+
+    def render(self, value: Any) -> str:
+        return "" if value is None else value.text
 
 
 # --- formats, capability, ciphers -------------------------------------------------------------------

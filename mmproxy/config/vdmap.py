@@ -89,7 +89,7 @@ def read_vdmap(path: str, *, config_dir: str = "", service: Optional[str] = None
             continue
         if e.value == "":
             continue
-        ctx = Ctx(config_dir, service)
+        ctx = Ctx(config_dir, service, column=e.column)
         try:
             value = p.convert(e.value, ctx)
         except ValueError as ex:

@@ -58,6 +58,10 @@ Default data model: default_directory(n_users=10)
         frank   NO mailHost          password  frank-pw  (in no store)
         latin   mailHost 127.0.0.2   password  the ISO-8859-1 octets b"p\\xe4sswort" ("pässwort"),
                                      NOT valid UTF-8; the UTF-8 of "pässwort" is a wrong password
+        gina    mailHost 127.0.0.2   password  gina-pw   mailAllowedServiceAccess: +imap:ALL EXCEPT 127.0.0.22
+                                     (IMAP from anywhere but 127.0.0.22; nothing else)
+        hank    mailHost 127.0.0.2   password  hank-pw   mailAllowedServiceAccess: +imap:ALL$+popx:ALL
+                                     (a value that does not parse: popx)
         user1..userN  odd k on 127.0.0.2, even k on 127.0.0.3, password pw-userK
     dc=org,o=internet                    objectClass domain
     dc=example,dc=org,o=internet         domain inetDomain mailDomain; inetDomainStatus: active;

@@ -215,6 +215,9 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
              attrs={"mailAlternateAddress": ["erin@alias.example.com"]}),
         User("frank", "example.com", "frank-pw", None, "frank"),
         User("latin", "example.com", "p\u00e4sswort", a, "latin", password_charset="iso-8859-1"),
+        User("gina", "example.com", "gina-pw", a, "gina",
+             attrs={"mailAllowedServiceAccess": ["+imap:ALL EXCEPT 127.0.0.22"]}),
+        User("hank", "example.com", "hank-pw", a, "hank", attrs={"mailAllowedServiceAccess": ["+imap:ALL$+popx:ALL"]}),
         User("carol", "example.org", "carol pw", b, "carol@example.org"),
         User("dave", "example.org", "dave-pw", a, "dave@example.org"),
     ]
