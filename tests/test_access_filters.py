@@ -180,3 +180,26 @@ def test_a_per_user_filter_that_does_not_parse_denies(proxy):
     assert len(lines) == 1 and lines[0].endswith(
         "imap denied: '+imap:ALL$+popx:ALL' does not parse: column 12: unknown service 'popx' (known: imap "
         "imaps pop pops smtp smtps http smime, or * or ALL)"), lines
+
+
+def test_per_user_filter_sees_imaps_on_the_tls_port_and_imap_after_starttls(proxy):
+    """gina may use imap, not imaps: the implicit-TLS port is imaps, a STARTTLS session is imap."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with imaplib.IMAP4_SSL(proxy.host, proxy.imaps_port, ssl_context=ctx) as c:
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[CONTACTADMIN\] Access denied"):
+            c.login("gina", "gina-pw")
+    wait_for_log(proxy, "imaps denied: no allow rule matches")
+    with imaplib.IMAP4(proxy.host, proxy.imap_port) as c:
+        c.starttls(ctx)
+        c.login("gina", "gina-pw")
+
+
+def test_tcpaccess_per_virtual_domain(mail_stack, tmp_path):
+    """vdmap.cfg gives the sessions on 127.0.0.1 a TCPAccess of their own."""
+    vdmap = tmp_path / "vdmap.cfg"
+    vdmap.write_text("vdmap local 127.0.0.1\nlocal:TCPAccess \"-imap:127.0.0.31\"\n")
+    with Proxy(mail_stack.info(), imap={"VirtualDomainFile": str(vdmap), "TCPAccess": "-imap:127.0.0.32"}) as p:
+        refused(p, p.imap_port, "127.0.0.31", imap.ACCESS_DENIED)
+        with ImapFrom(p.host, p.imap_port, "127.0.0.32") as c:      # the service's own filter is replaced
+            c.login("alice", "alice-pw")
