@@ -18,6 +18,7 @@ import pwd
 import resource
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -28,7 +29,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from mmproxy import logs, pump, session
+from mmproxy import logs, pump, session, state
 from mmproxy.config import Config, Problem, load_config
 from mmproxy.config.types import Endpoint
 from mmproxy.errors import ConfigError
@@ -117,6 +118,15 @@ def running_pid(config_dir: str) -> Optional[int]:
     return pid
 
 
+def _run_as(user: Optional[str], group: Optional[str]) -> Optional[Tuple[int, int]]:
+    """(uid, gid) that BeTheUser/BeTheGroup will switch to, or None when the process stays as it is."""
+    if (not user and not group) or os.geteuid() != 0:
+        return None
+    pw = pwd.getpwnam(user) if user else None
+    gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getegid())
+    return (pw.pw_uid if pw else os.geteuid(), gid)
+
+
 def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
     """BeTheUser / BeTheGroup: once the ports are bound (and keys read), stop being root."""
     if not user and not group:
@@ -189,6 +199,10 @@ class AService:
         a = self.config.aservice
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
         session.set_worker(self.worker)
+        if self.worker is None:
+            state.use(state.LocalState.create(_run_as(a.BeTheUser, a.BeTheGroup)))
+        else:
+            state.store().worker = self.worker
         _raise_nofile()
         gevent.get_hub().NOT_ERROR += (AcceptBackoff,)     # paused accepts are not worth a traceback
         try:
@@ -206,6 +220,8 @@ class AService:
                     self._listen(service, ep.host, ep.port)
         except (ConfigError, OSError):
             self.close_listeners()
+            if self.worker is None:
+                state.store().remove()
             raise
         if self.worker is None:
             with open(pid_file(self.config.dir), "w") as f:
@@ -253,6 +269,7 @@ class AService:
             svc.close()
         if self.worker is None:
             _unlink(pid_file(self.config.dir))
+            state.store().remove()
         self.stopped.set()
 
     def refresh(self) -> None:
@@ -280,7 +297,6 @@ class AService:
 
     def _swap(self, old: Service, new: Service) -> None:
         # The listeners' handlers hold the old object: give it the new settings in place.
-        new.limits.counts = old.limits.counts          # sessions already counted stay counted
         old_directory = getattr(old, "directory", None)
         old.__dict__.update({k: v for k, v in new.__dict__.items() if k != "sessions"})
         if old_directory is not None:                   # SMTP has none
@@ -308,6 +324,7 @@ class Master:
         self.due: Dict[int, float] = {}         # worker number -> when to start it again
         self.pending: List[int] = []
         self.stopping = False
+        self.state: Optional[state.LocalState] = None      # the master's own handle on the store
 
     def start(self) -> None:
         a = self.config.aservice
@@ -322,6 +339,11 @@ class Master:
                                           % (entry.file, ep.host or "*", ep.port, e.strerror)) from None
         with open(pid_file(self.config.dir), "w") as f:
             f.write("%d\n" % os.getpid())
+        # made before the workers are forked: they all open it; the master forgets the connections
+        # of a worker that died (through its own handle: the master has no hub to wait on)
+        store = state.LocalState.create(_run_as(a.BeTheUser, a.BeTheGroup))
+        state.use(store)
+        self.state = state.LocalState(store.path, sleep=_orig("time", "sleep"))
         for sig in _SIGNALS:
             _orig("signal", "signal")(sig, lambda signum, frame: self.pending.append(signum))
         for i in range(self.n):
@@ -384,6 +406,7 @@ class Master:
                 i = self.pids.pop(pid, None)
                 if i is not None and not self.stopping:
                     log.error("worker %d (pid %d) exited with status %d; starting a new one", i, pid, status)
+                    self._forget(i)
                     self.due[i] = time.monotonic() + self.RESPAWN_DELAY
             for i, when in list(self.due.items()):
                 if self.stopping:
@@ -393,6 +416,20 @@ class Master:
                     self._spawn(i)
             sleep(self.POLL)
         _unlink(pid_file(self.config.dir))
+        state.store().remove()
+        if self.state is not None:
+            self.state.close()
+
+    def _forget(self, worker: int) -> None:
+        """A worker died: the connections it counted (ConnLimits) are closed; give their slots back."""
+        assert self.state is not None
+        try:
+            n = self.state.forget_worker(worker)
+        except (state.StateBusy, sqlite3.Error) as e:
+            log.error("connections of worker %d not given back: %s", worker, e)
+            return
+        if n:
+            log.info("gave back %d connection slot(s) of worker %d", n, worker)
 
 
 def _orig(module: str, name: str) -> Any:

@@ -1,25 +1,34 @@
 """ConnLimits: how many connections one client address may hold at once (legacy ``IP|MASK:NUM`` rules).
 
-An admission check answers yes or no; the protocol phrases the refusal.  Counts live in the worker
-process that accepted the connection (with ``NumThreads`` > 1 each worker counts its own).
+An admission check answers yes or no; the protocol phrases the refusal.  The counts live in the
+box's per-client state store (:mod:`mmproxy.state`), so a limit holds for every worker process
+together.
 """
 from __future__ import annotations
 
 import ipaddress
-from typing import Dict, Optional, Sequence, Tuple, Union
+import logging
+from typing import Callable, Optional, Sequence, Tuple, Union
 
+from mmproxy import state
 from mmproxy.addresses import address_key, unmapped
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+log = logging.getLogger("mmproxy.state")
+
+
+def _nothing() -> None:
+    pass
 
 
 class ConnLimits:
-    """``IP|MASK:NUM`` rules, most specific first: the first rule that covers a client address sets
-    how many connections that address may hold at once; an address no rule covers is not limited."""
+    """``IP|MASK:NUM`` rules of one service, most specific first: the first rule that covers a
+    client address sets how many connections that address may hold at once; an address no rule
+    covers is not limited (and not counted)."""
 
-    def __init__(self, rules: Sequence[Tuple[Network, int]]) -> None:
+    def __init__(self, rules: Sequence[Tuple[Network, int]], service: str) -> None:
         self.rules = tuple(rules)
-        self.counts: Dict[str, int] = {}
+        self.service = service
 
     def limit_for(self, ip: str) -> Optional[int]:
         """The number of connections ``ip`` may hold, or None when no rule covers it."""
@@ -32,21 +41,25 @@ class ConnLimits:
                 return limit
         return None
 
-    def acquire(self, ip: str) -> bool:
-        """Count one more connection from ``ip``; False (nothing counted) when over its limit."""
+    def admit(self, ip: str) -> Tuple[bool, Callable[[], None]]:
+        """Whether one more connection from ``ip`` is allowed, and what gives its slot back when it
+        ends.  When the store stays busy the connection is admitted uncounted (fail open: a
+        client is never refused for the proxy's own trouble) and a warning logged."""
         key = address_key(ip)
         limit = self.limit_for(key)
-        n = self.counts.get(key, 0)
-        if limit is not None and n >= limit:
-            return False
-        self.counts[key] = n + 1
-        return True
+        if limit is None:
+            return True, _nothing
+        store = state.store()
+        try:
+            if not store.acquire(self.service, key, limit):
+                return False, _nothing
+        except state.StateBusy as e:
+            log.warning("ConnLimits not counted for %s: %s", key, e)
+            return True, _nothing
 
-    def release(self, ip: str) -> None:
-        """Give back one connection of ``ip``."""
-        key = address_key(ip)
-        n = self.counts.get(key, 0) - 1
-        if n > 0:
-            self.counts[key] = n
-        else:
-            self.counts.pop(key, None)
+        def release() -> None:
+            try:
+                store.release(self.service, key)
+            except state.StateBusy as e:
+                log.warning("ConnLimits slot of %s not given back: %s", key, e)
+        return True, release

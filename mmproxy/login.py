@@ -26,7 +26,16 @@ from mmproxy.errors import (
 from mmproxy.loginid import LoginId, replay_id, split_login
 from mmproxy.logs import DETAIL
 from mmproxy.pump import Pump
-from mmproxy.session import PRELOGIN_DEADLINE, PRELOGIN_IDLE, Line, Service, Session, failure_kind, log_end_line
+from mmproxy.session import (
+    PRELOGIN_DEADLINE,
+    PRELOGIN_IDLE,
+    Line,
+    Service,
+    Session,
+    failure_kind,
+    is_login_failure,
+    log_end_line,
+)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LOGIN_ID = 256           # octets of a login id (RFC 4616 lets PLAIN carry 255 UTF-8 characters)
@@ -144,6 +153,8 @@ class LoginSession(Session):
 
     # ------------------------------------------------------------------ failures
     def fail(self, e: BaseException) -> None:
+        if is_login_failure(e):
+            self.bad_guys(failed=True)
         super().fail(e)
         if self.state is self.AUTHENTICATING:
             self.state = self.LOGIN_STATE
@@ -297,6 +308,7 @@ class LoginSession(Session):
         finally:
             if reply is None:                      # refused, failed, or the session was killed
                 store.close()
+        self.bad_guys(failed=False)
         self.logged_in(target)
         self.send(reply)
         self.log.info("login user=%s store=%s", target.login.canonical, target)

@@ -16,9 +16,8 @@ import os
 import time
 from typing import List, Optional, Tuple
 
-from mmproxy import __version__, sasl
+from mmproxy import __version__, authservice, sasl
 from mmproxy.addresses import unmapped
-from mmproxy.authservice import RECORDS
 from mmproxy.backend import Store
 from mmproxy.errors import (
     AccessDenied,
@@ -247,7 +246,7 @@ class PopSession(LoginSession):
             ip = str(unmapped(req.args[0].decode("ascii")))
         except (ValueError, UnicodeDecodeError):
             raise ClientSyntaxError("XQUERYAUTH needs an IP address") from None
-        rec = RECORDS.lookup(ip)
+        rec = authservice.lookup(ip)
         if rec is None:
             self.send("-ERR [AUTH] No login from %s" % ip)
         else:
@@ -352,7 +351,7 @@ class PopSession(LoginSession):
     # ------------------------------------------------------------------ the login
     def logged_in(self, target: Target) -> None:
         """POP before SMTP: a verified login (directory or store) is recorded for AuthServiceTTL."""
-        RECORDS.record(self.client_ip, target.login.canonical, target.cfg.AuthServiceTTL)
+        authservice.record(self.client_ip, target.login.canonical, target.cfg.AuthServiceTTL)
 
     def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
         """As for every protocol, but a store that cannot be reached shows the spoofed maildrop

@@ -31,8 +31,10 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tupl
 
 import gevent
 
-from mmproxy import hostnames, tls
+from mmproxy import hostnames, state, tls
 from mmproxy.access import Host
+from mmproxy.addresses import address_key
+from mmproxy.badguys import BadGuys
 from mmproxy.connlimits import ConnLimits
 from mmproxy.errors import (
     AccessDenied,
@@ -125,9 +127,14 @@ class Service:
         self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self.cfg.SSLEnable else None
         self.ssl_ports = {(e.host, e.port) for e in (self.cfg.SSLPorts or [])}
         self.sessions: set = set()
-        self.limits = ConnLimits(self.cfg.ConnLimits or ())
+        self.limits = ConnLimits(self.cfg.ConnLimits or (), self.kind)
+        self.badguys = BadGuys.from_cfg(self.cfg) if self.counts_failures() else None
         self.commands: Mapping[str, Verb] = self.session_class.COMMANDS    # the table its sessions use
         self.log = logging.getLogger("mmproxy." + self.kind)
+
+    def counts_failures(self) -> bool:
+        """Whether failed authentications make the client address wait (BadGuys)."""
+        return True
 
     def implicit_tls(self, host: str, port: int) -> bool:
         """Whether the listener ``host:port`` is in SSLPorts (TLS from the first byte)."""
@@ -137,8 +144,8 @@ class Service:
         """One accepted connection, start to end (the listener's handler)."""
         if not self.admit(sock, addr, implicit_tls):
             return
-        ip = addr[0]
-        if not self.limits.acquire(ip):
+        admitted, release = self.limits.admit(addr[0])
+        if not admitted:
             self.log.warning("[%s:%d] refused: more than %s connections from this address (ConnLimits)",
                              addr[0], addr[1], self.limits.limit_for(addr[0]))
             self.refuse(sock, self.session_class.TOO_MANY_CONNECTIONS, implicit_tls)
@@ -146,12 +153,12 @@ class Service:
         try:
             session = self.session_class(self, sock, addr)
         except (OSError, ValueError) as e:        # the client is gone already; an unusable vdmap.cfg value
-            self.limits.release(ip)
+            release()
             self.log.error("[%s:%d] cannot start a session: %s: %s", addr[0], addr[1], type(e).__name__, e,
                            exc_info=self.log.isEnabledFor(logging.DEBUG))
             self.refuse(sock, self.session_class.INTERNAL_ERROR, implicit_tls)
             return
-        session.release = lambda: self.limits.release(ip)
+        session.release = release
         self.sessions.add(session)
         try:
             session.run(implicit_tls)
@@ -420,7 +427,7 @@ class Session:
             self.bad += 1
             if self.bad >= MAX_BAD_COMMANDS:
                 lines, end, reason = [*lines, self.BYE_TOO_MANY], True, "too many bad commands"
-        elif isinstance(e, AuthFailed) or (isinstance(e, StoreRefused) and e.bad_credentials):
+        elif is_login_failure(e):
             self.auth_failures += 1
             if self.auth_failures >= MAX_AUTH_FAILURES and not end:
                 lines, end, reason = [*lines, self.BYE_AUTH_FAILURES], True, "too many failed logins"
@@ -466,6 +473,36 @@ class Session:
         log_end_line(self.log, reason, state.value if state is not None else "-", self.describe(), self.started,
                      received, sent)
 
+    # ------------------------------------------------------------------ BadGuys
+    def bad_guys(self, failed: bool) -> None:
+        """BadGuys (badguys.py), just before the answer to an authentication: this session waits
+        the client address's sentence as it stood (a timer for this session only; never before
+        the greeting, which would pin connections and ConnLimits slots).  A failure (``failed``)
+        lengthens the sentence first, for every worker; a success after failures is forgiven
+        after its wait.  The proxy's own trouble with the state store never delays anybody."""
+        rules = self.service.badguys
+        if rules is None or not rules.active or rules.exempt(self.client_ip):
+            return
+        key = address_key(self.client_ip)
+        store = state.store()
+        try:
+            sentence = store.penalty(self.kind, key)
+            wait = rules.sentence(sentence, store.clock())
+            if failed:
+                badness = store.add_penalty(self.kind, key, rules.after_failure, rules.keep)
+                self.log.debug("BadGuys: %s now waits %.1fs", key, badness)
+        except state.StateBusy as e:
+            self.log.warning("BadGuys not applied: %s", e)
+            return
+        if wait > 0:
+            self.log.info("BadGuys: answer delayed %.1fs (recent failed logins from this address)", wait)
+            gevent.sleep(wait)
+        if not failed and sentence is not None:
+            try:
+                store.forgive(self.kind, key)
+            except state.StateBusy as e:
+                self.log.warning("BadGuys: %s not forgiven: %s", key, e)
+
     # ------------------------------------------------------------------ TLS
     def wrap_tls(self) -> None:
         """The server side of a TLS handshake on the client socket, within HANDSHAKE_TIMEOUT."""
@@ -503,6 +540,12 @@ def log_end_line(log: logging.LoggerAdapter, reason: str, state: str, describe: 
     out <bytes to the client> B)``, at DETAIL (LogLevel 2 and up), as Dovecot's disconnect line."""
     log.log(DETAIL, "session end: %s (state %s%s, %ds, in %d B, out %d B)", reason, state,
             ", " + describe if describe else "", time.monotonic() - started, received, sent)
+
+
+def is_login_failure(e: BaseException) -> bool:
+    """A login refused for its credentials (by the directory or by the store): counted per
+    connection (MAX_AUTH_FAILURES) and per client address (BadGuys)."""
+    return isinstance(e, AuthFailed) or (isinstance(e, StoreRefused) and e.bad_credentials)
 
 
 def failure_kind(e: BaseException) -> str:

@@ -73,9 +73,8 @@ from typing import Dict, List, Optional, Tuple
 
 import gevent
 
-from mmproxy import __version__, hostnames, sasl, tls
+from mmproxy import __version__, authservice, hostnames, sasl, tls
 from mmproxy.addresses import unmapped
-from mmproxy.authservice import RECORDS
 from mmproxy.errors import (
     BackendError,
     BackendUnavailable,
@@ -412,7 +411,7 @@ class SmtpSession(Session):
     def pop_before_smtp_user(self) -> Optional[str]:
         if not self.cfg.PopBeforeSmtpKludgeChannel:
             return None
-        rec = RECORDS.lookup(self.client_ip)
+        rec = authservice.lookup(self.client_ip)
         return rec.user if rec is not None else None
 
     def client_name(self) -> str:
@@ -554,6 +553,8 @@ class SmtpSession(Session):
                 raise
             self.log.debug("C: ********")
             r = relay.command(response)
+        if r.code in (235, 535):
+            self.bad_guys(failed=r.code == 535)
         self.answer(r)
         if r.code == 235:
             self.authenticated = True
@@ -704,6 +705,9 @@ class SmtpService(Service):
         extra_verbs = {k for k in listed - NEVER_PASSED if re.fullmatch(r"[A-Z][A-Z0-9]*", k)} - set(self.commands)
         forward = self.commands["MAIL"]                 # the row of every forwarded verb
         self.commands = {**self.commands, **dict.fromkeys(extra_verbs, forward)}
+
+    def counts_failures(self) -> bool:
+        return bool(self.cfg.SmtpBadGuys)
 
     def relay_order(self) -> List[Tuple[str, int]]:
         """Relays to try, starting one further each session; those that failed lately come last."""

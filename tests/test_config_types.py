@@ -31,6 +31,7 @@ SSLSecmodFile RestrictPlainPasswords VirtualDomainFile CRAMs SpoofEmptyMailbox S
 AuthServiceTTL SmtpRelays SmtpProxyPassword EhloKeywords FailoverTimeout PopBeforeSmtpKludgeChannel ClientLookup
 SmtpRelayProxyProtocol BeTheUser BeTheGroup ConnLimits TCPAccess TCPAccessAttr""".split()
 SUPPORTED += "SSLBacksidePort SSLBacksideCAFile SSLMinVersion".split()           # TLS (issue 8)
+SUPPORTED += "BGMax BGPenalty BGMaxBadness BGDecay BGLinear BGExcluded SmtpBadGuys".split()   # BadGuys (issue 8)
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():
@@ -85,7 +86,7 @@ def test_every_default_renders_and_parses_back(p):
 
 def test_support_problem():
     assert support_problem(lookup("PreAuth"), True) is None
-    assert support_problem(lookup("BGMax"), 5)[0] == "warning"
+    assert support_problem(lookup("AuthenticationLdapAttributes"), ("cn",))[0] == "warning"
     assert support_problem(lookup("CertmapFile"), "/x")[0] == "error"
     assert "refuses to start" in support_problem(lookup("CertmapFile"), "/x")[1]
 

@@ -829,3 +829,36 @@ def test_xclient_addr_forms():
     assert xclient.xclient_addr("127.0.0.9") == "127.0.0.9"
     assert xclient.xclient_addr("::ffff:127.0.0.9") == "127.0.0.9"
     assert xclient.xclient_addr("2001:db8::9") == "IPV6:2001:db8::9"
+
+
+def test_auth_failures_delay_only_with_smtp_badguys(mail_stack, proxy, relay):
+    """The seed: BadGuys does not apply to the SMTP proxy, so the relay's 535 delays nothing by
+    default; SmtpBadGuys yes (an mmproxy extension) makes it count with the BG parameters of
+    SmtpProxyAService.cfg; a success after failures waits once and is forgiven."""
+    def attempt(p, password, source):
+        c = client(p, source=source)
+        t = time.monotonic()
+        try:
+            c.user, c.password = SASL_USER, password
+            code = c.auth("PLAIN", c.auth_plain)[0]          # one AUTH (login() tries every mechanism)
+        except smtplib.SMTPAuthenticationError as e:
+            code = e.smtp_code
+        c.quit()
+        return code, time.monotonic() - t
+
+    # Postfix itself answers failed AUTHs later and later (smtpd_error_sleep_time and more): the
+    # delays are read from the proxy's log, one line per delayed answer
+    def delays(p, source):
+        return [line.rsplit("answer delayed ", 1)[1].split("s ")[0] for line in proxy_log(p).splitlines()
+                if "BadGuys: answer delayed" in line and "[smtp %s:" % source in line]
+
+    assert [attempt(proxy, "wrong", "127.0.0.93")[0] for _ in range(2)] == [535, 535]
+    assert delays(proxy, "127.0.0.93") == []                 # the module's proxy: not delayed
+    with Proxy(mail_stack.info(), imap=False, tls=None,
+               smtp=smtp_settings([hp(relay)], SmtpBadGuys=True, BGPenalty=1, BGDecay=60)) as p:
+        assert [attempt(p, "wrong", "127.0.0.94")[0] for _ in range(2)] == [535, 535]
+        assert delays(p, "127.0.0.94") == ["1.0"]
+        code, took = attempt(p, SASL_PW, "127.0.0.94")
+        assert code == 235 and took >= 2.0 and delays(p, "127.0.0.94") == ["1.0", "2.0"]
+        assert attempt(p, "wrong", "127.0.0.94")[0] == 535    # forgiven: not delayed
+        assert delays(p, "127.0.0.94") == ["1.0", "2.0"]

@@ -66,6 +66,7 @@ def _group(group: str, *rows: Tuple[Any, ...]) -> None:
 
 _SUP = {"supported": True}
 _IPS = "I P S"
+_BG = dict(_SUP, honoured_in="S")         # BadGuys: SMTP too with SmtpBadGuys
 
 _group(
     "Services and process",
@@ -177,13 +178,18 @@ _group(
      {"per_domain": True, "supported": True}),
     ("ConnLimits", t.ConnLimits(), "0.0.0.0|0.0.0.0:20", _IPS,
      "simultaneous connections per client address: IP|MASK:NUM,... or a file, most specific first "
-     "(counted per worker process)", _SUP),
-    ("BGMax", t.Int(min=0), 10000, "I P", "BadGuys: how many failing client addresses are tracked"),
-    ("BGPenalty", t.Int(min=0), 2, "I P", "BadGuys: seconds added per authentication failure"),
-    ("BGMaxBadness", t.Int(min=0), 60, "I P", "BadGuys: longest delay in seconds"),
-    ("BGDecay", t.Int(min=0), 900, "I P", "BadGuys: seconds until a penalty is forgiven"),
-    ("BGLinear", t.Bool(), "no", "I P", "BadGuys: penalties decay linearly (no: all at once on expiry)"),
-    ("BGExcluded", t.Networks(), "", "I P", "BadGuys: client IP|MASK pairs never penalised, or a file of them"),
+     "(counted for all worker processes together)", _SUP),
+    ("BGMax", t.Int(min=0), 10000, "I P", "BadGuys: how many failing client addresses are remembered (the "
+     "oldest last failure forgotten first)", _BG),
+    ("BGPenalty", t.Int(min=0), 2, "I P", "BadGuys: seconds added to an address's delay per authentication failure",
+     _BG),
+    ("BGMaxBadness", t.Int(min=0), 60, "I P", "BadGuys: longest delay in seconds", _BG),
+    ("BGDecay", t.Int(min=0), 900, "I P", "BadGuys: seconds after the last failure until the delay is forgiven", _BG),
+    ("BGLinear", t.Bool(), "no", "I P", "BadGuys: the delay falls linearly to 0 over BGDecay (no: all at once "
+     "when BGDecay has passed)", _BG),
+    ("BGExcluded", t.Networks(), "", "I P", "BadGuys: client IP|MASK pairs never penalised, or a file of them", _BG),
+    ("SmtpBadGuys", t.Bool(), "no", "S", "mmproxy extension: BadGuys for SMTP AUTH too (a relay's 535 counts as a "
+     "failure; the BG parameters of SmtpProxyAService.cfg apply); the legacy feature does not cover SMTP", _SUP),
 )
 _group(
     "POP before SMTP",

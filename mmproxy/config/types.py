@@ -474,8 +474,11 @@ Network = Any  # ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_network(text: str) -> Network:
-    """``IP|MASK`` with a dotted mask or a prefix length."""
+    """``IP|MASK`` (or ``IP/MASK``, as the legacy manual writes BGExcluded pairs) with a dotted
+    mask or a prefix length."""
     ip, sep, mask = text.partition("|")
+    if not sep:
+        ip, sep, mask = text.partition("/")
     if not sep:
         raise ValueError("%r is not IP|MASK" % text)
     try:

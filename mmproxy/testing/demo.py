@@ -31,7 +31,8 @@ def main(argv: list | None = None) -> int:
         info = stack.info()
         cert = make_cert(os.path.join(stack.workdir, "tls"))
         with Proxy(info, tls=cert, workdir=os.path.join(stack.workdir, "mmproxy"),
-                   imap_port=_port(1143), imaps_port=_port(1993), pop={},
+                   imap={"BGPenalty": 2}, pop={"BGPenalty": 2},          # BadGuys as the legacy default
+                   imap_port=_port(1143), imaps_port=_port(1993),
                    pop_port=_port(1110), pops_port=_port(1995),
                    smtp={"SmtpRelays": "%s:%d" % (info["smtp"]["host"], info["smtp"]["port"]),
                          "SmtpProxyPassword": "demo"}, smtp_port=_port(1025), smtps_port=_port(1465)) as proxy:

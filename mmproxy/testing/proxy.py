@@ -91,6 +91,9 @@ class Proxy:
                 "LdapURL": "%s/o=internet" % ldap["url"], "BindDN": ldap["bind_dn"], "BindPass": ldap["bind_pw"],
                 "HostedDomains": True, "DefaultDomain": "example.com", "PreAuth": True,
                 "BacksidePort": self.info["imap_port" if kind == "imap" else "pop3_port"],
+                # BadGuys (on by default, as in the legacy product) off unless asked for: tests fail
+                # logins on purpose, from the same few addresses
+                "BGPenalty": 0,
             })
         if kind == "imap":
             out["ServerDownAlert"] = "Your IMAP server appears to be temporarily out of service."
