@@ -8,6 +8,7 @@ import time
 import gevent
 
 from mmproxy.testing.proxy import Proxy
+
 from helpers import RawClient, proxy_log, wait_for_log
 
 FAILED = "NO [AUTHENTICATIONFAILED] Authentication failed."
