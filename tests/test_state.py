@@ -197,3 +197,35 @@ def test_concurrent_failures_all_count(store):
         return True
     assert children(2, work) == [0, 0]
     assert store.penalty("pop", "127.0.0.3").badness == 200
+
+
+def test_a_busy_store_never_blocks_the_hub(store):
+    """Another process holds the write lock for 0.6 s: an update waits for it from the hub (the
+    retries sleep in gevent), and other greenlets keep running meanwhile."""
+    import gevent
+    r, w = os.pipe()
+    pid = fork()
+    if pid == 0:
+        db = LocalState(store.path, sleep=real_sleep).db()
+        db.execute("BEGIN IMMEDIATE")
+        os.write(w, b"x")
+        real_sleep(0.6)
+        db.rollback()
+        os._exit(0)
+    os.read(r, 1)
+    ticks = []
+
+    def tick():
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.02)
+    ticker = gevent.spawn(tick)
+    t = time.monotonic()
+    try:
+        assert store.acquire("imap", "127.0.0.8", 3)
+    finally:
+        ticker.kill()
+        os.waitpid(pid, 0)
+    waited = time.monotonic() - t
+    assert 0.4 < waited < 2.0
+    assert len([x for x in ticks if t <= x <= t + waited]) >= 10
