@@ -367,7 +367,8 @@ def b64(data):
 
 SASL_BLOB = st.one_of(
     st.binary(max_size=60).map(b64),
-    st.tuples(st.sampled_from([b"", b"alice", b"bob@example.com"]), st.sampled_from([b"alice", b"", b"\xff\xfe", b"x" * 300]),
+    st.tuples(st.sampled_from([b"", b"alice", b"bob@example.com"]),
+              st.sampled_from([b"alice", b"", b"\xff\xfe", b"x" * 300]),
               st.binary(max_size=20)).map(lambda t: b64(b"\0".join(t))),
     st.sampled_from([b"=", b"*", b"", b" * ", b"====", b"a===", b"YWxpY2U", b"YWxpY2U=\x00", b"\xff\xfe",
                      b"*\x00", b"AGFsaWNlAA==" * 3]),
@@ -570,7 +571,8 @@ def smtp_bdat(draw):
     size = draw(st.integers(0, 300))
     head = b"BDAT " + draw(st.sampled_from([b"%d", b"%d LAST", b"%d last", b" %d", b"%d  LAST ", b"0%d", b"%dx",
                                             b"-%d", b"%d LAST extra"])) % size
-    body = draw(st.sampled_from([b"a", b"\r\n", b"\n", b"\r", b"\x00"])) * max(0, size + draw(st.sampled_from([0, 0, -2, 3])))
+    count = max(0, size + draw(st.sampled_from([0, 0, -2, 3])))
+    body = draw(st.sampled_from([b"a", b"\r\n", b"\n", b"\r", b"\x00"])) * count
     return [piece(b"EHLO fuzz.example\r\nMAIL FROM:<fuzz@example.net>\r\nRCPT TO:<bob@example.com>\r\n"),
             piece(head + draw(EOL)), piece(body)]
 
