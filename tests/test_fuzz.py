@@ -323,10 +323,15 @@ class Canary:
         assert not self.failures, "the canary failed: %s" % self.failures
 
     def stop(self):
+        """End the loop, then one more round in the caller's greenlet (the canary after the batch)."""
         self.stopping.set()
         if self.greenlet is not None:
             self.greenlet.join(2 * CANARY_LIMIT)
-        self.session.sock.close()
+        try:
+            self.check()
+            self.one_round()
+        finally:
+            self.session.sock.close()
 
 
 @pytest.fixture
@@ -343,10 +348,7 @@ def watch(proxy, mail_stack):
         canary.check()
 
     yield check
-    try:
-        canary.one_round()                   # once more, after the batch, in this greenlet
-    finally:
-        canary.stop()
+    canary.stop()
     check()
     assert canary.rounds >= 2, "the canary hardly ran (%d rounds)" % canary.rounds
     time.sleep(0.2)
