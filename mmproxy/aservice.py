@@ -181,6 +181,27 @@ def runtime_problems(config: Config) -> List[Problem]:
                 tls.store_context(cfg)
             except ConfigError as e:
                 out.append(problem(cfg, entry.file, "SSLBacksideCAFile", "error", str(e)))
+            out += certmap_problems(cfg, entry.file, problem)
+    return out
+
+
+def certmap_problems(cfg: Any, file: str, problem: Any) -> List[Problem]:
+    """CertmapFile: the file parses (``certmap.conf:line: what``), and what a certificate login
+    needs besides is set: TLS, the CAs that client certificates chain to, the store administrator."""
+    from mmproxy.certmap import Certmap, CertmapError
+    if not cfg.CertmapFile:
+        return []
+    out = []
+    try:
+        Certmap.load(cfg.CertmapFile)
+    except CertmapError as e:
+        out.append(Problem(e.file, e.line, "error", e.message))
+    except ConfigError as e:
+        out.append(problem(cfg, file, "CertmapFile", "error", str(e)))
+    missing = [n for n in ("SSLEnable", "SSLClientCAFile", "StoreAdmin", "StoreAdminPass") if not getattr(cfg, n)]
+    if missing:
+        out.append(problem(cfg, file, "CertmapFile", "error", "CertmapFile needs %s for certificate logins"
+                           % " and ".join(missing)))
     return out
 
 

@@ -23,6 +23,7 @@ import gevent
 import gevent.monkey
 import ldap
 import ldap.dn
+import ldap.filter
 from cachetools import TTLCache
 from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
@@ -286,6 +287,39 @@ class Directory:
             host = next((a[h.lower()][0] for h in self.mailhost_attrs if a.get(h.lower())), None)
             return User(dn, a, host)
         return domain, self._cached(("user", domain.user_base, flt, tuple(attrs)), load)
+
+    def certificate_entries(self, base: str, base_only: bool, terms: Sequence[Tuple[str, str]],
+                            cert_der: Optional[bytes] = None) -> List[Tuple[str, Dict[str, List[str]]]]:
+        """The entries one certmap.conf search finds (CertmapFile; at most two: more is ambiguous),
+        with their uid and mail: under ``base`` (only ``base`` itself when ``base_only``), having
+        every (attribute, value) of ``terms`` (values escaped here, RFC 4515; the attribute names
+        come from the certmap file).  With ``cert_der`` (VerifyCert on), only entries whose
+        userCertificate holds exactly that certificate.  Never cached: a certificate login is rare
+        and a revoked mapping must take effect at once.  AuthTempFail when the directory fails."""
+        if not ldap.dn.is_dn(base):
+            return []                    # a certificate subject that is no DN maps to nobody
+        flt = ("(&%s)" % "".join("(%s=%s)" % (a, ldap.filter.escape_filter_chars(v)) for a, v in terms)
+               if terms else "(objectClass=*)")
+        attrs = ["uid", "mail"] + (["userCertificate;binary"] if cert_der is not None else [])
+
+        def fn(conn: Any) -> Any:
+            try:
+                return conn.search_ext_s(base, ldap.SCOPE_BASE if base_only else ldap.SCOPE_SUBTREE, flt, attrs,
+                                         timeout=OP_TIMEOUT, sizelimit=2)
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            except ldap.SIZELIMIT_EXCEEDED:
+                return [("", {}), ("", {})]    # more than one match: ambiguous
+        out = []
+        for dn, a in self._job(self.searchers, True, fn):
+            if dn is None:
+                continue
+            certs = [v for k, vs in a.items() if k.lower().startswith("usercertificate") for v in vs]
+            if cert_der is not None and dn and cert_der not in certs:
+                continue
+            out.append((dn, {k.lower(): [v.decode("utf-8", "replace") for v in vs]
+                             for k, vs in a.items() if not k.lower().startswith("usercertificate")}))
+        return out
 
     def read_password(self, user: User) -> Optional[bytes]:
         """The clear-text userPassword (octets, as stored) for a challenge-response login (APOP,

@@ -224,11 +224,12 @@ class ImapSession(LoginSession):
     def capabilities(self) -> str:
         """What the client is told before login (made once per service and TLS state)."""
         shared = self.cfg is self.service.cfg          # no virtual-domain settings of its own
-        text = self.service.capabilities.get(self.tls_active) if shared else None
+        key = (self.tls_active, self.peer_cert is not None and self.certificate_mapped)
+        text = self.service.capabilities.get(key) if shared else None
         if text is None:
             text = self._capabilities()
             if shared:
-                self.service.capabilities[self.tls_active] = text
+                self.service.capabilities[key] = text
         return text
 
     def _capabilities(self) -> str:
@@ -383,7 +384,8 @@ class ImapSession(LoginSession):
         self.login(credentials(req.args[0], req.args[1]))
 
     def cmd_AUTHENTICATE(self, req: Request) -> None:
-        """RFC 9051 6.2.2 with SASL PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195) and SASL-IR (RFC 4959)."""
+        """RFC 9051 6.2.2 with SASL PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195), EXTERNAL (RFC 4422
+        appendix A: a client certificate, CertmapFile) and SASL-IR (RFC 4959)."""
         self.login(self.sasl(req.args[0], req.args[1] if len(req.args) > 1 else None))
 
     COMMANDS = {
@@ -417,7 +419,11 @@ class ImapSession(LoginSession):
         # send "* OK Waiting for authentication process" before its real greeting): never the
         # client's.  Those after it answer the LOGIN ([ALERT]) and are passed on.
         answered_id = False
-        if user_q is not None and pass_q is not None:
+        if self.store_admin is not None:
+            # a certificate login: StoreAdmin logs in on the user's behalf (SASL-IR, RFC 4959)
+            store.send(ident + b"\r\nX1 AUTHENTICATE PLAIN " + self.proxy_plain(target) + b"\r\n")
+            _greeting(store)
+        elif user_q is not None and pass_q is not None:
             # One round trip: the commands wait in the store's socket until it has greeted.
             store.send(ident + b"\r\nX1 LOGIN " + user_q + b" " + pass_q + b"\r\n")
             _greeting(store)
@@ -509,4 +515,4 @@ class ImapService(LoginService):
 
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
-        self.capabilities: Dict[bool, str] = {}       # TLS active? -> the pre-login CAPABILITY
+        self.capabilities: Dict[Tuple[bool, bool], str] = {}   # (TLS active, EXTERNAL) -> the pre-login CAPABILITY

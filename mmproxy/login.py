@@ -12,6 +12,7 @@ from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple, Uni
 
 from mmproxy import access, hostnames, sasl, tls
 from mmproxy.backend import Store
+from mmproxy.certmap import Certmap, normalise_dn, subject_dn
 from mmproxy.directory import Directory, User
 from mmproxy.errors import (
     AccessDenied,
@@ -54,6 +55,7 @@ class Credentials:
     user: str
     password: bytes = b""
     verify: Optional[Callable[["Target"], bytes]] = None
+    external: bool = False       # SASL EXTERNAL: the TLS client certificate; ``user`` the authzid or ""
 
 
 def credentials(user: bytes, password: bytes = b"",
@@ -111,6 +113,7 @@ class LoginService(Service):
         super().__init__(entry)
         self.directory = Directory(self.cfg)
         self.store_tls = tls.store_context(self.cfg)      # SSLBacksidePort; None: plaintext
+        self.certmap = Certmap.load(self.cfg.CertmapFile) if self.cfg.CertmapFile else None
 
     def close(self) -> None:
         self.directory.close()
@@ -140,6 +143,7 @@ class LoginSession(Session):
         self.reader.deadline = self.started + PRELOGIN_DEADLINE
         self.user = ""               # the login id of the present or last attempt, for the log
         self.target: Optional[Target] = None
+        self.store_admin: Optional[Tuple[str, str]] = None   # a certificate login: (StoreAdmin, StoreAdminPass)
 
     # ------------------------------------------------------------------ what a protocol provides
     def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:
@@ -176,7 +180,19 @@ class LoginSession(Session):
     def mechanisms(self) -> List[str]:
         """The SASL mechanisms offered now: PLAIN and LOGIN unless plaintext is refused, CRAM-MD5 with CRAMs."""
         mechs = [] if self.plaintext_refused else ["PLAIN", "LOGIN"]
-        return mechs + (["CRAM-MD5"] if self.cfg.CRAMs else [])
+        return mechs + (["CRAM-MD5"] if self.cfg.CRAMs else []) + (["EXTERNAL"] if self.certificate_mapped else [])
+
+    @property
+    def certificate_mapped(self) -> bool:
+        """A verified client certificate that CertmapFile has a mapping for (its issuer's, or the
+        default): then EXTERNAL is offered.  Whose it is, the directory says at AUTHENTICATE."""
+        cm = self.service.certmap
+        if cm is None or self.peer_cert is None:
+            return False
+        try:
+            return cm.mapping_for(self.peer_cert) is not None
+        except ValueError:
+            return False
 
     def sasl(self, mechanism: bytes, initial: Optional[bytes]) -> Credentials:
         """The exchange of IMAP AUTHENTICATE / POP AUTH (RFC 4422; challenges as ``+ base64``),
@@ -187,6 +203,11 @@ class LoginSession(Session):
                 raise PrivacyRequired("Plaintext authentication is disallowed without TLS")
             raise MechanismUnsupported("Unsupported authentication mechanism", "mechanism %r" % mech[:40])
         self.state = self.AUTHENTICATING
+        if mech == "EXTERNAL":
+            # RFC 4422 appendix A: the client sends only the authorization identity, empty to be
+            # whoever its certificate says (RFC 4959: "=" as an empty initial response)
+            authzid = self.sasl_response(b"", initial)
+            return Credentials(credentials(authzid).user if authzid else "", external=True)
         if mech == "PLAIN":
             authzid, authcid, password = sasl.plain(self.sasl_response(b"", initial))
             if authzid and authzid != authcid:
@@ -251,6 +272,50 @@ class LoginSession(Session):
                 self.log.warning("ignoring a per-domain setting of %s: %s", domain.dn, e)
         return Target(lid, entry, cfg, entry.mailhost or "", replay_id(cfg.ReplayFormat, lid, entry.attrs))
 
+    def certificate_target(self, authzid: str) -> Target:
+        """SASL EXTERNAL: the directory entry the client certificate maps to (CertmapFile, under
+        UserGroupDN), as a Target, and the store login as StoreAdmin on the user's behalf.
+
+        The login id is ``authzid`` when the client gave one (AuthzFailed unless it is the same
+        entry), else the entry's uid (with the domain of its mail address for hosted domains).
+        AuthFailed when the certificate maps to no entry or to several."""
+        cfg, directory = self.cfg, self.service.directory
+        assert self.service.certmap is not None and self.peer_cert is not None    # EXTERNAL is offered only then
+        subject = subject_dn(self.peer_cert)
+        self.user = authzid or subject
+        if not (cfg.StoreAdmin and cfg.StoreAdminPass):
+            raise AuthFailed("certificate login for %s: StoreAdmin and StoreAdminPass are not set" % subject)
+        base = cfg.UserGroupDN or cfg.CertMapDN or directory.base
+        mapping, searches = self.service.certmap.searches(self.peer_cert, base)
+        rows: list = []
+        for search in searches:
+            rows = directory.certificate_entries(search.base, search.base_only, search.terms,
+                                                 self.peer_cert if mapping and mapping.verifycert else None)
+            if rows:
+                break
+        if len(rows) != 1:
+            raise AuthFailed("certificate %s maps to %s (certmap %s)" % (
+                subject, "several entries" if rows else "no entry", mapping.name if mapping else "-"))
+        dn, attrs = rows[0]
+        login = authzid or _login_of(attrs, cfg.HostedDomains)
+        if not login:
+            raise AuthFailed("certificate %s maps to %s, which has no uid" % (subject, dn))
+        self.user = login
+        target = self.locate(login)
+        if normalise_dn(target.user.dn) != normalise_dn(dn):
+            if authzid:
+                raise AuthzFailed("authorization identity %r is not %s, the certificate's entry" % (authzid[:80], dn))
+            raise AuthFailed("certificate %s maps to %s, but %s is %s" % (subject, dn, login, target.user.dn))
+        self.store_admin = (cfg.StoreAdmin, cfg.StoreAdminPass)
+        return target
+
+    def proxy_plain(self, target: Target) -> bytes:
+        """The base64 SASL PLAIN message of a certificate login at the store (RFC 4616): authzid
+        the user's store login, authcid StoreAdmin, StoreAdminPass (a Dovecot master user)."""
+        assert self.store_admin is not None
+        admin, password = self.store_admin
+        return sasl.encode(b"\0".join(v.encode("utf-8") for v in (target.replay, admin, password)))
+
     def login(self, creds: Credentials) -> None:
         """Find the store, verify (PreAuth or challenge-response), replay the login, answer the
         client and hand the connection to the pump.  Every failure is raised for ``fail``."""
@@ -261,9 +326,15 @@ class LoginSession(Session):
         """Find the user's store and check the password where the settings say so: (where the
         login goes, the password to replay, whether the proxy verified it)."""
         self.state = self.AUTHENTICATING
-        self.user, self.target = creds.user, None
-        target = self.target = self.locate(creds.user)
-        if creds.verify is not None:
+        self.user, self.target, self.store_admin = creds.user, None, None
+        if creds.external:
+            target = self.target = self.certificate_target(creds.user)
+            password, verified = b"", True
+        else:
+            target = self.target = self.locate(creds.user)
+        if creds.external:
+            pass                                   # the certificate, mapped by the directory
+        elif creds.verify is not None:
             password, verified = creds.verify(target), True
         elif target.cfg.PreAuth:
             self.service.directory.authenticate(target.user, creds.password)
@@ -340,3 +411,13 @@ class LoginSession(Session):
                              received + p.bytes_up, sent + p.bytes_down)
         Pump(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client, self.GOODBYES)
 
+
+
+def _login_of(attrs: Mapping[str, List[str]], hosted: bool) -> str:
+    """The login id of a directory entry: its uid, with the domain of its mail address when domains
+    are hosted and the uid has none ("alice" + "alice@example.com" -> "alice@example.com")."""
+    uid = (attrs.get("uid") or [""])[0]
+    mail = (attrs.get("mail") or [""])[0]
+    if uid and hosted and "@" not in uid and "@" in mail:
+        return uid + "@" + mail.rpartition("@")[2]
+    return uid

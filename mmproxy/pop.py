@@ -229,7 +229,8 @@ class PopSession(LoginSession):
             target, lambda secret: sasl.apop_digest(self.timestamp, secret), digest)))
 
     def cmd_AUTH(self, req: Request) -> None:
-        """RFC 5034 (PLAIN, LOGIN, CRAM-MD5); without a mechanism, the list of them (RFC 1734 style)."""
+        """RFC 5034 (PLAIN, LOGIN, CRAM-MD5, EXTERNAL with a client certificate); without a mechanism,
+        the list of them (RFC 1734 style)."""
         if not req.args:
             self.send("+OK")
             for m in self.mechanisms():
@@ -388,16 +389,22 @@ class PopSession(LoginSession):
         first = []
         if b"XCLIENT" in caps:
             first.append(b"XCLIENT ADDR=%s PORT=%d\r\n" % (self.client_ip.encode(), self.client_port))
-        first.append(b"USER " + user + b"\r\n")
-        # XCLIENT and USER go together when the store pipelines; PASS always alone: Dovecot holds a
-        # PASS that arrives pipelined behind USER for 40 ms before it authenticates.
-        pass_line = [b"PASS " + password + b"\r\n"]
+        if self.store_admin is not None:
+            # a certificate login: StoreAdmin logs in on the user's behalf (RFC 5034 initial response)
+            pass_line = [b"AUTH PLAIN " + self.proxy_plain(target) + b"\r\n"]
+        else:
+            first.append(b"USER " + user + b"\r\n")
+            # XCLIENT and USER go together when the store pipelines; PASS always alone: Dovecot holds a
+            # PASS that arrives pipelined behind USER for 40 ms before it authenticates.
+            pass_line = [b"PASS " + password + b"\r\n"]
+        if not first:
+            first, pass_line = pass_line, []
         batches = [first, pass_line] if b"PIPELINING" in caps else [[c] for c in first] + [pass_line]
         replies: List[bytes] = []
-        for batch in batches:
+        for batch in filter(None, batches):
             store.send(b"".join(batch))
             replies += [store.readline() for _ in batch]
-            if len(first) == 2 and not replies[0].startswith(b"+OK"):
+            if b"XCLIENT" in caps and not replies[0].startswith(b"+OK"):
                 # never log in from the proxy's own address instead of the client's
                 raise BackendProtocolError("%s refused XCLIENT: %r" % (store, replies[0][:80]))
             if not replies[-1].startswith(b"+OK"):

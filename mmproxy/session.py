@@ -254,6 +254,7 @@ class Session:
         self.sent = 0
         self.reader = LineReader(sock, self.max_line, PRELOGIN_IDLE, self.flush)
         self.tls_active = False
+        self.peer_cert: Optional[bytes] = None      # the client's certificate (DER), verified, when it sent one
         self.state = self.INITIAL
         self.end_state: Any = None          # where the session was when it ended
         self.end_reason = ""
@@ -515,6 +516,7 @@ class Session:
         except (OSError, ssl.SSLError, socket.timeout) as e:
             raise ClientGone("TLS handshake failed: %s" % e) from None
         self.tls_active = True
+        self.peer_cert = self.sock.getpeercert(binary_form=True) or None
         received = self.reader.received
         deadline = self.reader.deadline
         self.reader = LineReader(self.sock, self.max_line, self.reader.idle, self.flush)

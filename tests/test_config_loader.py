@@ -256,8 +256,8 @@ def test_unsupported_parameters(tmp_path):
     config = load_config(d)
     assert msgs(config, "error") == []            # TCPAccess (line 2) and SSLBacksidePort (line 3) are supported
     assert msgs(config, "warning") == [
-        "%s/ImapProxyAService.cfg:4: warning: CertMapDN is recognised, not supported yet: ignored" % d,
-        "%s/ImapProxyAService.cfg:4: warning: CertMapDN is obsolete, superseded by UserGroupDN" % d,
+        "%s/ImapProxyAService.cfg:4: warning: CertMapDN is obsolete, superseded by UserGroupDN; its value is still "
+        "used" % d,
         "%s/PopProxyAService.cfg:1: warning: AuthService yes applies to every client of this service; the legacy "
         "manual advises enabling it per virtual domain only (VirtualDomainFile)" % d]
     assert imap(config).RestrictPlainPasswords is True

@@ -30,7 +30,8 @@ SSLEnable SSLPorts SSLCacheDir SSLCertPrefix SSLCertFile SSLCertNicknames SSLKey
 SSLSecmodFile RestrictPlainPasswords VirtualDomainFile CRAMs SpoofEmptyMailbox SpoofMessageFile AuthService
 AuthServiceTTL SmtpRelays SmtpProxyPassword EhloKeywords FailoverTimeout PopBeforeSmtpKludgeChannel ClientLookup
 SmtpRelayProxyProtocol BeTheUser BeTheGroup ConnLimits TCPAccess TCPAccessAttr""".split()
-SUPPORTED += "SSLBacksidePort SSLBacksideCAFile SSLMinVersion".split()           # TLS (issue 8)
+SUPPORTED += """SSLBacksidePort SSLBacksideCAFile SSLMinVersion SSLClientCAFile CertmapFile StoreAdmin StoreAdminPass
+UserGroupDN CertMapDN""".split()           # TLS (issue 8)
 SUPPORTED += "BGMax BGPenalty BGMaxBadness BGDecay BGLinear BGExcluded SmtpBadGuys".split()   # BadGuys (issue 8)
 
 

@@ -1,7 +1,9 @@
 """TLS end to end: to the store (SSLBacksidePort against Dovecot's imaps/pop3s listeners), the TLS
 policy towards clients (SSLMinVersion, SSLCipherSpecs), certificates checked and reloaded, and
 client-certificate logins (CertmapFile, AUTHENTICATE EXTERNAL / AUTH EXTERNAL, a Dovecot master user)."""
+import base64
 import imaplib
+import poplib
 import signal
 import socket
 import ssl
@@ -14,6 +16,7 @@ from unittest.mock import ANY as mock_any_value
 import gevent
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mmproxy import imap, pop, tls
 from mmproxy.backend import Store
@@ -302,3 +305,160 @@ def cert_serial(p):
 def pem_serial(path):
     with open(path, "rb") as f:
         return x509.load_pem_x509_certificate(f.read()).serial_number
+
+
+# ---------------------------------------------------------------------- client certificates (CertmapFile)
+CERTMAP = """# certmap.conf as the MMP documented it: search the whole UserGroupDN by the e-mail address
+certmap default default
+default:DNComps
+default:FilterComps e=mail
+# certificates of the "other" CA: every inetOrgPerson (a mapping to several entries)
+certmap other %s
+other:DNComps
+other:FilterComps ou=objectClass
+"""
+
+
+@pytest.fixture(scope="module")
+def certmap_proxy(mail_stack, certs, other_ca, tmp_path_factory):
+    """IMAP and POP with client certificates from the stack's CA (and the other CA) mapped by e-mail address."""
+    d = tmp_path_factory.mktemp("certmap")
+    cas = d / "client-cas.pem"
+    cas.write_bytes(open(mail_stack.info()["tls"]["ca"], "rb").read() + open(other_ca.path, "rb").read())
+    issuer = other_ca.cert.subject.rfc4514_string()
+    (d / "certmap.conf").write_text(CERTMAP % issuer)
+    tls_info = mail_stack.info()["tls"]
+    settings = {"CertmapFile": str(d / "certmap.conf"), "SSLClientCAFile": str(cas), "UserGroupDN": "o=internet",
+                "StoreAdmin": tls_info["store_admin"], "StoreAdminPass": tls_info["store_admin_pw"]}
+    with Proxy(mail_stack.info(), tls=certs, imap=dict(settings), pop=dict(settings)) as p:
+        yield p
+
+
+def client_cert_ctx(cert=None):
+    ctx = client_ctx()
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+def tls_raw(p, port, cert=None):
+    """A RawClient over implicit TLS, presenting ``cert`` (cert, key) when given."""
+    r = RawClient(p.host, port)
+    r.sock = client_cert_ctx(cert).wrap_socket(r.sock, server_hostname="localhost")
+    return r
+
+
+@pytest.fixture(scope="module")
+def alice_cert(mail_stack):
+    return mail_stack.ca.issue("alice-client", client=True, email="alice@example.com")
+
+
+def test_imap_certificate_login_as_the_store_admin(mail_stack, certmap_proxy, alice_cert):
+    p = certmap_proxy
+    store = mail_stack.stores["127.0.0.2"]
+    before = count(store, "Master user logging in as alice")
+    c = imaplib.IMAP4_SSL(p.host, p.imaps_port, ssl_context=client_cert_ctx(alice_cert))
+    assert "AUTH=EXTERNAL" in c.capabilities and "AUTH=PLAIN" in c.capabilities
+    typ, data = c.authenticate("EXTERNAL", lambda challenge: b"")
+    assert typ == "OK" and data[0].endswith(b"] Logged in"), data
+    assert c.select("INBOX", readonly=True)[0] == "OK"
+    assert b"Welcome alice on 127.0.0.2" in c.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1]
+    c.logout()
+    assert len(new_lines(store, "Master user logging in as alice", before)) == 1
+    log = proxy_log(p)
+    assert "login user=alice@example.com store=127.0.0.2" in log and "mmpstore-pw" not in log
+
+
+def test_imap_external_exact_lines(certmap_proxy, alice_cert):
+    """SASL-IR with an empty authorization identity ('='), with the same user's, with another user's."""
+    r = tls_raw(certmap_proxy, certmap_proxy.imaps_port, alice_cert)
+    assert b" AUTH=EXTERNAL" in r.expect(b"* OK [CAPABILITY ")
+    r.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"bob@example.com") + b"\r\n")
+    r.expect_lines("a1 " + imap.NO_AUTHZ)
+    r.send(b"a2 AUTHENTICATE EXTERNAL " + base64.b64encode(b"alice@example.com") + b"\r\n")
+    assert r.expect(b"a2 OK [CAPABILITY ").endswith(b"] Logged in\r\n")
+    r.send(b"a3 LOGOUT\r\n")
+    assert r.expect(b"* BYE ")
+    r = tls_raw(certmap_proxy, certmap_proxy.imaps_port, alice_cert)
+    r.expect(b"* OK [CAPABILITY ")
+    r.send(b"a1 AUTHENTICATE EXTERNAL =\r\n")
+    assert r.expect(b"a1 OK [CAPABILITY ").endswith(b"] Logged in\r\n")
+
+
+def test_external_needs_a_mapped_certificate(certmap_proxy, mail_stack, other_ca):
+    """No certificate: EXTERNAL is neither offered nor taken.  A certificate that maps to nobody,
+    or to several entries, is a failed login."""
+    r = tls_raw(certmap_proxy, certmap_proxy.imaps_port)
+    assert b"AUTH=EXTERNAL" not in r.expect(b"* OK [CAPABILITY ")
+    r.send(b"a1 AUTHENTICATE EXTERNAL =\r\n")
+    r.expect_lines("a1 " + imap.NO_MECHANISM)
+    nobody = mail_stack.ca.issue("nobody-client", client=True, email="nobody@example.com")
+    r = tls_raw(certmap_proxy, certmap_proxy.imaps_port, nobody)
+    assert b" AUTH=EXTERNAL" in r.expect(b"* OK [CAPABILITY ")
+    r.send(b"a1 AUTHENTICATE EXTERNAL =\r\n")
+    r.expect_lines("a1 " + imap.NO_AUTH)
+    many = other_ca.issue("many-client", client=True, subject=x509.Name([
+        x509.NameAttribute(x509.oid.NameOID.ORGANIZATIONAL_UNIT_NAME, "inetOrgPerson"),
+        x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "many")]))
+    r = tls_raw(certmap_proxy, certmap_proxy.pops_port, many)
+    r.expect(b"+OK")
+    r.send(b"AUTH EXTERNAL =\r\n")
+    r.expect_lines(pop.ERR_AUTH)
+    log = wait_for_log(certmap_proxy, "maps to several entries")
+    assert ("certificate 1.2.840.113549.1.9.1=nobody@example.com,CN=nobody-client,O=mmproxy tests maps to no entry"
+            in log), log[-3000:]
+
+
+def test_pop_certificate_login(mail_stack, certmap_proxy):
+    bob = mail_stack.ca.issue("bob-client", client=True, email="bob@example.com")
+    store = mail_stack.stores["127.0.0.3"]
+    before = count(store, "Master user logging in as bob")
+    c = poplib.POP3_SSL(certmap_proxy.host, certmap_proxy.pops_port, context=client_cert_ctx(bob))
+    assert "EXTERNAL" in c.capa()["SASL"]
+    assert c._shortcmd("AUTH EXTERNAL =").startswith(b"+OK")
+    assert c.stat()[0] == 1
+    c.quit()
+    assert len(new_lines(store, "Master user logging in as bob", before)) == 1
+
+
+def test_check_config_certmap(tmp_path):
+    cm = tmp_path / "certmap.conf"
+    cm.write_text("certmap default default\ndefault:DNComps\n\ndefault:Library /opt/lib/plugin.so\n")
+    rc, out = check_config(tmp_path, {"CertmapFile": str(cm)})
+    assert rc == 1
+    assert "%s:4: default:Library: certmap plug-ins are not supported" % cm in out, out
+    assert "CertmapFile needs SSLEnable and SSLClientCAFile and StoreAdmin and StoreAdminPass" in out, out
+    cm.write_text("default:DNComps\n")
+    assert "%s:1: mapping 'default' is used before its" % cm in check_config(tmp_path, {"CertmapFile": str(cm)})[1]
+
+
+def test_verifycert_compares_with_the_directory_entry(mail_stack, certs, tmp_path):
+    """VerifyCert on: only the certificate stored in the entry's userCertificate logs in; a second
+    certificate with the same subject maps to nobody.  dave is in the example.org domain (replayed
+    as dave@example.org): the login id comes from the entry (uid and the domain of its mail)."""
+    info = mail_stack.info()
+    (tmp_path / "certmap.conf").write_text("certmap default default\ndefault:DNComps\ndefault:FilterComps e\n"
+                                           "default:VerifyCert on\n")
+    stored = mail_stack.ca.issue("dave-stored", client=True, email="dave@example.org")
+    other = mail_stack.ca.issue("dave-other", client=True, email="dave@example.org")
+    with open(stored[0], "rb") as f:
+        der = x509.load_pem_x509_certificate(f.read()).public_bytes(serialization.Encoding.DER)
+    dn = info["users"]["dave"]["dn"]
+    mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\nreplace: userCertificate;binary\n"
+                                "userCertificate;binary:: %s\n" % (dn, base64.b64encode(der).decode()))
+    settings = {"CertmapFile": str(tmp_path / "certmap.conf"), "SSLClientCAFile": info["tls"]["ca"],
+                "StoreAdmin": info["tls"]["store_admin"], "StoreAdminPass": info["tls"]["store_admin_pw"]}
+    try:
+        with Proxy(info, tls=certs, imap=settings) as p:
+            r = tls_raw(p, p.imaps_port, other)
+            r.expect(b"* OK [CAPABILITY ")
+            r.send(b"a1 AUTHENTICATE EXTERNAL =\r\n")
+            r.expect_lines("a1 " + imap.NO_AUTH)
+            r = tls_raw(p, p.imaps_port, stored)
+            r.expect(b"* OK [CAPABILITY ")
+            r.send(b"a1 AUTHENTICATE EXTERNAL =\r\na2 SELECT INBOX\r\n")
+            assert r.expect(b"a1 OK [CAPABILITY ").endswith(b"] Logged in\r\n")
+            assert r.skip_to(b"a2 ").startswith(b"a2 OK [READ-WRITE]")
+            assert "login user=dave@example.org store=127.0.0.2" in proxy_log(p)
+    finally:
+        mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\ndelete: userCertificate;binary\n" % dn)

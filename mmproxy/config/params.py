@@ -124,9 +124,9 @@ _group(
     ("MailHostAttrs", t.Words(), "mailHost", "I P",
      "attributes naming the user's store, tried in order", _SUP),
     ("UserGroupDN", t.DN(), None, "I P",
-     "base DN of certificate mapping searches (CertmapFile; default: the LdapURL base)"),
+     "base DN of certificate mapping searches (CertmapFile; default: the LdapURL base)", _SUP),
     ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN (UserGroupDN takes precedence)",
-     {"obsolete": "UserGroupDN"}),
+     dict(_SUP, obsolete="UserGroupDN")),
     ("VirtualDomainFile", t.Path(must_exist="file"), None, _IPS,
      "vdmap.cfg: per-server-address settings (`vdmap NAME IP`, then `NAME:Param value` lines)", _SUP),
 )
@@ -147,7 +147,7 @@ _group(
      "certmap.conf: maps a client certificate to a user (`certmap NAME ISSUERDN`, `NAME:DNComps`, "
      "`NAME:FilterComps`, `NAME:VerifyCert`, `NAME:CmapLdapAttr`) for IMAP AUTHENTICATE EXTERNAL and POP "
      "AUTH EXTERNAL; needs SSLClientCAFile, StoreAdmin and StoreAdminPass",
-     {"security": True}),
+     dict(_SUP, security=True)),
 )
 _group(
     "Store",
@@ -157,8 +157,8 @@ _group(
      "%o login as typed", dict(_SUP, per_domain=True)),
     ("StoreAdmin", t.Str(), None, "I P",
      "store administrator for proxy authorization: certificate logins reach the store as SASL PLAIN with "
-     "authzid=<user>, authcid=StoreAdmin (a Dovecot master user)"),
-    ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin"),
+     "authzid=<user>, authcid=StoreAdmin (a Dovecot master user)", _SUP),
+    ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin", _SUP),
     ("SpoofEmptyMailbox", t.Bool(), "off", "P", "store down: show an empty POP mailbox", _SUP),
     ("SpoofMessageFile", t.Path(must_exist="file"), None, "P",
      "store down: show a POP mailbox holding this one RFC 822 message", _SUP),
@@ -253,7 +253,7 @@ _group(
      "unset, they are not verified (as the legacy product)", dict(_SUP, security=True)),
     ("SSLClientCAFile", t.Path(must_exist="file"), None, "I P",
      "mmproxy extension: PEM file of the CA certificates client certificates must chain to; set (with "
-     "CertmapFile), TLS clients are asked for a certificate (not required)", {"security": True}),
+     "CertmapFile), TLS clients are asked for a certificate (not required)", dict(_SUP, security=True)),
     ("SSLMinVersion", t.TLSVersion(), "TLSv1.2", _IPS,
      "mmproxy extension: the lowest TLS version accepted from clients and used with stores and relays "
      "(TLSv1, TLSv1.1, TLSv1.2, TLSv1.3); below TLSv1.2 only for clients that cannot do better, knowingly",
