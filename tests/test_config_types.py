@@ -4,7 +4,7 @@ import ipaddress
 import pytest
 
 from mmproxy.config import types as t
-from mmproxy.config.params import PARAMS, lookup, suggest, support_problem
+from mmproxy.config.params import PARAMS, Param, lookup, suggest, support_problem
 
 
 def conv(name, raw, **ctx):
@@ -88,8 +88,10 @@ def test_every_default_renders_and_parses_back(p):
 def test_support_problem():
     assert support_problem(lookup("PreAuth"), True) is None
     assert support_problem(lookup("AuthenticationLdapAttributes"), ("cn",))[0] == "warning"
-    assert support_problem(lookup("CertmapFile"), "/x")[0] == "error"
-    assert "refuses to start" in support_problem(lookup("CertmapFile"), "/x")[1]
+    control = Param("SomeControl", t.Str(), None, ("I",), "an access control not implemented", security=True)
+    assert support_problem(control, "/x")[0] == "error"          # (every legacy one is implemented now)
+    assert "refuses to start" in support_problem(control, "/x")[1]
+    assert support_problem(lookup("CertmapFile"), "/x") is None
 
 
 # --- scalars ------------------------------------------------------------------------------------------
