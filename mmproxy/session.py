@@ -490,7 +490,7 @@ class Session:
             sentence = store.penalty(self.kind, key)
             wait = rules.sentence(sentence, store.clock())
             if failed:
-                badness = store.add_penalty(self.kind, key, rules.after_failure, rules.keep)
+                badness = store.add_penalty(self.kind, key, rules.after_failure, rules.keep, rules.decay)
                 self.log.debug("BadGuys: %s now waits %.1fs", key, badness)
         except state.StateBusy as e:
             self.log.warning("BadGuys not applied: %s", e)

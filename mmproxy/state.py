@@ -17,7 +17,8 @@ with one warning.
 Connection counts are kept per worker process, so that the master can give back the slots of a
 worker that died (:meth:`LocalState.forget_worker`) before it starts its replacement.
 
-:class:`LocalState` is the small interface a networked store (several boxes) can implement too.
+:class:`ClientState` is the small interface; :class:`LocalState` implements it for one box, a
+networked store (several boxes) can implement it too.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Protocol, Tuple
 
 import gevent
 
@@ -50,6 +51,26 @@ CREATE TABLE IF NOT EXISTS popauth (
     ip TEXT PRIMARY KEY, user TEXT NOT NULL, at REAL NOT NULL, expires REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS popauth_expires ON popauth (expires);
 """
+
+
+class ClientState(Protocol):
+    """What the services need of a per-client state store: :class:`LocalState` for one box; a
+    networked store (several boxes) implements the same.  ``service`` is a kinds.SERVICES name,
+    ``ip`` the canonical text of a client address (addresses.address_key); times are
+    ``time.time()`` seconds as ``clock`` tells them.  Every method may raise StateBusy."""
+
+    worker: int
+    clock: Callable[[], float]
+
+    def acquire(self, service: str, ip: str, limit: int) -> bool: ...
+    def release(self, service: str, ip: str) -> None: ...
+    def forget_worker(self, worker: int) -> int: ...
+    def penalty(self, service: str, ip: str) -> Optional["Penalty"]: ...
+    def add_penalty(self, service: str, ip: str, update: Callable[[Optional["Penalty"], float], float],
+                    keep: int, expiry: float) -> float: ...
+    def forgive(self, service: str, ip: str) -> None: ...
+    def record_login(self, ip: str, user: str, ttl: float) -> None: ...
+    def login_record(self, ip: str) -> Optional["Record"]: ...
 
 
 class StateBusy(Exception):
@@ -210,9 +231,10 @@ class LocalState:
         return Penalty(row[0], row[1]) if row else None
 
     def add_penalty(self, service: str, ip: str, update: Callable[[Optional[Penalty], float], float],
-                    keep: int) -> float:
+                    keep: int, expiry: float) -> float:
         """One more failure of ``ip``: its badness becomes ``update(stored sentence or None, now)``,
-        atomically; at most ``keep`` addresses are remembered per service (the ones whose last
+        atomically.  When ``ip`` is new, sentences whose last failure is ``expiry`` seconds old are
+        forgotten, and at most ``keep`` addresses are remembered per service (the ones whose last
         failure is oldest are forgotten first).  Returns the new badness."""
         now = self.clock()
 
@@ -223,6 +245,7 @@ class LocalState:
                        "ON CONFLICT (service, ip) DO UPDATE SET badness = excluded.badness, last = excluded.last",
                        (service, ip, badness, now))
             if row is None:
+                db.execute("DELETE FROM badguys WHERE service = ? AND last <= ?", (service, now - expiry))
                 over = db.execute("SELECT count(*) FROM badguys WHERE service = ?", (service,)).fetchone()[0] - keep
                 if over > 0:
                     db.execute("DELETE FROM badguys WHERE service = ?1 AND ip IN (SELECT ip FROM badguys "
@@ -233,10 +256,6 @@ class LocalState:
     def forgive(self, service: str, ip: str) -> None:
         """``ip`` logged in: it is no BadGuy any more."""
         self._run(lambda db: db.execute("DELETE FROM badguys WHERE service = ? AND ip = ?", (service, ip)))
-
-    def forget_penalties(self, service: str, older_than: float) -> None:
-        """Forget the sentences of ``service`` whose last failure was before ``older_than``."""
-        self._run(lambda db: db.execute("DELETE FROM badguys WHERE service = ? AND last < ?", (service, older_than)))
 
     # ------------------------------------------------------------------ AuthService
     def record_login(self, ip: str, user: str, ttl: float) -> None:

@@ -197,12 +197,14 @@ def test_penalties_bounded_by_bgmax_oldest_forgotten_first(store):
     s = LocalState(store.path, clock=lambda: float(next(clock)))
     rules = BadGuys(penalty=2, max_badness=60, decay=900)
     for i in range(5):
-        s.add_penalty("imap", "10.0.0.%d" % i, rules.after_failure, keep=3)
-    assert s.add_penalty("imap", "10.0.0.4", rules.after_failure, keep=3) == 4   # known: no eviction
+        s.add_penalty("imap", "10.0.0.%d" % i, rules.after_failure, keep=3, expiry=900)
+    assert s.add_penalty("imap", "10.0.0.4", rules.after_failure, keep=3, expiry=900) == 4   # known: no eviction
     kept = [i for i in range(5) if s.penalty("imap", "10.0.0.%d" % i)]
     assert kept == [2, 3, 4]
     s.forgive("imap", "10.0.0.4")
     assert s.penalty("imap", "10.0.0.4") is None
+    s.add_penalty("imap", "10.0.0.9", rules.after_failure, keep=3, expiry=2)       # a new address: the
+    assert [i for i in range(10) if s.penalty("imap", "10.0.0.%d" % i)] == [9]     # expired are forgotten
 
 
 def test_concurrent_failures_all_count(store):
@@ -212,7 +214,7 @@ def test_concurrent_failures_all_count(store):
     def work(i):
         s = LocalState(store.path, sleep=real_sleep)
         for _ in range(100):
-            s.add_penalty("pop", "127.0.0.3", rules.after_failure, keep=10)
+            s.add_penalty("pop", "127.0.0.3", rules.after_failure, keep=10, expiry=900)
         return True
     assert children(2, work) == [0, 0]
     assert store.penalty("pop", "127.0.0.3").badness == 200
