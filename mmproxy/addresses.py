@@ -11,6 +11,7 @@ import re
 from typing import Union
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z", re.I)
 
@@ -26,6 +27,16 @@ def unmapped(ip: str) -> Address:
     if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
         return a.ipv4_mapped
     return a
+
+
+def in_network(a: Address, net: Network) -> bool:
+    """Whether the legacy ``IP|MASK`` pair ``net`` (ConnLimits, BGExcluded) covers the client
+    address ``a``: an address of the same family inside it, or any address at all when ``net`` is
+    the IPv4 catch-all ``0.0.0.0|0.0.0.0``, which legacy files (written before IPv6) mean as
+    "every client".  A more specific IPv6 pair (``2001:db8::/32``) covers IPv6 clients only."""
+    if a.version == net.version:
+        return a in net
+    return net.version == 4 and net.prefixlen == 0
 
 
 @functools.lru_cache(maxsize=16384)

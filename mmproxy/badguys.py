@@ -18,7 +18,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
-from mmproxy.addresses import unmapped
+from mmproxy.addresses import in_network, unmapped
 from mmproxy.state import Penalty
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -48,12 +48,13 @@ class BadGuys:
         return self.penalty > 0 and self.max_badness > 0 and self.decay > 0 and self.keep > 0
 
     def exempt(self, ip: str) -> bool:
-        """``ip`` is in a BGExcluded network (or is no address at all)."""
+        """``ip`` is in a BGExcluded network (``0.0.0.0/0.0.0.0``: every client, IPv6 ones too), or
+        is no address at all."""
         try:
             a = unmapped(ip)
         except ValueError:
             return True
-        return any(a.version == net.version and a in net for net in self.excluded)
+        return any(in_network(a, net) for net in self.excluded)
 
     def sentence(self, p: Optional[Penalty], now: float) -> float:
         """Seconds an address with the stored sentence ``p`` waits at ``now`` (``time.time()``)."""

@@ -11,7 +11,7 @@ import logging
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 from mmproxy import state
-from mmproxy.addresses import address_key, unmapped
+from mmproxy.addresses import address_key, in_network, unmapped
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 log = logging.getLogger("mmproxy.state")
@@ -24,7 +24,8 @@ def _nothing() -> None:
 class ConnLimits:
     """``IP|MASK:NUM`` rules of one service, most specific first: the first rule that covers a
     client address sets how many connections that address may hold at once; an address no rule
-    covers is not limited (and not counted)."""
+    covers is not limited (and not counted).  The legacy catch-all ``0.0.0.0|0.0.0.0`` covers IPv6
+    clients too (:func:`addresses.in_network`), after any IPv6 rule that covers them."""
 
     def __init__(self, rules: Sequence[Tuple[Network, int]], service: str) -> None:
         self.rules = tuple(rules)
@@ -39,7 +40,7 @@ class ConnLimits:
         for net, limit in self.rules:
             if a.version == net.version and a in net:
                 return limit
-        return None
+        return next((limit for net, limit in self.rules if in_network(a, net)), None)
 
     def admit(self, ip: str) -> Tuple[bool, Callable[[], None]]:
         """Whether one more connection from ``ip`` is allowed, and what gives its slot back when it

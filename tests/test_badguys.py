@@ -3,6 +3,7 @@ the real stack: BadGuys (delays after failed logins) and ConnLimits, with one an
 processes (NumThreads 2), a worker killed with SIGKILL included."""
 import os
 import signal
+import socket
 import time
 
 import gevent
@@ -202,3 +203,59 @@ def test_a_worker_killed_with_sigkill_leaves_no_slot_taken(mail_stack):
         refused = RawClient(p.host, p.imap_port, source="127.0.0.92")
         assert refused.read_all() == b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
         assert len(new) == len(held)
+
+
+# --------------------------------------------------------------------------- IPv6 clients
+class DualStackProxy(Proxy):
+    """The proxy's IMAP listener on [::1] as well (``port6``)."""
+
+    def write_config(self):
+        super().write_config()
+        self.port6 = unused_ipv6_port()
+        path = os.path.join(self.config_dir, "AService.cfg")
+        with open(path) as f:
+            text = f.read()
+        listener = "@%s:%d" % (self.host, self.imap_port)
+        with open(path, "w") as f:
+            f.write(text.replace(listener, "%s|[::1]:%d" % (listener, self.port6)))
+
+
+def unused_ipv6_port():
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind(("::1", 0))
+        return s.getsockname()[1]
+
+
+def connect6(port):
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            sock = socket.create_connection(("::1", port), timeout=10)
+            break
+        except ConnectionRefusedError:          # the IPv6 listener opens just after the IPv4 one
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    c = RawClient.__new__(RawClient)
+    c.sock, c.buf = sock, b""
+    return c
+
+
+def test_the_legacy_catch_all_rules_cover_ipv6_clients(mail_stack):
+    """ConnLimits ``0.0.0.0|0.0.0.0:N`` (the default's form, written before IPv6) limits an IPv6
+    client too, and ``BGExcluded 0.0.0.0/0.0.0.0`` spares it; an IPv6 rule that covers the
+    client comes first."""
+    with DualStackProxy(mail_stack.info(), imap={"ConnLimits": "0.0.0.0|0.0.0.0:2", "BGPenalty": 3,
+                                                 "BGExcluded": "0.0.0.0/0.0.0.0"}) as p:
+        held = [connect6(p.port6) for _ in range(2)]
+        for c in held:
+            c.expect(b"* OK")
+        assert connect6(p.port6).read_all() == b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+        for tag in (b"a", b"b"):
+            assert timed(held[0], tag + b" LOGIN alice wrong\r\n", tag.decode() + " " + FAILED) < FAST
+        wait_for_log(p, "[::1:")
+        assert "refused: more than 2 connections from this address (ConnLimits)" in proxy_log(p)
+    with DualStackProxy(mail_stack.info(), imap={"ConnLimits": "0.0.0.0|0.0.0.0:2,::1/128:1"}) as p:
+        first = connect6(p.port6)
+        first.expect(b"* OK")
+        assert connect6(p.port6).read_all() == b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
