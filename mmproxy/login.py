@@ -28,6 +28,7 @@ from mmproxy.loginid import LoginId, replay_id, split_login
 from mmproxy.logs import DETAIL
 from mmproxy.pump import Pump
 from mmproxy.session import (
+    LOGIN_OUTCOMES,
     PRELOGIN_DEADLINE,
     PRELOGIN_IDLE,
     Line,
@@ -159,6 +160,8 @@ class LoginSession(Session):
     def fail(self, e: BaseException) -> None:
         if is_login_failure(e):
             self.bad_guys(failed=True)
+        elif self.state is self.AUTHENTICATING and isinstance(e, LOGIN_OUTCOMES):
+            self.bad_guys(failed=False, forgive=False)     # any answer to a login waits alike
         super().fail(e)
         if self.state is self.AUTHENTICATING:
             self.state = self.LOGIN_STATE

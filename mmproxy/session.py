@@ -62,6 +62,9 @@ MAX_AUTH_FAILURES = 3      # failed logins per connection before it is closed
 SEND_TIMEOUT = 60.0        # a client that does not read its answers is dropped after this
 LINGER = 2.0               # seconds a closing session reads away what the client still sends
 
+# Why a login (or a relay) may not go through besides a wrong password (AuthFailed)
+LOGIN_OUTCOMES = (AuthzFailed, AccessDenied, AuthTempFail, StoreRefused, BackendError)
+
 Line = Union[str, bytes]
 _ids = itertools.count(1)
 _worker = ""               # "w2-" in worker process 2 of NumThreads > 1: session ids never collide
@@ -454,7 +457,7 @@ class Session:
         if isinstance(e, CommandError):
             self.log.debug("bad command in state %s: %s", state, e)
             return "bad command"
-        if isinstance(e, (AuthFailed, AuthzFailed, AccessDenied, AuthTempFail, StoreRefused, BackendError)):
+        if isinstance(e, (AuthFailed, *LOGIN_OUTCOMES)):
             return self.log_login_failure(e)
         if isinstance(e, ServerShutdown):
             self.log.debug("server shutting down in state %s", state)
@@ -475,12 +478,15 @@ class Session:
                      received, sent)
 
     # ------------------------------------------------------------------ BadGuys
-    def bad_guys(self, failed: bool) -> None:
+    def bad_guys(self, failed: bool, forgive: bool = True) -> None:
         """BadGuys (badguys.py), just before the answer to an authentication: this session waits
         the client address's sentence as it stood (a timer for this session only; never before
         the greeting, which would pin connections and ConnLimits slots).  A failure (``failed``)
-        lengthens the sentence first, for every worker; a success after failures is forgiven
-        after its wait.  The proxy's own trouble with the state store never delays anybody."""
+        lengthens the sentence first, for every worker; a success after failures (``forgive``) is
+        forgiven after its wait.  Every other answer to an authentication (a right password
+        refused by an access filter, a user without a store, ...) waits as well, without
+        ``forgive``: its timing must not tell a right password from a wrong one.  The proxy's own
+        trouble with the state store never delays anybody."""
         rules = self.service.badguys
         if rules is None or not rules.active or rules.exempt(self.client_ip):
             return
@@ -498,7 +504,7 @@ class Session:
         if wait > 0:
             self.log.info("BadGuys: answer delayed %.1fs (recent failed logins from this address)", wait)
             gevent.sleep(wait)
-        if not failed and sentence is not None:
+        if not failed and forgive and sentence is not None:
             try:
                 store.forgive(self.kind, key)
             except state.StateBusy as e:

@@ -553,8 +553,7 @@ class SmtpSession(Session):
                 raise
             self.log.debug("C: ********")
             r = relay.command(response)
-        if r.code in (235, 535):
-            self.bad_guys(failed=r.code == 535)
+        self.bad_guys(failed=r.code == 535, forgive=r.code == 235)    # every final answer waits alike
         self.answer(r)
         if r.code == 235:
             self.authenticated = True

@@ -117,6 +117,22 @@ def test_excluded_networks_are_never_penalised(mail_stack, tmp_path):
         assert timed(c, b"b LOGIN alice wrong\r\n", "b " + FAILED) >= 3.0
 
 
+def test_a_refusal_after_the_right_password_waits_like_a_wrong_one(mail_stack):
+    """gina's own filter (+imap:ALL EXCEPT 127.0.0.22) refuses her right password, frank has no
+    store: those answers wait the sentence too (else their speed would tell a right password from
+    a wrong one), and they do not forgive the address (nobody logged in)."""
+    alert = "* OK [ALERT] Your IMAP server appears to be temporarily out of service."
+    with Proxy(mail_stack.info(), imap={"BGPenalty": 1, "BGMaxBadness": 10, "BGDecay": 60}) as p:
+        c = greeted(p, "127.0.0.22")
+        timed(c, b"a LOGIN gina wrong\r\n", "a " + FAILED)
+        assert 1.0 <= timed(c, b"b LOGIN gina wrong\r\n", "b " + FAILED) < 1 + FAST
+        c = greeted(p, "127.0.0.22")
+        assert 2.0 <= timed(c, b"c LOGIN gina gina-pw\r\n", "c NO [CONTACTADMIN] Access denied") < 2 + FAST
+        assert 2.0 <= timed(c, b"d LOGIN frank frank-pw\r\n", alert,
+                            "d NO [UNAVAILABLE] Mail store not available, try again later") < 2 + FAST
+        assert 2.0 <= timed(c, b"e LOGIN gina wrong\r\n", "e " + FAILED) < 2 + FAST
+
+
 # --------------------------------------------------------------------------- several workers
 def children(pid):
     with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
