@@ -57,15 +57,17 @@ class BadGuys:
         return any(in_network(a, net) for net in self.excluded)
 
     def sentence(self, p: Optional[Penalty], now: float) -> float:
-        """Seconds an address with the stored sentence ``p`` waits at ``now`` (``time.time()``)."""
+        """Seconds an address with the stored sentence ``p`` waits at ``now`` (``time.time()``), at
+        most BGMaxBadness (a sentence stored before a refresh lowered it waits no longer)."""
         if p is None:
             return 0.0
         elapsed = max(0.0, now - p.last)
         if elapsed >= self.decay:
             return 0.0
+        badness = min(p.badness, self.max_badness)
         if self.linear:
-            return p.badness * (1.0 - elapsed / self.decay)
-        return p.badness
+            return badness * (1.0 - elapsed / self.decay)
+        return badness
 
     def after_failure(self, p: Optional[Penalty], now: float) -> float:
         """The sentence after one more failure at ``now``: what is left of the old one plus

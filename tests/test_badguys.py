@@ -133,6 +133,19 @@ def test_a_refusal_after_the_right_password_waits_like_a_wrong_one(mail_stack):
         assert 2.0 <= timed(c, b"e LOGIN gina wrong\r\n", "e " + FAILED) < 2 + FAST
 
 
+def test_a_refresh_that_lowers_bgmaxbadness_shortens_stored_sentences(mail_stack):
+    """A sentence stored before ``mmproxy refresh`` lowered BGMaxBadness waits only the new maximum."""
+    with Proxy(mail_stack.info(), imap={"BGPenalty": 4, "BGMaxBadness": 60, "BGDecay": 60}) as p:
+        c = greeted(p, "127.0.0.89")
+        assert timed(c, b"a LOGIN alice wrong\r\n", "a " + FAILED) < FAST      # 4 s stored
+        p.settings["imap"]["BGMaxBadness"] = 1
+        p.write_config()
+        p.proc.send_signal(signal.SIGHUP)
+        wait_for_log(p, "configuration refreshed")
+        c = greeted(p, "127.0.0.89")
+        assert 1.0 <= timed(c, b"b LOGIN alice wrong\r\n", "b " + FAILED) < 1 + FAST
+
+
 # --------------------------------------------------------------------------- several workers
 def children(pid):
     with open("/proc/%d/task/%d/children" % (pid, pid)) as f:

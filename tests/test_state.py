@@ -179,6 +179,7 @@ def test_sentence_step_and_linear():
     assert step.sentence(Penalty(4, 100), 109.9) == 4                       # a step: whole until BGDecay
     assert step.sentence(Penalty(4, 100), 110) == 0
     assert step.after_failure(Penalty(4, 100), 111) == 2                    # forgiven, then a new failure
+    assert step.sentence(Penalty(30, 100), 101) == 5                        # stored before BGMaxBadness was lowered
     linear = BadGuys(penalty=2, max_badness=60, decay=10, linear=True)
     assert linear.sentence(Penalty(4, 100), 105) == pytest.approx(2)
     assert linear.sentence(Penalty(4, 100), 107.5) == pytest.approx(1)
