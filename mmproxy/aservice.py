@@ -426,7 +426,7 @@ class Master:
                     break
                 i = self.pids.pop(pid, None)
                 if i is not None and not self.stopping:
-                    log.error("worker %d (pid %d) exited with status %d; starting a new one", i, pid, status)
+                    log.error("worker %d (pid %d) %s; starting a new one", i, pid, _ended(status))
                     self._forget(i)
                     self.due[i] = time.monotonic() + self.RESPAWN_DELAY
             for i, when in list(self.due.items()):
@@ -451,6 +451,18 @@ class Master:
             return
         if n:
             log.info("gave back %d connection slot(s) of worker %d", n, worker)
+
+
+def _ended(status: int) -> str:
+    """How a child process ended, from its waitpid() ``status``: "was killed by signal 9 (SIGKILL)"
+    or "exited with status 1"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return "was killed by signal %d (%s)" % (sig, signal.Signals(sig).name)
+        except ValueError:
+            return "was killed by signal %d" % sig
+    return "exited with status %d" % os.waitstatus_to_exitcode(status)
 
 
 def _orig(module: str, name: str) -> Any:

@@ -224,6 +224,7 @@ def test_a_worker_killed_with_sigkill_leaves_no_slot_taken(mail_stack):
         for c in held:
             c.expect_close()
         wait_for_log(p, "gave back %d connection slot(s) of worker" % len(held))
+        assert "(pid %d) was killed by signal 9 (SIGKILL); starting a new one" % victim in proxy_log(p)
         deadline = time.monotonic() + 10
         while len(children(p.proc.pid)) < 2:                  # the master starts a replacement
             assert time.monotonic() < deadline
