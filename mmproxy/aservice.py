@@ -218,6 +218,7 @@ class AService:
 
     def start(self) -> None:
         a = self.config.aservice
+        logs.set_owner(_run_as(a.BeTheUser, a.BeTheGroup))
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
         session.set_worker(self.worker)
         if self.worker is None:
@@ -349,6 +350,7 @@ class Master:
 
     def start(self) -> None:
         a = self.config.aservice
+        logs.set_owner(_run_as(a.BeTheUser, a.BeTheGroup))
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
         for entry in self.config.services:      # fail here, once, rather than in every worker
             if service_class(entry.spec.kind) is not None:

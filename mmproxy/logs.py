@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional, TextIO
+from typing import List, Optional, TextIO, Tuple
 
 from mmproxy.config import kinds
 
@@ -45,6 +45,17 @@ class _NoLock(logging.Handler):
 
 class _Stderr(_NoLock, logging.StreamHandler):
     pass
+
+
+_owner: Optional[Tuple[int, int]] = None      # (uid, gid) of BeTheUser/BeTheGroup, for files root makes
+
+
+def set_owner(owner: Optional[Tuple[int, int]]) -> None:
+    """BeTheUser/BeTheGroup as (uid, gid), or None: a log file this process makes while it is
+    still root (the master of NumThreads workers, a daemon before it drops privileges, a new
+    day's file) is given to that user, who goes on writing it from the worker processes."""
+    global _owner
+    _owner = owner
 
 
 DETAIL = 15          # between INFO and DEBUG: one line per session end, with its figures
@@ -86,8 +97,14 @@ class DailyFile(_NoLock):
             day = time.strftime("%Y%m%d", time.localtime(record.created))
             if day != self.day or self.stream is None:
                 self.close_stream()
-                self.stream = open(os.path.join(self.directory, "%s_%s.log" % (self.prefix, day)), "a", buffering=1)
+                path = os.path.join(self.directory, "%s_%s.log" % (self.prefix, day))
+                self.stream = open(path, "a", buffering=1)
                 self.day = day
+                if _owner is not None and os.geteuid() == 0:
+                    try:
+                        os.chown(path, *_owner)
+                    except OSError:
+                        pass                      # a LogDir that keeps root's files: they still get written
             self.stream.write(self.format(record) + "\n")
         except (OSError, ValueError):             # disk full, no descriptors, a closed stream
             self.handleError(record)

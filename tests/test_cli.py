@@ -1,4 +1,5 @@
 """The operator commands as an operator runs them: check-config, start, status, stop, SIGTERM."""
+import glob
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 from mmproxy.testing.base import free_port, port_open
 from mmproxy.testing.proxy import write_cfg
 
-from helpers import RawClient
+from helpers import RawClient, proxy_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,6 +159,17 @@ def test_be_the_user_after_binding(mail_stack, tmp_path):
         c.expect(b"* OK")
         c.send(b'a LOGIN alice "alice-pw"\r\n')
         assert c.expect(b"a ").startswith(b"a OK")
+    # NumThreads 2: the master (root) makes the AService log; the workers (nobody) write to it too
+    p = Proxy(mail_stack.info(), aservice={"BeTheUser": "nobody", "BeTheGroup": "nogroup", "NumThreads": 2})
+    os.chmod(p.log_dir, 0o777)
+    with p:
+        deadline = time.monotonic() + 10
+        while "worker 1 started" not in proxy_log(p):
+            assert time.monotonic() < deadline, p.output()
+            time.sleep(0.1)
+        assert "started (pid %d) with 2 worker processes" % p.proc.pid in proxy_log(p)
+        assert "Permission denied" not in p.output()
+        assert {os.stat(f).st_uid for f in glob.glob(os.path.join(p.log_dir, "*.log"))} == {nobody.pw_uid}
     write_cfg(str(tmp_path / "AService.cfg"), {"ServiceList": "/opt/lib/ImapProxyAService@%d" % free_port(),
                                                "BeTheUser": "no-such-user-here"})
     write_cfg(str(tmp_path / "ImapProxyAService.cfg"), {})
