@@ -145,6 +145,7 @@ class LoginSession(Session):
         self.user = ""               # the login id of the present or last attempt, for the log
         self.target: Optional[Target] = None
         self.store_admin: Optional[Tuple[str, str]] = None   # a certificate login: (StoreAdmin, StoreAdminPass)
+        self.waited = False          # this login attempt has waited its BadGuys sentence
 
     # ------------------------------------------------------------------ what a protocol provides
     def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:
@@ -159,9 +160,9 @@ class LoginSession(Session):
     # ------------------------------------------------------------------ failures
     def fail(self, e: BaseException) -> None:
         if is_login_failure(e):
-            self.bad_guys(failed=True)
+            self.bad_guys(failed=True, wait=not self.waited)
         elif self.state is self.AUTHENTICATING and isinstance(e, LOGIN_OUTCOMES):
-            self.bad_guys(failed=False, forgive=False)     # any answer to a login waits alike
+            self.bad_guys(failed=False, forgive=False, wait=not self.waited)    # any answer to a login waits alike
         super().fail(e)
         if self.state is self.AUTHENTICATING:
             self.state = self.LOGIN_STATE
@@ -329,7 +330,7 @@ class LoginSession(Session):
         """Find the user's store and check the password where the settings say so: (where the
         login goes, the password to replay, whether the proxy verified it)."""
         self.state = self.AUTHENTICATING
-        self.user, self.target, self.store_admin = creds.user, None, None
+        self.user, self.target, self.store_admin, self.waited = creds.user, None, None, False
         if creds.external:
             target = self.target = self.certificate_target(creds.user)
             password, verified = b"", True
@@ -374,7 +375,12 @@ class LoginSession(Session):
         raise error("%s of %s: %s %s" % (attr, target.user.dn, service, why))
 
     def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
-        """Connect to the store, replay the login there, answer the client, start the pump."""
+        """Connect to the store, replay the login there, answer the client, start the pump.  A
+        password the proxy verified waits its BadGuys sentence first: no store connection is held
+        meanwhile (the store's verdict on an unverified one is only known after the replay)."""
+        if verified:
+            self.bad_guys(failed=False, forgive=False)
+            self.waited = True
         store = self.connect_store(target)
         reply = None
         try:
@@ -382,7 +388,7 @@ class LoginSession(Session):
         finally:
             if reply is None:                      # refused, failed, or the session was killed
                 store.close()
-        self.bad_guys(failed=False)
+        self.bad_guys(failed=False, wait=not verified)
         self.logged_in(target)
         self.send(reply)
         self.log.info("login user=%s store=%s", target.login.canonical, target)

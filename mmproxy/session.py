@@ -478,15 +478,16 @@ class Session:
                      received, sent)
 
     # ------------------------------------------------------------------ BadGuys
-    def bad_guys(self, failed: bool, forgive: bool = True) -> None:
+    def bad_guys(self, failed: bool, forgive: bool = True, wait: bool = True) -> None:
         """BadGuys (badguys.py), just before the answer to an authentication: this session waits
         the client address's sentence as it stood (a timer for this session only; never before
         the greeting, which would pin connections and ConnLimits slots).  A failure (``failed``)
         lengthens the sentence first, for every worker; a success after failures (``forgive``) is
         forgiven after its wait.  Every other answer to an authentication (a right password
         refused by an access filter, a user without a store, ...) waits as well, without
-        ``forgive``: its timing must not tell a right password from a wrong one.  The proxy's own
-        trouble with the state store never delays anybody."""
+        ``forgive``: its timing must not tell a right password from a wrong one.  ``wait`` false: this
+        attempt has waited already.  The proxy's own trouble with the state store never delays
+        anybody."""
         rules = self.service.badguys
         if rules is None or not rules.active or rules.exempt(self.client_ip):
             return
@@ -494,16 +495,16 @@ class Session:
         store = state.store()
         try:
             sentence = store.penalty(self.kind, key)
-            wait = rules.sentence(sentence, store.clock())
+            delay = rules.sentence(sentence, store.clock()) if wait else 0.0
             if failed:
                 badness = store.add_penalty(self.kind, key, rules.after_failure, rules.keep, rules.decay)
                 self.log.debug("BadGuys: %s now waits %.1fs", key, badness)
         except state.StateBusy as e:
             self.log.warning("BadGuys not applied: %s", e)
             return
-        if wait > 0:
-            self.log.info("BadGuys: answer delayed %.1fs (recent failed logins from this address)", wait)
-            gevent.sleep(wait)
+        if delay > 0:
+            self.log.info("BadGuys: answer delayed %.1fs (recent failed logins from this address)", delay)
+            gevent.sleep(delay)
         if not failed and forgive and sentence is not None:
             try:
                 store.forgive(self.kind, key)

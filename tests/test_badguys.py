@@ -133,6 +133,24 @@ def test_a_refusal_after_the_right_password_waits_like_a_wrong_one(mail_stack):
         assert 2.0 <= timed(c, b"e LOGIN gina wrong\r\n", "e " + FAILED) < 2 + FAST
 
 
+def test_a_verified_password_waits_before_the_store_is_contacted(mail_stack):
+    """PreAuth checked the password: the sentence is waited before the store login, so no store
+    connection is held during it; then the address is forgiven."""
+    store = mail_stack.stores["127.0.0.2"]
+    with Proxy(mail_stack.info(), imap={"BGPenalty": 2, "BGDecay": 60}) as p:
+        c = greeted(p, "127.0.0.79")
+        timed(c, b"a LOGIN alice wrong\r\n", "a " + FAILED)
+        before = store.read_log().count("user=<alice>")
+        t = time.monotonic()
+        c.send(b'b LOGIN alice "alice-pw"\r\n')
+        time.sleep(1.2)
+        assert store.read_log().count("user=<alice>") == before      # still waiting: the store knows nothing
+        assert c.skip_to(b"b ").startswith(b"b OK [CAPABILITY ") and 2.0 <= time.monotonic() - t < 2 + FAST
+        assert store.read_log().count("user=<alice>") > before
+        c = greeted(p, "127.0.0.79")
+        assert timed(c, b"c LOGIN alice wrong\r\n", "c " + FAILED) < FAST      # forgiven
+
+
 def test_a_refresh_that_lowers_bgmaxbadness_shortens_stored_sentences(mail_stack):
     """A sentence stored before ``mmproxy refresh`` lowered BGMaxBadness waits only the new maximum."""
     with Proxy(mail_stack.info(), imap={"BGPenalty": 4, "BGMaxBadness": 60, "BGDecay": 60}) as p:
