@@ -340,11 +340,14 @@ class Session:
         daemon stopping (GreenletExit) gets the protocol's shutdown goodbye.
         """
         try:
-            action(*args)
+            try:
+                action(*args)
+            except gevent.GreenletExit:
+                raise
+            except Exception as e:
+                self.fail(e)             # may wait (a BadGuys sentence): the daemon may stop meanwhile
         except gevent.GreenletExit:
             self.fail(ServerShutdown("server shutting down"))
-        except Exception as e:
-            self.fail(e)
 
     def open(self, implicit_tls: bool) -> None:
         """TLS on an implicit-TLS port, then the greeting."""

@@ -151,6 +151,27 @@ def test_a_verified_password_waits_before_the_store_is_contacted(mail_stack):
         assert timed(c, b"c LOGIN alice wrong\r\n", "c " + FAILED) < FAST      # forgiven
 
 
+def test_a_stop_during_the_wait_says_goodbye(mail_stack):
+    """The daemon stops while failed logins wait their sentence: the clients get the protocol's
+    shutdown goodbye, not a silent close."""
+    p = Proxy(mail_stack.info(), imap={"BGPenalty": 30, "BGDecay": 60}, pop={"BGPenalty": 30, "BGDecay": 60})
+    with p:
+        c = greeted(p, "127.0.0.78")
+        timed(c, b"a LOGIN alice wrong\r\n", "a " + FAILED)
+        c.send(b"b LOGIN alice wrong\r\n")
+        d = RawClient(p.host, p.pop_port, source="127.0.0.78")
+        d.expect(b"+OK")
+        d.send(b"USER alice\r\nPASS wrong\r\nUSER alice\r\nPASS wrong\r\n")     # POP's own sentence
+        deadline = time.monotonic() + 10
+        while proxy_log(p).count("BadGuys: answer delayed 30.0s") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        p.proc.send_signal(signal.SIGTERM)
+        assert c.read_all() == b"* BYE [UNAVAILABLE] Server shutting down\r\n"
+        assert d.read_all() == (b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n"
+                                b"+OK\r\n-ERR [SYS/TEMP] Server shutting down\r\n")
+
+
 def test_a_refresh_that_lowers_bgmaxbadness_shortens_stored_sentences(mail_stack):
     """A sentence stored before ``mmproxy refresh`` lowered BGMaxBadness waits only the new maximum."""
     with Proxy(mail_stack.info(), imap={"BGPenalty": 4, "BGMaxBadness": 60, "BGDecay": 60}) as p:
