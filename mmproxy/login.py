@@ -144,6 +144,7 @@ class LoginSession(Session):
         self.reader.deadline = self.started + PRELOGIN_DEADLINE
         self.user = ""               # the login id of the present or last attempt, for the log
         self.target: Optional[Target] = None
+        self.store_tried = False     # a store was contacted (the session-end line names it only then)
         self.store_admin: Optional[Tuple[str, str]] = None   # a certificate login: (StoreAdmin, StoreAdminPass)
         self.waited = False          # this login attempt has waited its BadGuys sentence
 
@@ -176,7 +177,7 @@ class LoginSession(Session):
         parts = []
         if self.user:
             parts.append("user %s" % self.user)
-        if self.target is not None:
+        if self.target is not None and self.store_tried:
             parts.append("store %s" % self.target)
         return ", ".join(parts)
 
@@ -395,6 +396,7 @@ class LoginSession(Session):
         self.start_pump(store, target)
 
     def connect_store(self, target: Target) -> Store:
+        self.store_tried = True
         return Store(target.host, target.port, tls=self.service.store_tls)
 
     def start_pump(self, store: Store, target: Target) -> None:

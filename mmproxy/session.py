@@ -149,7 +149,7 @@ class Service:
             return
         admitted, release = self.limits.admit(addr[0])
         if not admitted:
-            self.log.warning("[%s:%d] refused: more than %s connections from this address (ConnLimits)",
+            self.log.warning("[%s:%d] refused: this address holds its %s connection(s) already (ConnLimits)",
                              addr[0], addr[1], self.limits.limit_for(addr[0]))
             self.refuse(sock, self.session_class.TOO_MANY_CONNECTIONS, implicit_tls)
             return

@@ -323,7 +323,7 @@ def test_the_legacy_catch_all_rules_cover_ipv6_clients(mail_stack):
         for tag in (b"a", b"b"):
             assert timed(held[0], tag + b" LOGIN alice wrong\r\n", tag.decode() + " " + FAILED) < FAST
         wait_for_log(p, "[::1:")
-        assert "refused: more than 2 connections from this address (ConnLimits)" in proxy_log(p)
+        assert "refused: this address holds its 2 connection(s) already (ConnLimits)" in proxy_log(p)
     with DualStackProxy(mail_stack.info(), imap={"ConnLimits": "0.0.0.0|0.0.0.0:2,::1/128:1"}) as p:
         first = connect6(p.port6)
         first.expect(b"* OK")

@@ -319,6 +319,9 @@ def test_every_session_leaves_one_end_line(mail_stack):
         r = greeted(p, "pop")
         r.send(b"QUIT\r\n")
         r.expect_lines("+OK Bye")
+        r = greeted(p)                           # a wrong password: no store was contacted
+        r.send(b"a LOGIN bob wrong\r\nb LOGOUT\r\n")
+        r.expect_lines("a " + imap.NO_AUTH, imap.BYE_LOGOUT, "b OK Logout completed")
         select = b"c SELECT INBOX\r\n"
         r = greeted(p)
         login = b"a LOGIN alice alice-pw\r\n"
@@ -332,6 +335,8 @@ def test_every_session_leaves_one_end_line(mail_stack):
         ends = [line for line in text.splitlines() if "session end:" in line]
         assert any("session end: logout (state not authenticated," in line for line in ends), ends
         assert any("session end: quit (state authorization," in line for line in ends), ends
+        assert any("session end: logout (state not authenticated, user bob, " in line for line in ends), ends
+        assert not any("user bob, store" in line for line in ends), ends
         relayed = [line for line in ends if "state relaying" in line]
         assert len(relayed) == 1 and "user alice@example.com, store 127.0.0.2:" in relayed[0], relayed
         received = int(relayed[0].split(" in ")[1].split(" B")[0])
