@@ -14,42 +14,50 @@ from typing import Optional
 
 from gevent import socket as gsocket
 
+from mmproxy import tls as tlsmod
 from mmproxy.errors import BackendUnavailable
 from mmproxy.linereader import BackendReader
 
-CONNECT_TIMEOUT = 10.0    # a store that does not accept in 10 s is down for this login
-REPLY_TIMEOUT = 30.0      # a store that accepted must greet and answer the login within this, in all
+STORE_TIMEOUT = 30.0      # the default of StoreTimeout
+STORE_PHASE = "the store's part of the login (connect, greeting, login)"
 MAX_STORE_LINE = 65536    # capability lines can be long; anything longer is not a store we know
 
 
 class Store:
     """A connected store: a socket and a bounded line reader; raises Backend* errors only.
 
-    The whole dialogue up to the pump (greeting, who the client is, the login) must end within
-    REPLY_TIMEOUT seconds of the connect: a store that trickles its answers cannot hold a login.
+    ``timeout`` bounds the connect and, when ``phase`` names one, that whole phase: everything up to
+    the pump (the connect, greeting, telling the store who the client is, the login) must be over
+    within ``timeout`` seconds of the connect's start, so a store that trickles its answers cannot
+    hold a login.  ``phase`` None (an SMTP relay): each exchange sets its own deadline.
     """
 
-    def __init__(self, host: str, port: int, connect_timeout: float = CONNECT_TIMEOUT,
-                 deadline: Optional[float] = REPLY_TIMEOUT, tls: Optional[ssl.SSLContext] = None) -> None:
+    def __init__(self, host: str, port: int, timeout: float = STORE_TIMEOUT,
+                 phase: Optional[str] = STORE_PHASE, tls: Optional[ssl.SSLContext] = None) -> None:
         self.host, self.port = host, port
-        started = time.monotonic()
+        start = time.monotonic()
         try:
-            self.sock = _connect(host, port, connect_timeout)
+            self.sock = _connect(host, port, timeout)
         except (OSError, gsocket.timeout) as e:
             raise BackendUnavailable("cannot connect to %s:%d: %s" % (host, port, _why(e))) from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
-            self._handshake(tls, started + (deadline or REPLY_TIMEOUT))
-        self.reader = BackendReader(self.sock, MAX_STORE_LINE, REPLY_TIMEOUT, "%s:%d" % (host, port))
-        if deadline is not None:
-            self.reader.deadline = time.monotonic() + deadline
+            self._handshake(tls, start, timeout)
+        self.reader = BackendReader(self.sock, MAX_STORE_LINE, timeout, "%s:%d" % (host, port))
+        if phase is not None:
+            self.reader.set_deadline(timeout, phase, start + timeout)
 
-    def _handshake(self, ctx: ssl.SSLContext, deadline: float) -> None:
-        """Implicit TLS (SSLBacksidePort): the handshake, within what is left of the deadline; the
-        store's name is its mailHost (an IP address or a host name), checked when ``ctx`` verifies."""
-        self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+    def _handshake(self, ctx: ssl.SSLContext, start: float, timeout: float) -> None:
+        """Implicit TLS (SSLBacksidePort): the handshake, within what is left of the ``timeout``
+        seconds from ``start``; the store's name is its mailHost (an IP address or a host name),
+        checked when ``ctx`` verifies."""
         try:
-            self.sock = ctx.wrap_socket(self.sock, server_hostname=self.host)
+            self.sock = tlsmod.handshake(ctx, self.sock, max(0.1, start + timeout - time.monotonic()),
+                                         server_hostname=self.host)
+        except tlsmod.HandshakeTimeout:
+            self.close()
+            raise BackendUnavailable("%s:%d: the store's part of the login (connect, TLS handshake) took more "
+                                     "than %g s" % (self.host, self.port, timeout)) from None
         except ssl.SSLCertVerificationError as e:
             self.close()
             raise BackendUnavailable("%s:%d: TLS certificate refused: %s"
@@ -70,12 +78,20 @@ class Store:
         """One line from the store; BackendUnavailable or BackendProtocolError."""
         return self.reader.readline()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: Optional[float] = None) -> None:
+        """Write ``data`` within ``timeout`` seconds (default: the reader's idle limit), and before
+        the phase's deadline; BackendUnavailable otherwise."""
+        wait = self.reader.idle if timeout is None else timeout
+        if self.reader.deadline is not None:
+            left = self.reader.deadline - time.monotonic()
+            if left <= 0:
+                raise self.reader.deadline_passed()
+            wait = left if wait is None else min(wait, left)
         try:
-            self.sock.settimeout(REPLY_TIMEOUT)
+            self.sock.settimeout(wait)
             self.sock.sendall(data)
         except OSError as e:
-            raise BackendUnavailable("%s:%d: write failed: %s" % (self.host, self.port, _why(e))) from None
+            raise BackendUnavailable("%s: write failed: %s" % (self, _why(e))) from None
 
     def close(self) -> None:
         try:

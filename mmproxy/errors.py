@@ -47,7 +47,16 @@ class ClientGone(ClientError):
 
 
 class ClientTimeout(ClientError):
-    """The client let a deadline pass (idle, or a phase that took too long): goodbye, then close."""
+    """The client let a deadline pass (idle, or a phase that took too long): goodbye, then close.
+
+    ``phase`` names the phase whose overall deadline passed ("" for an idle timeout); ``answerable``
+    is false in the middle of a TLS handshake, where no protocol reply can reach the client.
+    """
+
+    def __init__(self, message: str, phase: str = "", answerable: bool = True) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.answerable = answerable
 
 
 class ClientTooLong(ClientError):

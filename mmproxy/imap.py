@@ -70,6 +70,7 @@ BYE_TOO_MANY = "* BYE Too many invalid commands"
 BYE_AUTH_FAILURES = "* BYE Too many authentication failures"
 BYE_TOO_BIG = "* BYE Command too long, closing connection"
 BYE_IDLE = "* BYE Disconnected for inactivity."
+BYE_DEADLINE = "* BYE Time limit for login exceeded"
 BYE_SHUTDOWN = "* BYE [UNAVAILABLE] Server shutting down"
 BYE_INTERNAL = "* BYE [UNAVAILABLE] Internal error, closing connection"
 BYE_LOGOUT = "* BYE Logging out"
@@ -317,7 +318,7 @@ class ImapSession(LoginSession):
         """The one place where the failure taxonomy becomes IMAP replies: (lines, end?)."""
         tag = self.tag or "*"
         if isinstance(e, ClientTimeout):
-            return [BYE_IDLE], True
+            return [BYE_DEADLINE if e.phase else BYE_IDLE], True
         if isinstance(e, ClientTooLong):
             bad = "%s BAD [TOOBIG] %s" % (tag, e)
             return ([bad], False) if e.recoverable else ([bad, BYE_TOO_BIG], True)

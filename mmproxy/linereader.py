@@ -5,15 +5,21 @@ client pipelined before the handshake (CVE-2011-0411), and at the end of a login
 read past the last answer must go to the pump, not be lost.
 
 Every read is bounded in size and in time twice over: ``idle`` seconds per receive, and an optional
-``deadline`` (a monotonic time) by which the present phase (a login, one command) must be done.
+overall deadline (:meth:`LineReader.set_deadline`) by which the present phase (the dialogue before
+login, one command, a message, a store's part of a login) must be done, however its peer trickles
+the bytes.  On a TLS socket a receive is bounded as a whole (a gevent.Timeout): the ssl module's
+timeout counts per wait, so a TLS record trickled a byte at a time would outlast any deadline.
 Which error a failure raises depends on the side: a client's problems are ``Client*`` errors, a
 store's or relay's are ``Backend*`` errors, so nobody mistakes one for the other.
 """
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from typing import Callable, Optional
+
+import gevent
 
 from mmproxy.errors import (
     BackendProtocolError,
@@ -40,11 +46,22 @@ class LineReader:
         self.sock = sock
         self.max_line = max_line
         self.idle = idle
-        self.deadline: Optional[float] = None
+        self.deadline: Optional[float] = None     # monotonic time the present phase must be over by
+        self.phase = ""                           # what it bounds, for the error ("the login dialogue")
+        self.limit = 0.0                          # and in how many seconds, for the error
         self.flush = flush
         self.buf = bytearray()
         self.eof = False
         self.received = 0
+
+    def set_deadline(self, seconds: Optional[float], phase: str = "", at: Optional[float] = None) -> None:
+        """The present ``phase`` must be over within ``seconds`` from now (or by the monotonic time
+        ``at``, when given: a phase that began earlier); None: no deadline."""
+        if seconds is None:
+            self.deadline, self.phase = None, ""
+            return
+        self.deadline = time.monotonic() + seconds if at is None else at
+        self.phase, self.limit = phase, seconds
 
     # ------------------------------------------------------------------ what a failure is called
     def gone(self, why: str) -> MMProxyError:
@@ -52,6 +69,10 @@ class LineReader:
 
     def timeout(self, why: str) -> MMProxyError:
         return ClientTimeout(why)
+
+    def deadline_passed(self) -> MMProxyError:
+        return ClientTimeout("%s took more than %g s" % (self.phase or "the present phase", self.limit),
+                             phase=self.phase)
 
     def too_long(self, why: str, recoverable: bool = False) -> MMProxyError:
         return ClientTooLong(why, recoverable)
@@ -63,18 +84,26 @@ class LineReader:
         if self.eof:
             raise self.gone("peer closed the connection")
         wait = self.idle
+        by_deadline = False
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise self.timeout("deadline passed")
-            wait = left if wait is None else min(wait, left)
+                raise self.deadline_passed()
+            if wait is None or left < wait:
+                wait, by_deadline = left, True
         self.sock.settimeout(wait)
+        timer = gevent.Timeout.start_new(wait) if wait is not None and isinstance(self.sock, ssl.SSLSocket) else None
         try:
             data = self.sock.recv(RECV_SIZE)
-        except socket.timeout:
-            raise self.timeout("idle for %ds" % (wait or 0)) from None
+        except (socket.timeout, gevent.Timeout) as e:
+            if isinstance(e, gevent.Timeout) and e is not timer:
+                raise
+            raise (self.deadline_passed() if by_deadline else self.timeout("idle for %ds" % (wait or 0))) from None
         except OSError as e:
             raise self.gone("read error: %s" % (e.strerror or e)) from None
+        finally:
+            if timer is not None:
+                timer.close()
         if not data:
             # A FIN in the middle of a command can never be completed: end now, not at the timeout.
             self.eof = True
@@ -142,6 +171,12 @@ class LineReader:
             del self.buf[:k]
             n -= k
 
+    def wait_for_input(self) -> None:
+        """Return once some input is buffered (a receive, within the idle limit and deadline, when
+        none is)."""
+        if not self.buf:
+            self._fill()
+
     def peek_line(self, limit: int) -> Optional[bytes]:
         """The next line if it is already buffered whole and within ``limit`` octets (without its
         terminator; nothing is consumed), else None.  Never reads, never raises."""
@@ -171,6 +206,9 @@ class BackendReader(LineReader):
 
     def timeout(self, why: str) -> MMProxyError:
         return BackendUnavailable("%s: no answer (%s)" % (self.peer, why))
+
+    def deadline_passed(self) -> MMProxyError:
+        return BackendUnavailable("%s: %s took more than %g s" % (self.peer, self.phase or "its answer", self.limit))
 
     def too_long(self, why: str, recoverable: bool = False) -> MMProxyError:
         return BackendProtocolError("%s sent a %s" % (self.peer, why))

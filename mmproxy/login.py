@@ -29,8 +29,6 @@ from mmproxy.logs import DETAIL
 from mmproxy.pump import Pump
 from mmproxy.session import (
     LOGIN_OUTCOMES,
-    PRELOGIN_DEADLINE,
-    PRELOGIN_IDLE,
     Line,
     Service,
     Session,
@@ -138,10 +136,6 @@ class LoginSession(Session):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        # Before login: idle at most PRELOGIN_IDLE (or Timeout when lower) per read, and the whole
-        # dialogue within PRELOGIN_DEADLINE: a client that trickles bytes cannot hold a session.
-        self.reader.idle = min(PRELOGIN_IDLE, float(self.cfg.Timeout))
-        self.reader.deadline = self.started + PRELOGIN_DEADLINE
         self.user = ""               # the login id of the present or last attempt, for the log
         self.target: Optional[Target] = None
         self.store_tried = False     # a store was contacted (the session-end line names it only then)
@@ -397,7 +391,7 @@ class LoginSession(Session):
 
     def connect_store(self, target: Target) -> Store:
         self.store_tried = True
-        return Store(target.host, target.port, tls=self.service.store_tls)
+        return Store(target.host, target.port, float(target.cfg.StoreTimeout), tls=self.service.store_tls)
 
     def start_pump(self, store: Store, target: Target) -> None:
         """Login done: the client and store sockets now belong to the pump; this greenlet ends.

@@ -51,6 +51,7 @@ ERR_INTERNAL = "-ERR [SYS/TEMP] Internal error, closing connection"
 ERR_PRIVACY = "-ERR [AUTH] Plaintext authentication is disallowed without TLS"
 ERR_TOO_LONG = "-ERR Line too long, closing connection"
 ERR_IDLE = "-ERR Disconnected for inactivity."
+ERR_DEADLINE = "-ERR Time limit for login exceeded"
 ERR_NOT_NOW = "Command not valid before login"
 ERR_TOO_MANY = "-ERR Too many errors, closing connection"
 ERR_AUTH_FAILURES = "-ERR [AUTH] Too many authentication failures, closing connection"
@@ -148,7 +149,7 @@ class PopSession(LoginSession):
     def reply_for(self, e: BaseException) -> Tuple[List[Line], bool]:
         """The one place where the failure taxonomy becomes POP3 replies: (lines, end?)."""
         if isinstance(e, ClientTimeout):
-            return [ERR_IDLE], True
+            return [ERR_DEADLINE if e.phase else ERR_IDLE], True
         if isinstance(e, ClientTooLong):
             return (["-ERR %s" % e], False) if e.recoverable else ([ERR_TOO_LONG], True)
         if isinstance(e, PrivacyRequired):
@@ -364,6 +365,8 @@ class PopSession(LoginSession):
                 raise
             self.log.warning("store %s down for %s (%s): showing a spoofed mailbox", target, target.login.canonical, e)
             self.state, self.deleted = PopState.SPOOFED, False
+            self.reader.idle = float(target.cfg.Timeout)     # logged in, as far as the client knows
+            self.reader.set_deadline(None)
             self.send("+OK Maildrop ready")
 
     def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:

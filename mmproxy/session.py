@@ -55,8 +55,6 @@ from mmproxy.errors import (
 from mmproxy.linereader import LineReader
 from mmproxy.logs import DETAIL
 
-PRELOGIN_IDLE = 120.0      # idle seconds allowed per read before a login; Timeout applies after it
-PRELOGIN_DEADLINE = 600.0  # the whole pre-login dialogue (IMAP, POP) must be over within this
 MAX_BAD_COMMANDS = 10      # then the session is closed (nginx max_errors, aiosmtpd BOGUS_LIMIT)
 MAX_AUTH_FAILURES = 3      # failed logins per connection before it is closed
 SEND_TIMEOUT = 60.0        # a client that does not read its answers is dropped after this
@@ -238,6 +236,7 @@ class Session:
     TOO_MANY_CONNECTIONS = ""               # the refusal before a session starts (ConnLimits)
     ACCESS_DENIED = ""                      # the refusal before a session starts (TCPAccess)
     INTERNAL_ERROR = ""                     # the goodbye when a session cannot even start
+    LOGIN_PHASE = "the dialogue before login"   # what LoginTimeout bounds, as the log says it
 
     def __init__(self, service: Service, sock: socket.socket, addr: Tuple[str, int]) -> None:
         self.service = service
@@ -255,7 +254,12 @@ class Session:
             self.cfg = self.cfg.override(over)
         self.out: List[bytes] = []
         self.sent = 0
-        self.reader = LineReader(sock, self.max_line, PRELOGIN_IDLE, self.flush)
+        # Before login (SMTP: before EHLO) reads wait at most LoginIdleTimeout (or Timeout, when
+        # lower) and the whole dialogue must be over within LoginTimeout: a client that trickles
+        # bytes cannot hold a session.  After login, Timeout is the idle limit.
+        self.reader = LineReader(sock, self.max_line, float(min(self.cfg.LoginIdleTimeout, self.cfg.Timeout)),
+                                 self.flush)
+        self.reader.set_deadline(float(self.cfg.LoginTimeout), self.LOGIN_PHASE)
         self.tls_active = False
         self.peer_cert: Optional[bytes] = None      # the client's certificate (DER), verified, when it sent one
         self.state = self.INITIAL
@@ -426,8 +430,9 @@ class Session:
     def fail(self, e: BaseException) -> None:
         """Answer a failure in the protocol's words (``reply_for``), log it at its level, count it
         (bad commands, failed logins), and end the session when the reply says so or a budget is spent."""
-        # a client that is gone can be told nothing, whatever the protocol
-        lines, end = ([], True) if isinstance(e, ClientGone) else self.reply_for(e)
+        # a client that is gone (or in the middle of a TLS handshake) can be told nothing
+        silent = isinstance(e, ClientGone) or (isinstance(e, ClientTimeout) and not e.answerable)
+        lines, end = ([], True) if silent else self.reply_for(e)
         reason = self.log_failure(e)
         bad_command = isinstance(e, CommandError) or (isinstance(e, ClientTooLong) and e.recoverable)
         if bad_command and not end:
@@ -452,6 +457,9 @@ class Session:
             self.log.debug("client gone: %s", e)
             return "client: %s" % e
         if isinstance(e, ClientTimeout):
+            if e.phase:            # a deadline: the one line that names the phase, at LogLevel 1
+                self.log.info("deadline passed in state %s: %s", state, e)
+                return "deadline passed"
             self.log.log(DETAIL, "client timed out in state %s: %s", state, e)
             return "client timed out (%s)" % e
         if isinstance(e, ClientTooLong):
@@ -516,21 +524,23 @@ class Session:
 
     # ------------------------------------------------------------------ TLS
     def wrap_tls(self) -> None:
-        """The server side of a TLS handshake on the client socket, within HANDSHAKE_TIMEOUT."""
+        """The server side of a TLS handshake on the client socket, all of it within
+        HandshakeTimeout (a client that never sends its ClientHello, or trickles it)."""
         ctx = self.service.tls
         if ctx is None:
             raise ClientGone("TLS requested but not configured")
-        self.sock.settimeout(tls.HANDSHAKE_TIMEOUT)   # a client that never sends ClientHello
         try:
-            self.sock = ctx.wrap_socket(self.sock, server_side=True)
-        except (OSError, ssl.SSLError, socket.timeout) as e:
+            self.sock = tls.handshake(ctx, self.sock, float(self.cfg.HandshakeTimeout), server_side=True)
+        except tls.HandshakeTimeout as e:
+            raise ClientTimeout(str(e), phase="TLS handshake", answerable=False) from None
+        except (OSError, ssl.SSLError) as e:
             raise ClientGone("TLS handshake failed: %s" % e) from None
         self.tls_active = True
         self.peer_cert = self.sock.getpeercert(binary_form=True) or None
-        received = self.reader.received
-        deadline = self.reader.deadline
-        self.reader = LineReader(self.sock, self.max_line, self.reader.idle, self.flush)
-        self.reader.received, self.reader.deadline = received, deadline
+        old = self.reader
+        self.reader = LineReader(self.sock, self.max_line, old.idle, self.flush)
+        self.reader.received = old.received
+        self.reader.set_deadline(old.limit if old.deadline is not None else None, old.phase, old.deadline)
 
     def starttls(self) -> None:
         """After the protocol's go-ahead: drop anything pipelined in plaintext, then handshake."""

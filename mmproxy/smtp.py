@@ -58,9 +58,11 @@ keeps the mechanisms that carry a password in clear (PLAIN, LOGIN) from clients 
 the relay offers STARTTLS, the proxy-to-relay leg uses it (relays with ``smtpd_tls_auth_only``
 offer AUTH only then); the relay's certificate is not verified.
 
-Timeouts: a client command (or message line) must arrive within ``Timeout`` seconds; the relay
-must accept and greet within ``FailoverTimeout`` seconds, and then answers within RFC 5321
-4.5.3.2's limits.
+Timeouts: until its first EHLO/HELO a client has ``LoginIdleTimeout`` seconds per read and
+``LoginTimeout`` in all; then ``Timeout`` seconds idle before each command, and once a command's
+first octet is in, the whole line within ``Timeout``; the text of one message (DATA, or the BDAT
+chunks of one message) within ``SmtpMessageTimeout``.  The relay must accept and greet within
+``FailoverTimeout`` seconds, and then give each whole reply within RFC 5321 4.5.3.2's limits.
 """
 from __future__ import annotations
 
@@ -204,6 +206,7 @@ class SmtpSession(Session):
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
     ACCESS_DENIED = ACCESS_DENIED
     INTERNAL_ERROR = INTERNAL_ERROR
+    LOGIN_PHASE = "the dialogue before EHLO"
     service: "SmtpService"
 
     def __init__(self, service: "SmtpService", sock: socket.socket, addr: Tuple[str, int]) -> None:
@@ -214,6 +217,7 @@ class SmtpSession(Session):
         self.login: Optional[str] = None  # POP-before-SMTP user told to the relay
         self.messages = 0
         self.endings = LineEndings()     # of the message that BDAT chunks are assembling
+        self.message_by: Optional[float] = None   # the monotonic time its text must be in by
 
     # ------------------------------------------------------------------ life cycle
     def run(self, implicit_tls: bool) -> None:
@@ -237,10 +241,16 @@ class SmtpSession(Session):
 
     # ------------------------------------------------------------------ reading commands
     def read_line(self, limit: int = MAX_COMMAND_LINE) -> bytes:
-        """One client line without its terminator, within Timeout.  An overlong one is skipped to
-        its end (ClientTooLong, recoverable) unless it runs past MAX_SKIP (not recoverable)."""
-        timeout = float(self.cfg.Timeout)
-        self.reader.idle, self.reader.deadline = timeout, time.monotonic() + timeout
+        """One client line without its terminator: before the first EHLO within the login phase's
+        limits, then after at most Timeout idle seconds, and all of it within Timeout of its first
+        octet.  An overlong one is skipped to its end (ClientTooLong, recoverable) unless it runs
+        past MAX_SKIP (not recoverable)."""
+        if self.state is not SmtpState.GREETING:
+            timeout = float(self.cfg.Timeout)
+            self.reader.idle = timeout
+            self.reader.set_deadline(None)
+            self.reader.wait_for_input()            # an idle client is an idle timeout, not a slow command
+            self.reader.set_deadline(timeout, "an SMTP command")
         piece = self.reader.read_raw(limit)
         if piece.endswith(b"\n"):
             return piece[:-2] if piece.endswith(b"\r\n") else piece[:-1]
@@ -310,7 +320,8 @@ class SmtpSession(Session):
         svc = self.service
         timeout = float(self.cfg.FailoverTimeout or DEFAULT_FAILOVER)
         last: Optional[MMProxyError] = None
-        for host, port in svc.relay_order():
+        order = svc.relay_order()
+        for host, port in order:
             try:
                 relay = self.connect_relay(host, port, timeout)
             except BackendError as e:
@@ -321,7 +332,10 @@ class SmtpSession(Session):
                 continue
             svc.relay_ok((host, port))
             return relay
-        raise last or BackendUnavailable("SmtpRelays names no relay")
+        if last is None:
+            raise BackendUnavailable("SmtpRelays names no relay")
+        # each failure is logged above: this one says only that none is left (of the same kind)
+        raise type(last)("none of %d relay(s) took the client" % len(order))
 
     def connect_relay(self, host: str, port: int, timeout: float) -> RelayConnection:
         relay = RelayConnection(host, port, timeout, self.proxy_header())
@@ -335,7 +349,7 @@ class SmtpSession(Session):
                 r = relay.command(b"STARTTLS", SETUP_TIMEOUT)
                 if r.code != 220:
                     raise BackendUnavailable("%s offered STARTTLS, then answered %s" % (relay, r.text()))
-                relay.starttls(self.service.relay_tls())
+                relay.starttls(self.service.relay_tls(), float(self.cfg.HandshakeTimeout))
                 relay.ehlo(self.service.hostname)
             if "XCLIENT" not in relay.keywords and not relay.proxied:
                 raise HandOverRefused("%s does not offer XCLIENT to this proxy (is the proxy's address in its "
@@ -448,7 +462,7 @@ class SmtpSession(Session):
                 return
             verb = _split(line)[0]
             if verb == "MAIL" and r.code == 250:
-                self.state, self.endings = SmtpState.ENVELOPE, LineEndings()
+                self.state, self.endings, self.message_by = SmtpState.ENVELOPE, LineEndings(), None
             elif verb == "RSET" and r.code == 250 and self.state is not SmtpState.TLS_STARTED:
                 self.state = SmtpState.RELAYING       # (after STARTTLS only EHLO ends that state)
 
@@ -585,16 +599,21 @@ class SmtpSession(Session):
             if len(out) >= DATA_CHUNK:
                 relay.send(bytes(out), DATA_BLOCK_TIMEOUT)
                 out.clear()
-                self.message_deadline()
         relay.send(bytes(out) + b".\r\n", DATA_BLOCK_TIMEOUT)
         self.message_done(relay.reply(DATA_END_TIMEOUT))
 
     def message_deadline(self) -> None:
-        """Message text comes in blocks of DATA_CHUNK octets, each within Timeout."""
-        self.reader.deadline = time.monotonic() + float(self.cfg.Timeout)
+        """Reads of message text: Timeout idle seconds each, and the whole text of the message (all
+        its BDAT chunks) within SmtpMessageTimeout of the first read."""
+        limit = float(self.cfg.SmtpMessageTimeout)
+        if self.message_by is None:
+            self.message_by = time.monotonic() + limit
+        self.reader.idle = float(self.cfg.Timeout)
+        self.reader.set_deadline(limit, "the message text", self.message_by)
 
     def message_done(self, r: Reply) -> None:
         """The relay's answer to a whole message (end of DATA, BDAT LAST)."""
+        self.message_by = None
         self.answer(r)
         if self.state is not SmtpState.CLOSED:
             self.state = SmtpState.RELAYING
@@ -623,9 +642,9 @@ class SmtpSession(Session):
         relay = self.introduced_relay()
         relay.send(b"BDAT %d%s\r\n" % (size, b" LAST" if last else b""), DATA_BLOCK_TIMEOUT)
         self.state = SmtpState.DATA
+        self.message_deadline()
         left = size
         while left:
-            self.message_deadline()
             piece = self.reader.read_some(min(left, DATA_CHUNK))
             left -= len(piece)
             if not self.endings.feed(piece):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from mmproxy import tls as tlsmod
 from mmproxy.backend import MAX_STORE_LINE, Store, address_family
@@ -32,23 +32,27 @@ class RelayConnection(Store):
     """The proxy's SMTP client connection to one relay."""
 
     def __init__(self, host: str, port: int, connect_timeout: float, header: bytes = b"") -> None:
-        super().__init__(host, port, connect_timeout=connect_timeout, deadline=None)
+        super().__init__(host, port, connect_timeout, phase=None)
         self.keywords: Dict[str, str] = {}      # EHLO keyword -> its parameters
         self.proxied = bool(header)             # the PROXY protocol told it the client already
         self.tls = False
         if header:
             self.send(header)
 
-    def send(self, data: bytes, timeout: float = REPLY_TIMEOUT) -> None:
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.sendall(data)
-        except OSError as e:
-            raise BackendUnavailable("%s: write failed: %s" % (self, getattr(e, "strerror", None) or e)) from None
+    def send(self, data: bytes, timeout: Optional[float] = REPLY_TIMEOUT) -> None:
+        super().send(data, timeout)
 
     def reply(self, timeout: float = REPLY_TIMEOUT) -> Reply:
-        """One (multi-line) reply; BackendProtocolError unless every line is ``NNN[- ]text`` with one code."""
+        """One (multi-line) reply, all of it within ``timeout`` seconds however the relay trickles it
+        (BackendUnavailable); BackendProtocolError unless every line is ``NNN[- ]text`` with one code."""
         self.reader.idle = timeout
+        self.reader.set_deadline(timeout, "the relay's reply")
+        try:
+            return self._reply()
+        finally:
+            self.reader.set_deadline(None)
+
+    def _reply(self) -> Reply:
         lines: List[bytes] = []
         while True:
             line = self.readline()
@@ -78,12 +82,15 @@ class RelayConnection(Store):
             raise BackendUnavailable("%s answered EHLO with %s" % (self, r.text()))
         self.learn(r)
 
-    def starttls(self, ctx: ssl.SSLContext) -> None:
+    def starttls(self, ctx: ssl.SSLContext, seconds: float = tlsmod.HANDSHAKE_TIMEOUT) -> None:
+        """The client side of a TLS handshake, all of it within ``seconds``; BackendUnavailable."""
         if self.reader.take_pending():
             raise BackendProtocolError("%s sent data after its STARTTLS go-ahead" % self)
-        self.sock.settimeout(tlsmod.HANDSHAKE_TIMEOUT)
         try:
-            self.sock = ctx.wrap_socket(self.sock, server_hostname=None if address_family(self.host) else self.host)
+            self.sock = tlsmod.handshake(ctx, self.sock, seconds,
+                                         server_hostname=None if address_family(self.host) else self.host)
+        except tlsmod.HandshakeTimeout as e:
+            raise BackendUnavailable("%s: %s" % (self, e)) from None
         except (OSError, ssl.SSLError) as e:
             raise BackendUnavailable("%s: TLS handshake failed: %s" % (self, e)) from None
         self.reader = BackendReader(self.sock, MAX_STORE_LINE, SETUP_TIMEOUT, str(self))

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import tempfile
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+
+import gevent
 
 from mmproxy.config.types import NSS_FILES
 from mmproxy.errors import ConfigError
@@ -28,10 +31,37 @@ if TYPE_CHECKING:
 
 NSS_HINT = ("export it to PKCS#12 with `pk12util -o Server-Cert.p12 -n Server-Cert -d <dir>` and put the file "
             "in SSLCacheDir as <SSLCertPrefix><nickname>.p12 (or name it with SSLCertFile)")
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 30.0     # the default of HandshakeTimeout
 EXPIRY_WARNING_DAYS = 30     # check-config warns when the server certificate expires sooner
 _VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
              "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class HandshakeTimeout(Exception):
+    """A TLS handshake was not over within its deadline (not an OSError: callers tell it apart
+    from a handshake that failed)."""
+
+
+def handshake(ctx: ssl.SSLContext, sock: socket.socket, seconds: float, **kwargs: Any) -> ssl.SSLSocket:
+    """``ctx.wrap_socket(sock, **kwargs)`` with the whole handshake bounded by ``seconds``.
+
+    The ssl module's socket timeout counts per wait, so a peer that trickles its ClientHello (or
+    its server flight) a byte at a time would hold a handshake for ever; one gevent.Timeout bounds
+    the whole.  HandshakeTimeout when it passes; OSError or ssl.SSLError when the handshake fails.
+    """
+    sock.settimeout(seconds)
+    message = "TLS handshake took more than %g s" % seconds
+    tls = ctx.wrap_socket(sock, do_handshake_on_connect=False, **kwargs)
+    try:
+        with gevent.Timeout(seconds, HandshakeTimeout(message)):
+            tls.do_handshake()
+    except socket.timeout:
+        tls.close()
+        raise HandshakeTimeout(message) from None
+    except BaseException:
+        tls.close()                  # the socket is the SSLSocket's now: nobody else would close it
+        raise
+    return tls
 
 
 def key_password(path: Optional[str]) -> Optional[bytes]:

@@ -33,6 +33,7 @@ SmtpRelayProxyProtocol BeTheUser BeTheGroup ConnLimits TCPAccess TCPAccessAttr""
 SUPPORTED += """SSLBacksidePort SSLBacksideCAFile SSLMinVersion SSLClientCAFile CertmapFile StoreAdmin StoreAdminPass
 UserGroupDN CertMapDN""".split()           # TLS (issue 8)
 SUPPORTED += "BGMax BGPenalty BGMaxBadness BGDecay BGLinear BGExcluded SmtpBadGuys".split()   # BadGuys (issue 8)
+SUPPORTED += "LoginTimeout LoginIdleTimeout HandshakeTimeout StoreTimeout SmtpMessageTimeout".split()  # issue 8
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

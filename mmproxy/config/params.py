@@ -94,8 +94,23 @@ _group(
     ("ServerDownAlert", t.Str(), "Your IMAP server appears to be temporarily out of service.", "I",
      "[ALERT] text sent to IMAP clients when their store cannot be reached", _SUP),
     ("Timeout", t.Timeout(), 1800, _IPS,
-     "idle seconds before a session is closed with the protocol's goodbye; before an IMAP/POP login "
-     "the lower of this and 120 (RFCs: IMAP 1800, POP/SMTP 600 at least)", _SUP),
+     "idle seconds before a session is closed with the protocol's goodbye; before login (SMTP: before "
+     "EHLO) the lower of this and LoginIdleTimeout (RFCs: IMAP 1800, POP/SMTP 600 at least)", _SUP),
+    ("LoginTimeout", t.Int(min=1), 180, _IPS,
+     "mmproxy only: seconds the whole dialogue before login may take (IMAP, POP: up to the login's answer; "
+     "SMTP: up to the client's first EHLO/HELO), however the client trickles its bytes; then the protocol's "
+     "goodbye (as Dovecot's 3-minute login limit)", _SUP),
+    ("LoginIdleTimeout", t.Int(min=1), 60, _IPS,
+     "mmproxy only: idle seconds allowed per read in that dialogue (the lower of this and Timeout)", _SUP),
+    ("HandshakeTimeout", t.Int(min=1), 30, _IPS,
+     "mmproxy only: seconds a whole TLS handshake may take (implicit TLS, STARTTLS/STLS, and towards an "
+     "SMTP relay); the client is then disconnected", _SUP),
+    ("StoreTimeout", t.Int(min=1), 30, "I P",
+     "mmproxy only: seconds the store may take for its part of a login, in all: connect, greeting, "
+     "telling it the client, the login's answer; then the client is told the store is unavailable", _SUP),
+    ("SmtpMessageTimeout", t.Int(min=1), 1800, "S",
+     "mmproxy only: seconds the text of one message may take (DATA, or the BDAT chunks of one message); "
+     "then 421 and the connection closes", _SUP),
 )
 _group(
     "Directory (LDAP)",

@@ -1,4 +1,5 @@
-"""DelayProxy: a TCP forwarder that delays every chunk the server sends (a slow directory).
+"""DelayProxy: a TCP forwarder that delays every chunk the server sends (a slow directory), or
+trickles it a byte at a time (a store or relay that holds a login by answering slowly).
 
 It runs on real OS threads with blocking C-level sockets even when gevent has monkey-patched
 the process. Why: a test that calls python-ldap (a C library that blocks the whole OS thread,
@@ -38,15 +39,19 @@ class DelayProxy:
     """Forward 127.0.0.1:<port> (listen_host) to target_host:target_port.
 
     `delay` (seconds, default 0, may be changed at any time) is slept before each chunk from the
-    server is passed on to the client; client-to-server traffic is not delayed. EOF is passed on
-    as a half-close. `stop()` closes the listener and every forwarded connection.
+    server is passed on to the client; client-to-server traffic is not delayed.  With `trickle`
+    (seconds), the server's bytes after its first `trickle_after` lines (on each connection) are
+    passed on one at a time, `trickle` seconds apart.  EOF is passed on as a half-close. `stop()`
+    closes the listener and every forwarded connection.
     """
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1",
-                 delay: float = 0.0, listen_port: int = 0) -> None:
+                 delay: float = 0.0, listen_port: int = 0, trickle: float = 0.0, trickle_after: int = 0) -> None:
         self.target = (target_host, int(target_port))
         self.listen_host = listen_host
         self.delay = float(delay)
+        self.trickle = float(trickle)
+        self.trickle_after = trickle_after
         self._listen_port = listen_port
         self._lsock: Optional[_socket.socket] = None
         self._lock = _allocate_lock()
@@ -135,6 +140,7 @@ class DelayProxy:
         self._pump(client, server, False, state)
 
     def _pump(self, src: _socket.socket, dst: _socket.socket, delayed: bool, state: Dict[str, int]) -> None:
+        lines = 0                                # server lines passed on whole so far
         try:
             while True:
                 data = src.recv(65536)
@@ -142,6 +148,18 @@ class DelayProxy:
                     break
                 if delayed and self.delay > 0:
                     _sleep(self.delay)
+                if delayed and self.trickle > 0:
+                    whole = 0
+                    while lines < self.trickle_after and whole < len(data):
+                        end = data.find(b"\n", whole)
+                        if end < 0:
+                            break
+                        whole, lines = end + 1, lines + 1
+                    dst.sendall(data[:whole])
+                    for i in range(whole, len(data)):
+                        _sleep(self.trickle)
+                        dst.sendall(data[i:i + 1])
+                    continue
                 dst.sendall(data)
         except OSError:
             pass
