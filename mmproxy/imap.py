@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from mmproxy import __version__
+from mmproxy import __version__, sasl
 from mmproxy.backend import Store
 from mmproxy.errors import (
     AccessDenied,
@@ -275,6 +275,9 @@ class ImapSession(LoginSession):
             if not VERB.fullmatch(verb_raw):
                 raise UnknownCommand("Unknown command")
             self.lookup(verb)                     # refused now: its literals are never invited
+            if self.plaintext_refused and _sends_password(verb, rest):
+                # refused before any literal is invited: the password is never sent in clear
+                raise PrivacyRequired("Plaintext authentication is disallowed without TLS")
         except CommandError as e:
             error = e
         parser = ArgParser()
@@ -379,9 +382,7 @@ class ImapSession(LoginSession):
         self.starttls()
 
     def cmd_LOGIN(self, req: Request) -> None:
-        """RFC 9051 6.2.3."""
-        if self.plaintext_refused:
-            raise PrivacyRequired("Plaintext authentication is disallowed without TLS")
+        """RFC 9051 6.2.3 (refused in read_request while LOGINDISABLED)."""
         self.login(credentials(req.args[0], req.args[1]))
 
     def cmd_AUTHENTICATE(self, req: Request) -> None:
@@ -502,6 +503,15 @@ def _await_continuation(store: Store) -> bool:
         answered_id |= line.startswith(b"X0 ")
         if line.startswith(b"X1 "):
             raise BackendProtocolError("%s refused the login literal: %r" % (store, line[:80]))
+
+
+def _sends_password(verb: str, rest: bytes) -> bool:
+    """Whether a command carries a password in clear: LOGIN, AUTHENTICATE PLAIN or LOGIN
+    (RestrictPlainPasswords refuses them before TLS, RFC 9051 6.2.3 and 7.1: LOGINDISABLED)."""
+    if verb == "LOGIN":
+        return True
+    mech = (rest.split(None, 1) or [b""])[0].strip(b'"').decode("ascii", "replace").upper()
+    return verb == "AUTHENTICATE" and mech in sasl.PLAINTEXT
 
 
 def _tag_of(start: bytes) -> str:

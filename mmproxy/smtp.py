@@ -517,7 +517,7 @@ class SmtpSession(Session):
                 mechs = [m for m in text[5:].split() if m.upper().decode("ascii", "replace") not in sasl.PLAINTEXT]
                 if not mechs:
                     continue
-                text = b"AUTH " + b" ".join(mechs)
+                text = text[:5] + b" ".join(mechs)          # "AUTH " or the old "AUTH=" form
             words.append(text)
         if self.service.tls is not None and not self.tls_active:
             words.append(b"STARTTLS")

@@ -309,20 +309,6 @@ def _client_ctx():
     return ctx
 
 
-def test_restrict_plain_passwords_until_tls(mail_stack, certs):
-    with Proxy(mail_stack.info(), tls=certs, imap={"RestrictPlainPasswords": True}) as p:
-        r = RawClient(p.host, p.imap_port)
-        assert b"LOGINDISABLED" in r.expect(b"* OK") and b"AUTH=PLAIN" not in r.buf
-        r.send(b"a LOGIN alice alice-pw\r\n")
-        assert r.expect(b"a ").startswith(b"a NO [PRIVACYREQUIRED]")
-        c = ImapFrom(p.host, p.imap_port)
-        assert "LOGINDISABLED" in c.capabilities and "AUTH=PLAIN" not in c.capabilities
-        c.starttls(ssl_context=_client_ctx())
-        assert "LOGINDISABLED" not in c.capabilities and "AUTH=PLAIN" in c.capabilities
-        c.login("alice", users(mail_stack)["alice"]["password"])
-        c.logout()
-
-
 def test_flat_user_tree_and_mailhost_attributes_in_order(mail_stack):
     """HostedDomains no: one user tree at the LdapURL base; MailHostAttrs tried in order."""
     info = mail_stack.info()

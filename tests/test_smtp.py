@@ -545,6 +545,47 @@ def test_plaintext_auth_refused_without_tls(proxy_rr):
     c.quit()
 
 
+def test_restrict_plain_passwords_on_every_mechanism_until_tls(mail_stack, certs, relay):
+    """RestrictPlainPasswords: before TLS no AUTH is advertised and PLAIN and LOGIN, with or without
+    an initial response, get 538 unseen by the relay; after STARTTLS, or on the implicit-TLS port,
+    AUTH is advertised and each of them reaches the relay (RFC 4954, RFC 3207)."""
+    plain = base64.b64encode(b"\0%s\0%s" % (SASL_USER.encode(), SASL_PW.encode()))
+    user, pw = base64.b64encode(SASL_USER.encode()), base64.b64encode(SASL_PW.encode())
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with Proxy(mail_stack.info(), imap=False, tls=certs,
+               smtp=smtp_settings([hp(relay)], RestrictPlainPasswords=True)) as p:
+        raw = raw_session(p)
+        raw.send(b"EHLO raw.example.net\r\n")
+        code, lines = reply(raw)
+        assert code == 250 and lines[-1] == b"250 STARTTLS", lines
+        assert not [line for line in lines if line[4:].upper().startswith(b"AUTH")], lines
+        for line in (b"AUTH PLAIN " + plain, b"AUTH PLAIN", b"AUTH LOGIN", b"AUTH LOGIN " + user,
+                     b"auth plain " + plain, b"AUTH PLAIN ="):
+            raw.send(line + b"\r\n")
+            raw.expect_lines(smtp.NEED_TLS)
+        raw.send(b"STARTTLS\r\n")
+        raw.expect_lines(smtp.TLS_GO)
+        raw.sock = ctx.wrap_socket(raw.sock)
+        raw.send(b"EHLO raw.example.net\r\n")
+        code, lines = reply(raw)
+        assert code == 250 and b"250-AUTH PLAIN LOGIN" in lines, lines
+        assert b"STARTTLS" not in b" ".join(lines)
+        raw.send(b"AUTH PLAIN " + plain + b"\r\n")
+        raw.expect_lines("235 2.7.0 Authentication successful")
+        for dialogue in ([b"AUTH PLAIN", plain], [b"AUTH LOGIN " + user, pw], [b"AUTH LOGIN", user, pw]):
+            raw = RawClient(p.host, p.smtps_port, CLIENT)
+            raw.sock = ctx.wrap_socket(raw.sock)
+            assert reply(raw)[0] == 220
+            raw.send(b"EHLO raw.example.net\r\n")
+            assert b"250-AUTH PLAIN LOGIN" in reply(raw)[1]
+            for line in dialogue[:-1]:
+                raw.send(line + b"\r\n")
+                assert reply(raw)[0] == 334
+            raw.send(dialogue[-1] + b"\r\n")
+            raw.expect_lines("235 2.7.0 Authentication successful")
+
+
 def test_passwords_never_logged(proxy):
     c = client(proxy)
     c.login(SASL_USER, SASL_PW)
