@@ -174,13 +174,12 @@ class Service:
         is said there."""
         try:
             if implicit_tls and handshake and self.tls is not None:
-                sock.settimeout(tls.HANDSHAKE_TIMEOUT)
-                sock = self.tls.wrap_socket(sock, server_side=True)
+                sock = tls.handshake(self.tls, sock, float(self.cfg.HandshakeTimeout), server_side=True)
                 implicit_tls = False
             if not implicit_tls:
                 sock.settimeout(5)
                 sock.sendall(reply.encode() + b"\r\n")
-        except (OSError, ssl.SSLError, socket.timeout):
+        except (OSError, ssl.SSLError, socket.timeout, tls.HandshakeTimeout):
             pass
         finally:
             sock.close()
