@@ -239,3 +239,48 @@ def test_a_relay_that_trickles_its_reply_has_a_deadline(mail_stack):
         assert lines_until_close(r) == [smtp.RELAY_DOWN]
         assert_took(start, 2)
         one_log_line(p, "127.0.0.1:%d: the relay's reply took more than 2 s" % slow.port)
+
+
+def test_a_tls_record_trickled_after_the_handshake_cannot_outlast_the_deadline(mail_stack, certs):
+    """The ssl module's timeouts count per wait: a record sent a byte at a time would keep one
+    receive going for ever.  The deadline bounds the receive as a whole."""
+    settings = dict(LOGIN_LIMITS, LoginIdleTimeout=5)     # the deadline (2 s) comes first
+    with Proxy(mail_stack.info(), tls=certs, imap=settings) as p:
+        start = time.monotonic()                          # LoginTimeout counts from the connect
+        r = RawClient(p.host, p.imaps_port)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing)
+        while True:                                       # the handshake, over the raw socket
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                r.sock.sendall(outgoing.read())
+                incoming.write(r.sock.recv(65536))
+        r.sock.sendall(outgoing.read())
+        received = b""
+
+        def read_until_close():
+            nonlocal received
+            r.sock.settimeout(10)
+            while True:
+                try:
+                    data = r.sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    return
+                incoming.write(data)
+                try:
+                    while True:
+                        received += tls.read(65536)
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    pass
+        tls.write(b"a NOOP\r\n")
+        record = outgoing.read()                          # one TLS record, sent a byte every 0.3 s
+        trickle(r.sock, record, 0.3)
+        read_until_close()
+        assert received.split(b"\r\n")[1:] == [imap.BYE_DEADLINE.encode(), b""], received
+        assert_took(start, 2)
