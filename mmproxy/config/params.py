@@ -96,12 +96,13 @@ _group(
     ("Timeout", t.Timeout(), 1800, _IPS,
      "idle seconds before a session is closed with the protocol's goodbye; before login (SMTP: before "
      "EHLO) the lower of this and LoginIdleTimeout (RFCs: IMAP 1800, POP/SMTP 600 at least)", _SUP),
-    ("LoginTimeout", t.Int(min=1), 180, _IPS,
+    ("LoginTimeout", t.Int(min=1), t.PerService(imap=180, pop=180, smtp=300), _IPS,
      "mmproxy only: seconds the whole dialogue before login may take (IMAP, POP: up to the login's answer; "
      "SMTP: up to the client's first EHLO/HELO), however the client trickles its bytes; then the protocol's "
-     "goodbye (as Dovecot's 3-minute login limit)", _SUP),
-    ("LoginIdleTimeout", t.Int(min=1), 60, _IPS,
-     "mmproxy only: idle seconds allowed per read in that dialogue (the lower of this and Timeout)", _SUP),
+     "goodbye (IMAP, POP: Dovecot's 3-minute login limit; SMTP: RFC 5321 4.5.3.2.7's 5 minutes)", _SUP),
+    ("LoginIdleTimeout", t.Int(min=1), t.PerService(imap=60, pop=60, smtp=300), _IPS,
+     "mmproxy only: idle seconds allowed per read in that dialogue (the lower of this and Timeout; SMTP: "
+     "RFC 5321 4.5.3.2.7 asks servers to wait at least 5 minutes for a command)", _SUP),
     ("HandshakeTimeout", t.Int(min=1), 30, _IPS,
      "mmproxy only: seconds a whole TLS handshake may take (implicit TLS, STARTTLS/STLS, and towards an "
      "SMTP relay); the client is then disconnected", _SUP),
