@@ -32,7 +32,7 @@ def legacy(mail_stack, tmp_path_factory):
     (d / "certmap.conf").write_text(CERTMAP)
     (d / "bgexcluded").write_text("127.0.0.250/255.255.255.255\n")
     common = {
-        "SSLCertFile": None, "SSLKeyFile": None, "SSLCacheDir": str(d), "SSLCertNicknames": "Server-Cert",
+        "SSLKeyFile": None, "SSLCacheDir": str(d), "SSLCertNicknames": "Server-Cert",
         "SSLCipherSpecs": "all", "RestrictPlainPasswords": True, "ClientLookup": True,
         "ConnLimits": "0.0.0.0|0.0.0.0:20,127.0.0.64|255.255.255.255:2",
         "TCPAccess": "+imap,imaps,pop,pops:127.0.0.0/255.0.0.0 EXCEPT 127.0.0.66",
@@ -46,7 +46,7 @@ def legacy(mail_stack, tmp_path_factory):
               imap={**common, "SSLBacksidePort": info["imaps_port"]},
               pop={**common, "SSLBacksidePort": info["pop3s_port"]},
               smtp={"SmtpRelays": "%s:%d" % (info["smtp"]["host"], info["smtp"]["port"]), "SmtpProxyPassword": "x",
-                    "SSLCertFile": None, "SSLKeyFile": None, "SSLCacheDir": str(d), "SSLCertNicknames": "Server-Cert",
+                    "SSLKeyFile": None, "SSLCacheDir": str(d), "SSLCertNicknames": "Server-Cert",
                     "RestrictPlainPasswords": True, "ConnLimits": "0.0.0.0|0.0.0.0:20",
                     "TCPAccess": "-smtp,smtps:127.0.0.67"})
     p.write_config()

@@ -99,8 +99,13 @@ class Proxy:
             out["ServerDownAlert"] = "Your IMAP server appears to be temporarily out of service."
         if self.tls:
             cert, key = self.tls
+            # the legacy layout: SSLCacheDir/<nickname>.pem (SSLCertFile is obsolete), the key beside it
+            directory, name = os.path.split(cert)
+            nickname = name[:-4] if name.endswith(".pem") else name
+            if not name.endswith(".pem"):
+                raise ValueError("a certificate for the harness is a .pem file: %s" % cert)
             out.update({"SSLEnable": True, "SSLPorts": "%s:%d" % (self.host, self.tls_ports[kind]),
-                        "SSLCertFile": cert, "SSLKeyFile": key})
+                        "SSLCacheDir": directory, "SSLCertNicknames": nickname, "SSLKeyFile": key})
         return out
 
     def write_config(self) -> None:
