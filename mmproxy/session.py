@@ -524,14 +524,21 @@ class Session:
     # ------------------------------------------------------------------ TLS
     def wrap_tls(self) -> None:
         """The server side of a TLS handshake on the client socket, all of it within
-        HandshakeTimeout (a client that never sends its ClientHello, or trickles it)."""
+        HandshakeTimeout (a client that never sends its ClientHello, or trickles it), and before
+        login within what is left of LoginTimeout: the handshake is part of that dialogue."""
         ctx = self.service.tls
         if ctx is None:
             raise ClientGone("TLS requested but not configured")
+        seconds = float(self.cfg.HandshakeTimeout)
+        login = self.reader if self.reader.deadline is not None and self.reader.phase == self.LOGIN_PHASE else None
+        left = login.deadline - time.monotonic() if login is not None and login.deadline is not None else seconds
         try:
-            self.sock = tls.handshake(ctx, self.sock, float(self.cfg.HandshakeTimeout), server_side=True)
+            if left <= 0:                # the handshake is not even started: the login time is up
+                raise tls.HandshakeTimeout("no time left")
+            self.sock = tls.handshake(ctx, self.sock, min(seconds, left), server_side=True)
         except tls.HandshakeTimeout as e:
-            raise ClientTimeout(str(e), phase="TLS handshake", answerable=False) from None
+            why = str(login.deadline_passed() if login is not None and left < seconds else e)
+            raise ClientTimeout(why, phase="TLS handshake", answerable=False) from None
         except (OSError, ssl.SSLError) as e:
             raise ClientGone("TLS handshake failed: %s" % e) from None
         self.tls_active = True

@@ -146,6 +146,31 @@ def test_tls_handshakes_have_a_deadline(mail_stack, certs):
         wait_for_log(p, "deadline passed in state authorization: TLS handshake took more than 2 s")
 
 
+def test_a_tls_handshake_before_login_ends_with_the_login_deadline(mail_stack, certs):
+    """A handshake before login is part of the dialogue LoginTimeout bounds: a HandshakeTimeout
+    longer than what is left of it does not lengthen the dialogue (implicit TLS, STARTTLS, STLS)."""
+    hello = client_hello()
+    settings = {"HandshakeTimeout": 10, **LOGIN_LIMITS}
+    with Proxy(mail_stack.info(), tls=certs, imap=settings, pop=settings) as p:
+        for port, command, go in ((p.imaps_port, b"", b""), (p.imap_port, b"a STARTTLS\r\n", b"a OK Begin TLS"),
+                                  (p.pop_port, b"STLS\r\n", b"+OK Begin TLS")):
+            start = time.monotonic()                      # LoginTimeout counts from the connect
+            r = RawClient(p.host, port)
+            if command:
+                r.readline()
+                r.send(command)
+                r.expect(go)
+            trickle(r.sock, hello, 0.2)
+            assert r.read_all(10) == b""
+            assert_took(start, 2)
+        wait_for_log(p, "deadline passed in state authorization: the dialogue before login took more than 2 s")
+        time.sleep(0.2)
+        lines = [line for line in file_log(p).splitlines() if "deadline passed in" in line]
+        assert [line.split("] ", 1)[1] for line in lines] == [
+            "deadline passed in state not authenticated: the dialogue before login took more than 2 s"] * 2 + [
+            "deadline passed in state authorization: the dialogue before login took more than 2 s"], lines
+
+
 # ---------------------------------------------------------------------- the store's part of a login
 def test_a_store_that_trickles_its_answers_has_a_deadline(mail_stack):
     """StoreTimeout bounds the store's whole part of a login (connect, greeting, login): a store that

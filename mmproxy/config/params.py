@@ -105,7 +105,7 @@ _group(
      "RFC 5321 4.5.3.2.7 asks servers to wait at least 5 minutes for a command)", _SUP),
     ("HandshakeTimeout", t.Int(min=1), 30, _IPS,
      "mmproxy only: seconds a whole TLS handshake may take (implicit TLS, STARTTLS/STLS, and towards an "
-     "SMTP relay); the client is then disconnected", _SUP),
+     "SMTP relay); the client is then disconnected; before login it also ends when LoginTimeout does", _SUP),
     ("StoreTimeout", t.Int(min=1), 30, "I P",
      "mmproxy only: seconds the store may take for its part of a login, in all: connect, greeting, "
      "telling it the client, the login's answer; then the client is told the store is unavailable", _SUP),
