@@ -506,12 +506,13 @@ def _await_continuation(store: Store) -> bool:
 
 
 def _sends_password(verb: str, rest: bytes) -> bool:
-    """Whether a command carries a password in clear: LOGIN, AUTHENTICATE PLAIN or LOGIN
-    (RestrictPlainPasswords refuses them before TLS, RFC 9051 6.2.3 and 7.1: LOGINDISABLED)."""
+    """Whether a command carries a password in clear: LOGIN, AUTHENTICATE PLAIN or LOGIN or any
+    mechanism not known to keep it secret (sasl.secret_in_clear; RestrictPlainPasswords refuses
+    them before TLS, RFC 9051 6.2.3 and 7.1: LOGINDISABLED)."""
     if verb == "LOGIN":
         return True
     mech = (rest.split(None, 1) or [b""])[0].strip(b'"').decode("ascii", "replace").upper()
-    return verb == "AUTHENTICATE" and mech in sasl.PLAINTEXT
+    return verb == "AUTHENTICATE" and bool(mech) and sasl.secret_in_clear(mech)
 
 
 def _tag_of(start: bytes) -> str:

@@ -198,7 +198,7 @@ class LoginSession(Session):
         with an optional initial response (RFC 4959, RFC 5034).  The credentials it yields."""
         mech = mechanism.decode("ascii", "replace").upper()
         if mech not in self.mechanisms():
-            if mech in sasl.PLAINTEXT and self.plaintext_refused:
+            if sasl.secret_in_clear(mech) and self.plaintext_refused:
                 raise PrivacyRequired("Plaintext authentication is disallowed without TLS")
             raise MechanismUnsupported("Unsupported authentication mechanism", "mechanism %r" % mech[:40])
         self.state = self.AUTHENTICATING

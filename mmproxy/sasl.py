@@ -21,8 +21,18 @@ from typing import Tuple
 
 from mmproxy.errors import ClientSyntaxError
 
-# Mechanisms whose messages carry the password itself: refused before TLS with RestrictPlainPasswords.
-PLAINTEXT = frozenset({"PLAIN", "LOGIN"})
+# Mechanisms whose messages never carry the password or another reusable secret (a bearer token)
+# itself: challenge-response, Kerberos, the TLS client certificate, no secret at all.  Before TLS,
+# RestrictPlainPasswords allows these only; any other (PLAIN, LOGIN, XOAUTH2, OAUTHBEARER, one
+# nobody knows yet that an SMTP relay offers) is refused.
+NO_SECRET_IN_CLEAR = frozenset({"CRAM-MD5", "DIGEST-MD5", "GSSAPI", "GS2-KRB5", "NTLM", "EXTERNAL", "ANONYMOUS"})
+
+
+def secret_in_clear(mechanism: str) -> bool:
+    """Whether a SASL mechanism (upper case, RFC 4422 name) may send the secret itself, so that
+    RestrictPlainPasswords refuses it before TLS: every mechanism but NO_SECRET_IN_CLEAR and SCRAM
+    (RFC 5802, RFC 7677)."""
+    return mechanism not in NO_SECRET_IN_CLEAR and not mechanism.startswith("SCRAM-")
 # The LOGIN mechanism's two challenges (what Outlook-era clients expect to be asked).
 LOGIN_CHALLENGES = (b"Username:", b"Password:")
 

@@ -514,7 +514,7 @@ class SmtpSession(Session):
             if kw not in self.service.keywords:
                 continue
             if kw == "AUTH" and self.plaintext_refused:
-                mechs = [m for m in text[5:].split() if m.upper().decode("ascii", "replace") not in sasl.PLAINTEXT]
+                mechs = [m for m in text[5:].split() if not sasl.secret_in_clear(m.upper().decode("ascii", "replace"))]
                 if not mechs:
                     continue
                 text = text[:5] + b" ".join(mechs)          # "AUTH " or the old "AUTH=" form
@@ -551,7 +551,7 @@ class SmtpSession(Session):
         mech = words[0].upper().decode("ascii", "replace") if words else ""
         if not SASL_MECH.fullmatch(mech):
             raise ClientSyntaxError("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
-        if self.plaintext_refused and mech in sasl.PLAINTEXT:
+        if self.plaintext_refused and sasl.secret_in_clear(mech):
             raise PrivacyRequired(NEED_TLS)
         relay = self.introduced_relay()
         r = relay.command(req.line)

@@ -586,6 +586,50 @@ def test_restrict_plain_passwords_on_every_mechanism_until_tls(mail_stack, certs
             raw.expect_lines("235 2.7.0 Authentication successful")
 
 
+def test_restrict_plain_passwords_refuses_every_mechanism_that_sends_a_secret(mail_stack, certs):
+    """Not only PLAIN and LOGIN: a relay may offer mechanisms that send a bearer token (XOAUTH2,
+    OAUTHBEARER; Dovecot checks the password as the token).  Before TLS only those that never send
+    the secret itself are advertised and passed (CRAM-MD5 here); the others get the proxy's 538,
+    and work after STARTTLS."""
+    d = make_tempdir("mmproxy-sasl-")
+    sock, ip = os.path.join(d, "auth-postfix"), "127.0.0.6"
+    store = DovecotStore(ip, free_port(ip), free_port(ip), {SASL_USER: SASL_PW}, extra_conf=(
+        "auth_mechanisms = plain login xoauth2 oauthbearer cram-md5\n"
+        "service auth {\n  unix_listener %s {\n    mode = 0666\n  }\n}\n" % sock))
+    pf = relay_for_proxy(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot", smtpd_sasl_path=sock)
+    token = base64.b64encode(b"user=%s\x01auth=Bearer %s\x01\x01" % (SASL_USER.encode(), SASL_PW.encode()))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        store.start()
+        pf.start()
+        with Proxy(mail_stack.info(), imap=False, tls=certs,
+                   smtp=smtp_settings([hp(pf)], RestrictPlainPasswords=True)) as p:
+            raw = raw_session(p)
+            raw.send(b"EHLO raw.example.net\r\n")
+            code, lines = reply(raw)
+            assert [line for line in lines if line[4:].startswith(b"AUTH")] == [b"250-AUTH CRAM-MD5"], lines
+            for line in (b"AUTH XOAUTH2 " + token, b"AUTH OAUTHBEARER", b"AUTH xoauth2", b"AUTH X-UNKNOWN-MECH"):
+                raw.send(line + b"\r\n")
+                raw.expect_lines(smtp.NEED_TLS)
+            raw.send(b"AUTH CRAM-MD5\r\n")
+            assert reply(raw)[0] == 334
+            raw.send(b"*\r\n")
+            assert reply(raw)[0] == 501
+            raw.send(b"STARTTLS\r\n")
+            raw.expect_lines(smtp.TLS_GO)
+            raw.sock = ctx.wrap_socket(raw.sock)
+            raw.send(b"EHLO raw.example.net\r\n")
+            code, lines = reply(raw)
+            assert b"250-AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER CRAM-MD5" in lines, lines
+            raw.send(b"AUTH XOAUTH2 " + token + b"\r\n")
+            raw.expect_lines("235 2.7.0 Authentication successful")
+    finally:
+        pf.close()
+        store.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_passwords_never_logged(proxy):
     c = client(proxy)
     c.login(SASL_USER, SASL_PW)
