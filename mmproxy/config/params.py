@@ -97,20 +97,20 @@ _group(
      "idle seconds before a session is closed with the protocol's goodbye; before login (SMTP: before "
      "EHLO) the lower of this and LoginIdleTimeout (RFCs: IMAP 1800, POP/SMTP 600 at least)", _SUP),
     ("LoginTimeout", t.Int(min=1), t.PerService(imap=180, pop=180, smtp=300), _IPS,
-     "mmproxy only: seconds the whole dialogue before login may take (IMAP, POP: up to the login's answer; "
+     "mmproxy extension: seconds the whole dialogue before login may take (IMAP, POP: up to the login's answer; "
      "SMTP: up to the client's first EHLO/HELO), however the client trickles its bytes; then the protocol's "
      "goodbye (IMAP, POP: Dovecot's 3-minute login limit; SMTP: RFC 5321 4.5.3.2.7's 5 minutes)", _SUP),
     ("LoginIdleTimeout", t.Int(min=1), t.PerService(imap=60, pop=60, smtp=300), _IPS,
-     "mmproxy only: idle seconds allowed per read in that dialogue (the lower of this and Timeout; SMTP: "
+     "mmproxy extension: idle seconds allowed per read in that dialogue (the lower of this and Timeout; SMTP: "
      "RFC 5321 4.5.3.2.7 asks servers to wait at least 5 minutes for a command)", _SUP),
     ("HandshakeTimeout", t.Int(min=1), 30, _IPS,
-     "mmproxy only: seconds a whole TLS handshake may take (implicit TLS, STARTTLS/STLS, and towards an "
+     "mmproxy extension: seconds a whole TLS handshake may take (implicit TLS, STARTTLS/STLS, and towards an "
      "SMTP relay); the client is then disconnected; before login it also ends when LoginTimeout does", _SUP),
     ("StoreTimeout", t.Int(min=1), 30, "I P",
-     "mmproxy only: seconds the store may take for its part of a login, in all: connect, greeting, "
+     "mmproxy extension: seconds the store may take for its part of a login, in all: connect, greeting, "
      "telling it the client, the login's answer; then the client is told the store is unavailable", _SUP),
     ("SmtpMessageTimeout", t.Int(min=1), 1800, "S",
-     "mmproxy only: seconds the text of one message may take (DATA, or the BDAT chunks of one message); "
+     "mmproxy extension: seconds the text of one message may take (DATA, or the BDAT chunks of one message); "
      "then 421 and the connection closes", _SUP),
 )
 _group(
@@ -233,7 +233,7 @@ _group(
     ("FailoverTimeout", t.Int(min=0), 10, "S",
      "seconds to wait for a relay to accept and greet; a failed relay is then avoided as many minutes", _SUP),
     ("SmtpRelayProxyProtocol", t.Int(0, 2), 0, "S",
-     "mmproxy only: 1 or 2 sends a PROXY protocol v1/v2 header naming the client to each relay (Postfix "
+     "mmproxy extension: 1 or 2 sends a PROXY protocol v1/v2 header naming the client to each relay (Postfix "
      "smtpd_upstream_proxy_protocol = haproxy); 0: XCLIENT only", _SUP),
 )
 _group(
