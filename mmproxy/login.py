@@ -400,6 +400,7 @@ class LoginSession(Session):
         store's to the client.  The pump keeps no reference to this session (memory per idle
         session is the figure that matters): what the end line needs is copied.
         """
+        self.reader.set_deadline(None)          # logged in: the login's deadline is over
         self.flush()
         to_store = self.reader.take_pending()
         to_client = store.reader.take_pending()

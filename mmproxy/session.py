@@ -304,16 +304,31 @@ class Session:
         self.out.append((line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line) + b"\r\n")
 
     def flush(self) -> None:
-        """Send what is queued; ClientGone when the client cannot take it."""
+        """Send what is queued, as a whole within SEND_TIMEOUT and within the present phase's
+        deadline (a client that reads its answers a little at a time must not outlast it; a
+        deadline already passed still leaves LINGER seconds for the goodbye).  ClientGone when the
+        client cannot take it; ClientTimeout naming the phase when its deadline passes meanwhile."""
         if not self.out:
             return
         data = b"".join(self.out)
         self.out.clear()
+        seconds, r = SEND_TIMEOUT, self.reader
+        by_deadline = r.deadline is not None and r.deadline - time.monotonic() < SEND_TIMEOUT
+        if r.deadline is not None and by_deadline:
+            seconds = max(r.deadline - time.monotonic(), LINGER)
+        # one timer for the whole send: on a TLS socket the ssl module's timeout counts per wait
+        timer = gevent.Timeout.start_new(seconds)
         try:
-            self.sock.settimeout(SEND_TIMEOUT)
+            self.sock.settimeout(seconds)
             self.sock.sendall(data)
-        except (OSError, socket.timeout) as e:
-            raise ClientGone("write failed: %s" % e) from None
+        except (OSError, socket.timeout, gevent.Timeout) as e:
+            if isinstance(e, gevent.Timeout) and e is not timer:
+                raise
+            if by_deadline and isinstance(e, (socket.timeout, gevent.Timeout)):
+                raise ClientTimeout(str(r.deadline_passed()), phase=r.phase, answerable=False) from None
+            raise ClientGone("write failed: %s" % (e if not isinstance(e, gevent.Timeout) else "timed out")) from None
+        finally:
+            timer.close()
         self.sent += len(data)
 
     # ------------------------------------------------------------------ life cycle
@@ -327,8 +342,9 @@ class Session:
                 self.attempt(self.step)
             try:
                 self.flush()
-            except ClientGone:
-                pass
+            except (ClientGone, ClientTimeout) as e:
+                if not self.end_reason:
+                    self.end_reason = self.log_failure(e)
         finally:
             if not self.pumping:
                 self.close()

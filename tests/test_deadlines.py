@@ -3,13 +3,14 @@ session.  Each test runs a real proxy with the limits shortened to a few seconds
 one byte at a time (a raw client, or DelayProxy in front of a real store or relay), and checks the
 exact lines the client sees, when it sees them, and the one log line that names the phase."""
 import os
+import socket
 import ssl
 import time
 
 import gevent
 import pytest
 
-from mmproxy import imap, pop, smtp
+from mmproxy import __version__, imap, pop, smtp
 from mmproxy.testing import DelayProxy
 from mmproxy.testing.proxy import Proxy, make_cert
 
@@ -169,6 +170,46 @@ def test_a_tls_handshake_before_login_ends_with_the_login_deadline(mail_stack, c
         assert [line.split("] ", 1)[1] for line in lines] == [
             "deadline passed in state not authenticated: the dialogue before login took more than 2 s"] * 2 + [
             "deadline passed in state authorization: the dialogue before login took more than 2 s"], lines
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True], ids=["imap", "imaps"])
+def test_a_client_that_does_not_read_its_answers_cannot_outlast_the_login_deadline(mail_stack, certs, implicit_tls):
+    """The proxy's sends are bounded by the phase's deadline too: a client that pipelines commands
+    and never reads the answers (or reads a little now and then) blocks the proxy's send, and
+    held a session before login for a minute per send in clear, for ever over TLS."""
+    with Proxy(mail_stack.info(), tls=certs, imap=dict(LOGIN_LIMITS, LoginIdleTimeout=2)) as p:
+        start = time.monotonic()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.connect((p.host, p.imaps_port if implicit_tls else p.imap_port))
+        if implicit_tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            s = ctx.wrap_socket(s)
+        s.settimeout(0.5)
+        try:
+            while time.monotonic() - start < 5:           # until the proxy stops taking them
+                s.send(b"a CAPABILITY\r\n" * 200)
+        except (socket.timeout, ssl.SSLWantWriteError):
+            pass
+        line = one_log_line(p, "deadline passed in state not authenticated")
+        assert line.endswith("the dialogue before login took more than 2 s"), line
+        assert_took(start, 2)
+        received = b""                                    # what the client can still read: answers, no goodbye
+        try:
+            s.settimeout(5)
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                received += data
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        s.close()
+        caps = "IMAP4rev1 LITERAL- SASL-IR ID%s AUTH=PLAIN AUTH=LOGIN" % ("" if implicit_tls else " STARTTLS")
+        lines = received.split(b"\r\n")[:-1]
+        assert lines[0] == ("* OK [CAPABILITY %s] mmproxy %s IMAP4rev1 proxy ready" % (caps, __version__)).encode()
+        assert set(lines[1:]) == {("* CAPABILITY " + caps).encode(), b"a OK Capability completed"}, lines[:4]
 
 
 # ---------------------------------------------------------------------- the store's part of a login
