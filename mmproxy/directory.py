@@ -50,7 +50,21 @@ POOL_SIZE = 8             # concurrent LDAP requests per kind (search, bind) and
 _MISS = object()
 HOSTED_DOMAIN_CLASSES = frozenset({"inetdomain", "maildomain"})
 DOMAIN_ATTRS = ["inetDomainBaseDN", "mailAccessProxyPreAuth", "mailAccessProxyReplay",
-                "inetDomainSearchFilter", "objectClass"]
+                "inetDomainSearchFilter", "objectClass", "inetDomainStatus", "mailDomainStatus"]
+USER_STATUS_ATTRS = ("inetUserStatus", "mailUserStatus")
+STATUSES = frozenset({"active", "inactive", "deleted", "removed", "disabled", "hold", "overquota"})
+
+
+def account_status(*values: Optional[str]) -> str:
+    """The status of an account from its status attributes, in Messaging Server's order (domain,
+    domain mail, user, mail user): the first that is not ``active`` decides; a missing one is
+    active, a value Messaging Server does not define is ``inactive`` (Sun Java System Messaging
+    Server 6.3 Administration Guide, 9.1.3.2 "Entry Status Checks"; Schema Reference, mailUserStatus)."""
+    for value in values:
+        v = (value or "active").strip().lower()
+        if v != "active":
+            return v if v in STATUSES else "inactive"
+    return "active"
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class Domain:
     preauth: Optional[str] = None        # mailAccessProxyPreAuth (raw yes/no)
     replay: Optional[str] = None         # mailAccessProxyReplay
     search_filter: Optional[str] = None  # inetDomainSearchFilter
+    status: str = "active"               # inetDomainStatus, then mailDomainStatus (account_status)
 
     def overrides(self) -> Dict[str, str]:
         """The per-domain values as legacy parameter names, for ServiceConfig.override()."""
@@ -79,6 +94,7 @@ class User:
     dn: str
     attrs: Dict[str, List[str]] = field(default_factory=dict)   # lower-case names
     mailhost: Optional[str] = None
+    status: str = "active"        # the account's, its domain's included (account_status)
 
     def get(self, name: str) -> List[str]:
         return self.attrs.get(name.lower(), [])
@@ -264,7 +280,8 @@ class Directory:
                 values = a.get(k.lower())
                 return values[0] if values else None
             return Domain(name, dn, first("inetDomainBaseDN") or dn, first("mailAccessProxyPreAuth"),
-                          first("mailAccessProxyReplay"), first("inetDomainSearchFilter"))
+                          first("mailAccessProxyReplay"), first("inetDomainSearchFilter"),
+                          account_status(first("inetDomainStatus"), first("mailDomainStatus")))
         return self._cached(("domain", dn), load)
 
     def find_user(self, login: LoginId, search_format: str, extra_attrs: Sequence[str] = (),
@@ -275,7 +292,8 @@ class Directory:
             return None, None
         fmt = domain.search_filter or search_format
         flt = search_filter(fmt, login, client_ip, server_ip)
-        attrs = sorted({"uid", *self.mailhost_attrs, *extra_attrs, *format_attrs(domain.replay or "")})
+        attrs = sorted({"uid", *self.mailhost_attrs, *extra_attrs, *format_attrs(domain.replay or ""),
+                        *USER_STATUS_ATTRS})
 
         def load() -> Optional[User]:
             rows = self._search(domain.user_base, ldap.SCOPE_SUBTREE, flt, attrs)
@@ -285,7 +303,8 @@ class Directory:
                 return None
             dn, a = rows[0]
             host = next((a[h.lower()][0] for h in self.mailhost_attrs if a.get(h.lower())), None)
-            return User(dn, a, host)
+            status = account_status(domain.status, *(next(iter(a.get(k.lower(), [])), None) for k in USER_STATUS_ATTRS))
+            return User(dn, a, host, status)
         return domain, self._cached(("user", domain.user_base, flt, tuple(attrs)), load)
 
     def certificate_entries(self, base: str, base_only: bool, terms: Sequence[Tuple[str, str]],

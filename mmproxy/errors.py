@@ -125,6 +125,11 @@ class AuthTempFail(MMProxyError):
     """The directory could not answer: never reported as a bad password."""
 
 
+class AccountHeld(AuthTempFail):
+    """The account (or its domain) has the status ``hold`` (its mailbox is being moved): a
+    temporary failure, once the password is verified where the proxy verifies it."""
+
+
 class StoreRefused(MMProxyError):
     """The store refused the replayed login.  ``reply`` is what the client is told (the store's own
     words under the client's tag); ``bad_credentials`` whether it counts as a failed login."""

@@ -16,6 +16,7 @@ from mmproxy.certmap import Certmap, normalise_dn, subject_dn
 from mmproxy.directory import Directory, User
 from mmproxy.errors import (
     AccessDenied,
+    AccountHeld,
     AuthCancelled,
     AuthFailed,
     AuthzFailed,
@@ -340,11 +341,23 @@ class LoginSession(Session):
             password, verified = creds.password, True
         else:
             password, verified = creds.password, False
+        self.check_status(target)
         self.check_access(target, verified)
         if not target.host:
             # only now: before the password is checked, this answer would tell who exists
             raise BackendUnavailable("%s has none of %s" % (target.user.dn, " ".join(target.cfg.MailHostAttrs)))
         return target, password, verified
+
+    def check_status(self, target: Target) -> None:
+        """The account's status (account_status: the domain's and the user's, read in the user's
+        search): inactive, disabled, deleted or removed refuse the login as a wrong password would
+        (the log says why); hold is a temporary failure; active and overquota log in."""
+        status = target.user.status
+        if status in ("active", "overquota"):
+            return
+        if status == "hold":
+            raise AccountHeld("%s is on hold" % target.user.dn)
+        raise AuthFailed("%s is %s" % (target.user.dn, status))
 
     def check_access(self, target: Target, verified: bool) -> None:
         """The user's own access filter, the value of the attribute ``TCPAccessAttr`` names (values

@@ -38,6 +38,7 @@ from mmproxy.badguys import BadGuys
 from mmproxy.connlimits import ConnLimits
 from mmproxy.errors import (
     AccessDenied,
+    AccountHeld,
     AuthFailed,
     AuthTempFail,
     AuthzFailed,
@@ -595,6 +596,7 @@ def is_login_failure(e: BaseException) -> bool:
 def failure_kind(e: BaseException) -> str:
     """A few words for logs: why a login (or a relay) did not go through."""
     for cls, words in ((AuthFailed, "auth failed"), (AuthzFailed, "authorization identity refused"),
+                       (AccountHeld, "account on hold"),
                        (AccessDenied, "access denied"),
                        (AuthTempFail, "directory unavailable"), (StoreRefused, "refused by store"),
                        (BackendError, "store unavailable")):

@@ -62,6 +62,9 @@ Default data model: default_directory(n_users=10)
                                      (IMAP from anywhere but 127.0.0.22; nothing else)
         hank    mailHost 127.0.0.2   password  hank-pw   mailAllowedServiceAccess: +imap:ALL$+popx:ALL
                                      (a value that does not parse: popx)
+        ivan    mailHost 127.0.0.2   password  ivan-pw   inetUserStatus: inactive
+        judy    mailHost 127.0.0.2   password  judy-pw   mailUserStatus: hold
+        kurt    mailHost 127.0.0.2   password  kurt-pw   inetUserStatus: Active; mailUserStatus: overquota
         user1..userN  odd k on 127.0.0.2, even k on 127.0.0.3, password pw-userK
     dc=org,o=internet                    objectClass domain
     dc=example,dc=org,o=internet         domain inetDomain mailDomain; inetDomainStatus: active;

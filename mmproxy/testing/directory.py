@@ -218,6 +218,10 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
         User("gina", "example.com", "gina-pw", a, "gina",
              attrs={"mailAllowedServiceAccess": ["+imap:ALL EXCEPT 127.0.0.22"]}),
         User("hank", "example.com", "hank-pw", a, "hank", attrs={"mailAllowedServiceAccess": ["+imap:ALL$+popx:ALL"]}),
+        User("ivan", "example.com", "ivan-pw", a, "ivan", attrs={"inetUserStatus": ["inactive"]}),
+        User("judy", "example.com", "judy-pw", a, "judy", attrs={"mailUserStatus": ["hold"]}),
+        User("kurt", "example.com", "kurt-pw", a, "kurt",
+             attrs={"inetUserStatus": ["Active"], "mailUserStatus": ["overquota"]}),
         User("carol", "example.org", "carol pw", b, "carol@example.org"),
         User("dave", "example.org", "dave-pw", a, "dave@example.org"),
     ]
