@@ -61,23 +61,32 @@ def find_binary(name: str) -> str:
     return path
 
 
-def free_port(*hosts: str) -> int:
-    """A TCP port that is free on every address in `hosts` (default 127.0.0.1).
+_given: set = set()          # ports handed out by this process: never twice
 
-    Binds port 0 on the first address and checks that the others can bind the same port;
-    retries with another port otherwise. The port is released again, so a race with another
-    process is possible but unlikely.
-    """
+
+def _listener_range() -> range:
+    """Ports below the kernel's ephemeral range (ip_local_port_range), where no outgoing
+    connection ever takes one: a port found free there stays free until its server binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768
+    return range(10000, first) if first > 12000 else range(first + 1, 65536)
+
+
+def free_port(*hosts: str) -> int:
+    """A TCP port that is free on every address in `hosts` (default 127.0.0.1), drawn at random
+    below the ephemeral range (the clients' outgoing connections of a busy test run took ports
+    that bind(0) had just handed out) and never handed out twice by this process."""
+    import random
     hosts = hosts or ("127.0.0.1",)
-    for _ in range(200):
-        first = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            if all(_bindable(h, port) for h in hosts[1:]):
-                return port
-        finally:
-            first.close()
+    ports = _listener_range()
+    for _ in range(500):
+        port = random.choice(ports)
+        if port not in _given and all(_bindable(h, port) for h in hosts):
+            _given.add(port)
+            return port
     raise RuntimeError("no TCP port free on all of %s" % (hosts,))
 
 
