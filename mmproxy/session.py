@@ -317,8 +317,9 @@ class Session:
         by_deadline = r.deadline is not None and r.deadline - time.monotonic() < SEND_TIMEOUT
         if r.deadline is not None and by_deadline:
             seconds = max(r.deadline - time.monotonic(), LINGER)
-        # one timer for the whole send: on a TLS socket the ssl module's timeout counts per wait
-        timer = gevent.Timeout.start_new(seconds)
+        # gevent's sendall bounds a plain socket's whole send by its timeout; on a TLS socket the
+        # ssl module's timeout counts per wait, so one timer bounds the whole send there
+        timer = gevent.Timeout.start_new(seconds) if isinstance(self.sock, ssl.SSLSocket) else None
         try:
             self.sock.settimeout(seconds)
             self.sock.sendall(data)
@@ -329,7 +330,8 @@ class Session:
                 raise ClientTimeout(str(r.deadline_passed()), phase=r.phase, answerable=False) from None
             raise ClientGone("write failed: %s" % (e if not isinstance(e, gevent.Timeout) else "timed out")) from None
         finally:
-            timer.close()
+            if timer is not None:
+                timer.close()
         self.sent += len(data)
 
     # ------------------------------------------------------------------ life cycle
