@@ -31,6 +31,7 @@ from gevent.threadpool import ThreadPool
 
 from mmproxy.addresses import is_host_name
 from mmproxy.config import ServiceConfig
+from mmproxy.config.optiondat import MtaOptions
 from mmproxy.errors import AuthFailed, AuthTempFail, MMProxyError
 from mmproxy.loginid import LoginId, format_attrs, search_filter
 
@@ -49,6 +50,7 @@ POOL_SIZE = 8             # concurrent LDAP requests per kind (search, bind) and
 
 _MISS = object()
 HOSTED_DOMAIN_CLASSES = frozenset({"inetdomain", "maildomain"})
+SCHEMA2_DOMAIN_CLASS = "sunManagedOrganization"     # every Schema 2 hosted domain carries it
 DOMAIN_ATTRS = ["inetDomainBaseDN", "mailAccessProxyPreAuth", "mailAccessProxyReplay",
                 "inetDomainSearchFilter", "objectClass", "inetDomainStatus", "mailDomainStatus"]
 USER_STATUS_ATTRS = ("inetUserStatus", "mailUserStatus")
@@ -78,6 +80,13 @@ class Domain:
     replay: Optional[str] = None         # mailAccessProxyReplay
     search_filter: Optional[str] = None  # inetDomainSearchFilter
     status: str = "active"               # inetDomainStatus, then mailDomainStatus (account_status)
+    canonical: str = ""                  # the canonical domain name, when it is not ``name``
+
+    def login_id(self, login: LoginId) -> LoginId:
+        """The login as the user search and the store see it: in the canonical domain (%V, %s),
+        as Messaging Server names a user of an alias domain (Schema Reference,
+        inetCanonicalDomainName, "User Login with inetCanonicalDomainName"); %o stays as typed."""
+        return login.in_domain(self.canonical) if self.canonical and login.domain else login
 
     def overrides(self) -> Dict[str, str]:
         """The per-domain values as legacy parameter names, for ServiceConfig.override()."""
@@ -131,7 +140,7 @@ class _Conns:
 class Directory:
     """Lookups for one service's settings (LdapURL, BindDN, caches, HostedDomains...)."""
 
-    def __init__(self, cfg: ServiceConfig) -> None:
+    def __init__(self, cfg: ServiceConfig, mta: MtaOptions = MtaOptions()) -> None:
         url = cfg.LdapURL
         self.uris = " ".join(url.urls())
         self.base = url.base
@@ -149,6 +158,8 @@ class Directory:
         self.searchers = _Conns(POOL_SIZE)
         self.binders = _Conns(POOL_SIZE)
         self._inflight: Dict[Any, AsyncResult] = {}
+        self.mta = mta                      # option.dat: the schema level and the domain attributes
+        self.user_group_dn = cfg.UserGroupDN or cfg.CertMapDN or self.base     # Schema 2 searches
 
     def close(self) -> None:
         self.pool.kill()
@@ -255,34 +266,114 @@ class Directory:
 
     # ------------------------------------------------------------------ lookups
     def find_domain(self, name: str) -> Optional[Domain]:
-        """The DC-tree node of a hosted domain (dc=example,dc=com,<base>); None when there is none.
+        """The directory node of a hosted domain, as Messaging Server finds it for its schema level
+        (LDAP_SCHEMALEVEL in option.dat; Messaging Server 6.3 Administration Guide, 9.1.1.2 "Domain
+        Map Determination of Domain Locality"); None when there is none.  One search per domain not
+        in the cache (a DC-tree alias one more, for the node it names, cached as well).
 
-        Only a node that is a domain of the Sun schema (objectClass inetDomain or mailDomain) is
-        one: ``dc=com`` exists too, and a login as ``user@com`` must not search all of it.
+        Schema 1 (and 1.5, Schema 2 compatibility mode): the DC tree node dc=example,dc=com,<LdapURL
+        base> (``_dc_domain``).  Schema 2 native mode: the organisation under UserGroupDN whose
+        sunPreferredDomain or associatedDomain is the name (``_org_domain``).
         """
         if not self.hosted:
             return Domain(name, self.base, self.base)
         if not is_host_name(name):
-            return None            # never let a client-typed string shape a DN
+            return None            # never let a client-typed string shape a DN or a filter
+        return self._org_domain(name) if self.mta.native else self._dc_domain(name)
+
+    def _domain_attrs(self) -> List[str]:
+        m = self.mta
+        return sorted({*DOMAIN_ATTRS, m.domain_attr_basedn, m.domain_attr_alias, m.domain_attr_canonical,
+                       m.attr_domain1_schema2})
+
+    def _domain(self, name: str, dn: str, a: Dict[str, List[str]], canonical: str) -> Domain:
+        """A Domain from a domain node's attributes; ``canonical``: its name when the node does not
+        say (LDAP_DOMAIN_ATTR_CANONICAL, inetCanonicalDomainName)."""
+        def first(k: str) -> Optional[str]:
+            values = a.get(k.lower())
+            return values[0] if values else None
+        canonical = (first(self.mta.domain_attr_canonical) or canonical).strip().lower()
+        return Domain(name, dn, first(self.mta.domain_attr_basedn) or dn, first("mailAccessProxyPreAuth"),
+                      first("mailAccessProxyReplay"), first("inetDomainSearchFilter"),
+                      account_status(first("inetDomainStatus"), first("mailDomainStatus")),
+                      canonical if canonical != name else "")
+
+    def _dc_node(self, dn: str) -> Optional[Dict[str, List[str]]]:
+        """The attributes of one DC-tree node (None: no such entry), cached."""
+        def load() -> Optional[Dict[str, List[str]]]:
+            rows = self._search(dn, ldap.SCOPE_BASE, "(objectClass=*)", self._domain_attrs())
+            return rows[0][1] if rows else None
+        return self._cached(("dc-node", dn.lower()), load)
+
+    def _dc_domain(self, name: str) -> Optional[Domain]:
+        """Schema 1: the DC-tree node of ``name``.  Only a node that is a domain of the Sun schema
+        (objectClass inetDomain or mailDomain) is one: ``dc=com`` exists too, and a login as
+        ``user@com`` must not search all of it.
+
+        A node without a user base (LDAP_DOMAIN_ATTR_BASEDN, inetDomainBaseDN) that names another
+        (LDAP_DOMAIN_ATTR_ALIAS, aliasedObjectName: an inetDomainAlias) is an alias: the domain is
+        the node it names, whose name is the canonical one (unless it has inetCanonicalDomainName);
+        one hop, as in Messaging Server ("processing can return to step 4 at most once"), so an
+        alias of an alias, or a loop, is refused with a log line.  An index node (inetDomain with
+        its own inetDomainBaseDN and inetCanonicalDomainName) keeps its own settings and users'
+        base, and names the canonical domain.
+        """
         dn = ",".join("dc=" + ldap.dn.escape_dn_chars(label) for label in name.split("."))
         dn = dn + "," + self.base if self.base else dn
 
         def load() -> Optional[Domain]:
-            rows = self._search(dn, ldap.SCOPE_BASE, "(objectClass=*)", DOMAIN_ATTRS)
-            if not rows:
+            a = self._dc_node(dn)
+            if a is None:
                 return None
-            a = rows[0][1]
-            if not HOSTED_DOMAIN_CLASSES & {c.lower() for c in a.get("objectclass", [])}:
-                log.info("%s is no hosted domain (objectClass inetDomain or mailDomain)", dn)
+            target = self._alias_target(a)
+            if target is None:
+                return self._hosted(name, dn, a, name)
+            b = self._dc_node(target) if ldap.dn.is_dn(target) else None
+            if b is None:
+                log.warning("domain alias %s names %r, which is no entry; refusing %s", dn, target, name)
                 return None
-
-            def first(k: str) -> Optional[str]:
-                values = a.get(k.lower())
-                return values[0] if values else None
-            return Domain(name, dn, first("inetDomainBaseDN") or dn, first("mailAccessProxyPreAuth"),
-                          first("mailAccessProxyReplay"), first("inetDomainSearchFilter"),
-                          account_status(first("inetDomainStatus"), first("mailDomainStatus")))
+            if self._alias_target(b) is not None:
+                log.warning("domain alias %s names %s, another alias: one hop only; refusing %s", dn, target, name)
+                return None
+            return self._hosted(name, target, b, _dc_name(target) or name)
         return self._cached(("domain", dn), load)
+
+    def _alias_target(self, a: Dict[str, List[str]]) -> Optional[str]:
+        """The DN a DC-tree alias node names, None when the node is no alias."""
+        if a.get(self.mta.domain_attr_basedn.lower()):
+            return None
+        values = a.get(self.mta.domain_attr_alias.lower())
+        return values[0] if values else None
+
+    def _hosted(self, name: str, dn: str, a: Dict[str, List[str]], canonical: str) -> Optional[Domain]:
+        if not HOSTED_DOMAIN_CLASSES & {c.lower() for c in a.get("objectclass", [])}:
+            log.info("%s is no hosted domain (objectClass inetDomain or mailDomain)", dn)
+            return None
+        return self._domain(name, dn, a, canonical)
+
+    def _org_domain(self, name: str) -> Optional[Domain]:
+        """Schema 2 native mode: the organisation (objectClass sunManagedOrganization) under
+        UserGroupDN (or CertMapDN, else the LdapURL base) whose sunPreferredDomain or
+        associatedDomain (LDAP_ATTR_DOMAIN1_SCHEMA2 / LDAP_ATTR_DOMAIN2_SCHEMA2) is ``name``; its
+        users are below it (or below its inetDomainBaseDN when it is an index node).  The canonical
+        name is inetCanonicalDomainName, else sunPreferredDomain (Administration Guide 9.1.2.2).
+        Two organisations with the name is a provisioning error: refused with a log line."""
+        m = self.mta
+        value = ldap.filter.escape_filter_chars(name)
+        flt = "(&(objectClass=%s)(|(%s=%s)(%s=%s)))" % (SCHEMA2_DOMAIN_CLASS, m.attr_domain1_schema2, value,
+                                                       m.attr_domain2_schema2, value)
+
+        def load() -> Optional[Domain]:
+            rows = self._search(self.user_group_dn, ldap.SCOPE_SUBTREE, flt, self._domain_attrs())
+            if len(rows) != 1:
+                if rows:
+                    log.warning("more than one organisation under %s is domain %s; refusing it",
+                                self.user_group_dn, name)
+                return None
+            dn, a = rows[0]
+            preferred = a.get(m.attr_domain1_schema2.lower())
+            return self._domain(name, dn, a, preferred[0] if preferred else name)
+        return self._cached(("organisation", self.user_group_dn, name), load)
 
     def find_user(self, login: LoginId, search_format: str, extra_attrs: Sequence[str] = (),
                   client_ip: str = "", server_ip: str = "") -> Tuple[Optional[Domain], Optional[User]]:
@@ -290,6 +381,7 @@ class Directory:
         domain = self.find_domain(login.domain) if self.hosted else Domain(login.domain, self.base, self.base)
         if domain is None:
             return None, None
+        login = domain.login_id(login)        # an alias domain's users are searched in the canonical one
         fmt = domain.search_filter or search_format
         flt = search_filter(fmt, login, client_ip, server_ip)
         attrs = sorted({"uid", *self.mailhost_attrs, *extra_attrs, *format_attrs(domain.replay or ""),
@@ -375,6 +467,17 @@ class Directory:
         except ldap.INVALID_CREDENTIALS:
             raise AuthFailed("wrong password") from None
         self.auth_cache[key] = True
+
+
+def _dc_name(dn: str) -> str:
+    """The domain name of a DC-tree DN: its leading dc= values ("dc=example,dc=com,o=internet" ->
+    "example.com"); "" when it starts with no dc=."""
+    labels = []
+    for rdn in ldap.dn.str2dn(dn):
+        if len(rdn) != 1 or rdn[0][0].lower() != "dc":
+            break
+        labels.append(rdn[0][1])
+    return ".".join(labels).lower()
 
 
 def _unbind(conn: Any) -> None:

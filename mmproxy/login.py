@@ -111,7 +111,7 @@ class LoginService(Service):
 
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
-        self.directory = Directory(self.cfg)
+        self.directory = Directory(self.cfg, entry.mta)
         self.store_tls = tls.store_context(self.cfg)      # SSLBacksidePort; None: plaintext
         self.certmap = Certmap.load(self.cfg.CertmapFile) if self.cfg.CertmapFile else None
 
@@ -264,6 +264,7 @@ class LoginSession(Session):
             raise AuthFailed("unknown domain %r" % lid.domain)
         if entry is None:
             raise AuthFailed("unknown user %r" % lid.canonical)
+        lid = domain.login_id(lid)        # an alias domain's user is replayed in the canonical domain (%V, %s)
         over = domain.overrides()
         if over:
             try:

@@ -10,7 +10,7 @@ all is decided before, in ``login.credentials``; a domain name is checked before
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional, Sequence
 
 
@@ -22,6 +22,15 @@ class LoginId:
     user: str          # %U: the user id part
     domain: str        # %V: the (virtual) domain, lower case; "" when none
     canonical: str     # %s: user + CanonicalVirtualDomainDelim + domain (or just user)
+    delim: str = "@"   # CanonicalVirtualDomainDelim
+
+    def in_domain(self, domain: str) -> "LoginId":
+        """The same login in ``domain`` (a domain alias's canonical domain): %V and %s change, %o
+        (what the client typed) and %U stay."""
+        domain = domain.lower()
+        if not domain or domain == self.domain:
+            return self
+        return replace(self, domain=domain, canonical=self.user + self.delim + domain)
 
 
 def split_login(login: str, delims: str, default_domain: Optional[str], canonical_delim: str) -> LoginId:
@@ -33,7 +42,7 @@ def split_login(login: str, delims: str, default_domain: Optional[str], canonica
         user, domain = login, default_domain or ""
     domain = domain.lower()
     canonical = user + canonical_delim + domain if domain else user
-    return LoginId(login, user, domain, canonical)
+    return LoginId(login, user, domain, canonical, canonical_delim)
 
 
 def escape_filter_value(value: str) -> str:

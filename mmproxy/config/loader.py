@@ -12,8 +12,9 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from mmproxy.config import cfgfile
+from mmproxy.config import cfgfile, optiondat
 from mmproxy.config.cfgfile import Entry, Problem, error, warning
+from mmproxy.config.optiondat import MtaOptions
 from mmproxy.config.params import FILE_NAMES, KIND_CODES, PARAMS, Param, lookup, suggest, support_problem
 from mmproxy.config.types import Ctx, Deferred, Endpoint, Endpoints, ServiceList, ServiceSpec
 from mmproxy.config.vdmap import VirtualDomains, read_vdmap
@@ -113,6 +114,7 @@ class ServiceEntry:
     file: str
     cfg: ServiceConfig
     vdomains: Optional[VirtualDomains] = None
+    mta: MtaOptions = field(default_factory=MtaOptions)    # option.dat: where domains and users are
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Config:
     aservice: ServiceConfig
     services: List[ServiceEntry] = field(default_factory=list)
     problems: List[Problem] = field(default_factory=list)
+    mta: MtaOptions = field(default_factory=MtaOptions)    # option.dat beside the .cfg files
 
     @property
     def errors(self) -> List[Problem]:
@@ -149,6 +152,8 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
     if entries is None:
         return Config(config_dir, ServiceConfig(None, {}, config_dir), [], problems)
     aservice, failed = _settings(entries, "default", "A", None, config_dir, problems)
+    mta, found = optiondat.read(config_dir)
+    problems += found
     _unused_sections(entries, {"default"}, problems)
     # A bad entry is reported; the good ones are still loaded and checked (never the default instead).
     specs = _good_services(entries) if "servicelist" in failed else aservice.ServiceList
@@ -167,7 +172,7 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
             problems += found
         entries = files[spec.instance]
         if entries is None:
-            services.append(ServiceEntry(spec, file, ServiceConfig(spec.kind, {}, config_dir)))
+            services.append(ServiceEntry(spec, file, ServiceConfig(spec.kind, {}, config_dir), mta=mta))
             continue
         sections.setdefault(spec.instance, set()).add(spec.section.lower())
         if spec.section.lower() != "default" and not any(
@@ -176,14 +181,15 @@ def load_config(config_dir: str, *, create_missing: bool = False) -> Config:
                                     % (spec.section, spec.library, spec.instance, spec.section)))
         cfg, _ = _settings(entries, spec.section, KIND_CODES[spec.kind], spec.kind, config_dir, problems)
         _check_service(spec, file, cfg, sl_where, problems)
+        _check_schema(spec, file, cfg, mta, problems)
         vdomains = None
         if cfg.VirtualDomainFile:
             vdomains, found = read_vdmap(cfg.VirtualDomainFile, config_dir=config_dir, service=spec.kind)
             problems += found
-        services.append(ServiceEntry(spec, file, cfg, vdomains))
+        services.append(ServiceEntry(spec, file, cfg, vdomains, mta))
     for instance, used in sections.items():
         _unused_sections(files[instance] or [], used, problems)
-    return Config(config_dir, aservice, services, list(dict.fromkeys(problems)))
+    return Config(config_dir, aservice, services, list(dict.fromkeys(problems)), mta)
 
 
 def _good_services(entries: List[Entry]) -> Tuple[ServiceSpec, ...]:
@@ -314,6 +320,19 @@ def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: P
             if not cfg.is_set(name):
                 problems.append(error(file, None, "%s is mandatory when ServiceList names the SMTP service"
                                       % _param(name).name))
+
+
+def _check_schema(spec: ServiceSpec, file: str, cfg: ServiceConfig, mta: MtaOptions,
+                  problems: List[Problem]) -> None:
+    """Schema 2 (LDAP_SCHEMALEVEL 2) finds domains under UserGroupDN: without it, under the LdapURL
+    base, which in a migrated tree is usually the DC tree's root and holds no organisation."""
+    if spec.kind == "smtp" or not mta.native or not cfg.HostedDomains:
+        return
+    if not (cfg.UserGroupDN or cfg.CertMapDN):
+        at: Place = mta.where.get("LDAP_SCHEMALEVEL", (file, None))
+        problems.append(warning(at[0], at[1], "LDAP_SCHEMALEVEL 2 and %s has no UserGroupDN: Schema 2 domains are "
+                                "searched under the LdapURL base (%s)"
+                                % (spec.filename, cfg.LdapURL.base or "the root")))
 
 
 # --- templates for missing files --------------------------------------------------------------------

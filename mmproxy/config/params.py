@@ -127,7 +127,8 @@ _group(
 _group(
     "Users and domains",
     ("HostedDomains", t.Bool(), "yes", "I P",
-     "yes: hosted domains in a DC tree; no: one flat user tree under LdapURL", _SUP),
+     "yes: hosted domains (a DC tree, or Schema 2 organisations: option.dat); no: one flat user tree "
+     "under LdapURL", _SUP),
     ("DefaultDomain", t.Str(), None, "I P", "domain appended to user ids given without one",
      dict(_SUP, per_domain=True)),
     ("VirtualDomainDelim", t.Str(), "@", "I P",
@@ -140,7 +141,8 @@ _group(
     ("MailHostAttrs", t.Words(), "mailHost", "I P",
      "attributes naming the user's store, tried in order", _SUP),
     ("UserGroupDN", t.DN(), None, "I P",
-     "base DN of certificate mapping searches (CertmapFile; default: the LdapURL base)", _SUP),
+     "base DN of domain and user searches in Schema 2 (LDAP_SCHEMALEVEL 2 in option.dat) and of certificate "
+     "mapping searches (CertmapFile); default: the LdapURL base", _SUP),
     ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN (UserGroupDN takes precedence)",
      dict(_SUP, obsolete="UserGroupDN")),
     ("VirtualDomainFile", t.Path(must_exist="file"), None, _IPS,

@@ -36,6 +36,8 @@ API
               postfix=False, postfix_options=None)
         .start() .stop() context manager .info() .user(name) .transports() .slapd .stores[ip]
         .postfix .imap_port .pop3_port .lmtp_port .ldap_url .directory
+    Proxy(info, imap=None, pop=None, smtp=None, aservice=None, tls=None, option_dat=None, ...)
+        (mmproxy.testing.proxy) mmproxy started as operators do over a legacy config tree
     DelayProxy(target_host, target_port, listen_host="127.0.0.1", delay=0.0)
         .start() .stop() context manager .port .url; .delay may change at any time
     default_directory(n_users=10) -> Directory; welcome_subject(login, ip); ssha(pw: str | bytes)
@@ -73,6 +75,24 @@ Default data model: default_directory(n_users=10)
       users uid=<uid>,dc=example,dc=org,o=internet, replayed as uid@example.org:
         carol   mailHost 127.0.0.3   password  carol pw     (store login carol@example.org)
         dave    mailHost 127.0.0.2   password  dave-pw      (store login dave@example.org)
+    dc=example,dc=info,o=internet        objectClass alias inetDomainAlias; aliasedObjectName:
+                                         dc=example,dc=org,o=internet (a DC-tree domain alias)
+    dc=chain,dc=example,o=internet       alias of dc=example,dc=info (an alias of an alias: refused)
+    dc=example,dc=biz,o=internet         an index node: inetDomainBaseDN o=example.com,o=internet,
+                                         inetCanonicalDomainName example.com (example.com's users)
+    dc=closed,dc=example,o=internet      inetDomainStatus: inactive; mailAccessProxyReplay %U@%V
+        paul    mailHost 127.0.0.2   password  paul-pw   (store login paul@closed.example)
+    dc=held,dc=example,o=internet        mailDomainStatus: hold; mailAccessProxyReplay %U@%V
+        quinn   mailHost 127.0.0.2   password  quinn-pw  (store login quinn@held.example)
+    o=example.net,o=v2,o=internet        Schema 2 (native mode) organisation, no DC node: objectClass
+                                         organization sunManagedOrganization mailDomain;
+                                         sunPreferredDomain example.net; associatedDomain example.net,
+                                         mail.example.net, example.edu; mailAccessProxyReplay %U@%V;
+                                         UserGroupDN o=v2,o=internet (SCHEMA2_BASE) with
+                                         LDAP_SCHEMALEVEL=2 in option.dat (Proxy(option_dat=...))
+      users under ou=People,o=example.net,o=v2,o=internet, replayed as uid@example.net:
+        nora    mailHost 127.0.0.2   password  nora-pw
+        otto    mailHost 127.0.0.3   password  otto-pw
     Every user: objectClass top person organizationalPerson inetOrgPerson inetUser mailUser;
     uid, cn, sn, mail (uid@domain), userPassword ({SSHA}), mailHost, inetUserStatus active,
     mailUserStatus active, mailDeliveryOption mailbox.

@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 from .base import ssha
 
 SUFFIX = "o=internet"
+SCHEMA2_BASE = "o=v2,o=internet"      # UserGroupDN of the Schema 2 (native mode) organisations
 ROOT_DN, ROOT_PW = "cn=Manager,o=internet", "rootsecret"
 PROXY_DN, PROXY_PW = "cn=mmproxy,o=internet", "proxysecret"
 STORE_IPS = ("127.0.0.2", "127.0.0.3")
@@ -24,11 +25,16 @@ Attrs = Dict[str, List[str]]
 
 @dataclass
 class Domain:
-    """A hosted domain: a node `dc=<label>,...,o=internet` of the DC tree.
+    """A hosted domain: a node `dc=<label>,...,o=internet` of the DC tree (Schema 1), or with
+    `schema2` an organisation node (Schema 2 native mode, no DC node).
 
     org_dn: the value of inetDomainBaseDN (the organization that holds the users, which then
-    live under `ou=People,<org_dn>`), or None: the users sit directly below the DC node.
-    attrs: further attributes of the DC node, e.g. the proxy overrides
+    live under `ou=People,<org_dn>`), or None: the users sit directly below the DC node.  With
+    `schema2` it is the organisation node itself (objectClass sunManagedOrganization,
+    sunPreferredDomain <name>, associatedDomain <name> and `associated`).
+    alias_of: the name of another domain: the DC node is an alias (objectClass alias and
+    inetDomainAlias, aliasedObjectName: that domain's DC node) and has no settings of its own.
+    attrs: further attributes of the node, e.g. the proxy overrides
     {"mailAccessProxyReplay": ["%U@%V"]}.
     """
     name: str
@@ -36,9 +42,14 @@ class Domain:
     status: Optional[str] = "active"
     attrs: Attrs = field(default_factory=dict)
     suffix: str = SUFFIX
+    alias_of: Optional[str] = None
+    schema2: bool = False
+    associated: List[str] = field(default_factory=list)
 
     @property
     def dn(self) -> str:
+        if self.schema2 and self.org_dn:
+            return self.org_dn
         return ",".join(["dc=" + label for label in self.name.split(".")] + [self.suffix])
 
     @property
@@ -146,10 +157,19 @@ class Directory:
                        ("cn", "mmproxy"), ("description", "the proxy's bind DN"),
                        ("userPassword", ssha(PROXY_PW))])
         for d in self.domains.values():
+            if d.schema2:
+                self._schema2(d, add)
+                continue
             labels = d.name.split(".")
             for i in range(len(labels) - 1, 0, -1):      # dc=com, then dc=example,dc=com ...
                 dn = ",".join("dc=" + x for x in labels[i:]) + "," + self.suffix
                 add(dn, [("objectClass", "top"), ("objectClass", "domain"), ("dc", labels[i])])
+            if d.alias_of:
+                add(d.dn, [("objectClass", "top"), ("objectClass", "alias"), ("objectClass", "inetDomainAlias"),
+                           ("dc", labels[0]),
+                           ("aliasedObjectName", self.domains[d.alias_of].dn)]
+                    + [(k, v) for k, vals in d.attrs.items() for v in vals])
+                continue
             attrs = [("objectClass", oc) for oc in ("top", "domain", "inetDomain", "mailDomain")]
             attrs.append(("dc", labels[0]))
             if d.org_dn:
@@ -177,6 +197,23 @@ class Directory:
             attrs += [(k, v) for k, vals in u.attrs.items() for v in vals]
             add(u.dn, attrs)
         return "".join(ldif_entry(dn, attrs) for dn, attrs in entries)
+
+    def _schema2(self, d: Domain, add: Callable[[str, list], None]) -> None:
+        """A Schema 2 organisation node (and its parents below the suffix, and ou=People)."""
+        assert d.org_dn and d.org_dn.lower().endswith("," + self.suffix.lower()), d.org_dn
+        parents = d.org_dn[:-len(self.suffix) - 1].split(",")[1:]
+        for i in range(len(parents) - 1, -1, -1):
+            dn = ",".join(parents[i:] + [self.suffix])
+            attr, _, value = parents[i].partition("=")
+            add(dn, [("objectClass", "top"), ("objectClass", "organization"), (attr, value)])
+        attrs = [("objectClass", oc) for oc in ("top", "organization", "sunManagedOrganization", "mailDomain")]
+        attrs += [("o", d.org_dn.split(",")[0].split("=", 1)[1]), ("sunPreferredDomain", d.name)]
+        attrs += [("associatedDomain", n) for n in [d.name, *d.associated]]
+        if d.status:
+            attrs.append(("inetDomainStatus", d.status))
+        attrs += [(k, v) for k, vals in d.attrs.items() for v in vals]
+        add(d.org_dn, attrs)
+        add(d.people_dn, [("objectClass", "top"), ("objectClass", "organizationalUnit"), ("ou", "People")])
 
 
 _SAFE = re.compile(r"^[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*$")
@@ -208,6 +245,21 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
     com = Domain("example.com", org_dn="o=example.com,o=internet")
     org = Domain("example.org", org_dn=None,
                  attrs={"mailAccessProxyReplay": ["%U@%V"], "mailAccessProxyPreAuth": ["yes"]})
+    domains = [
+        com, org,
+        # DC-tree aliases: an alias node of example.org, an alias of that alias (refused: one hop),
+        # and an index node with example.com's users and its own settings
+        Domain("example.info", alias_of="example.org", status=None),
+        Domain("chain.example", alias_of="example.info", status=None),
+        Domain("example.biz", org_dn="o=example.com,o=internet",
+               attrs={"inetCanonicalDomainName": ["example.com"]}),
+        # domain status: refused as a wrong password, and a temporary failure
+        Domain("closed.example", status="inactive", attrs={"mailAccessProxyReplay": ["%U@%V"]}),
+        Domain("held.example", attrs={"mailDomainStatus": ["hold"], "mailAccessProxyReplay": ["%U@%V"]}),
+        # Schema 2 native mode, under SCHEMA2_BASE (no DC node)
+        Domain("example.net", org_dn="o=example.net," + SCHEMA2_BASE, schema2=True,
+               associated=["mail.example.net", "example.edu"], attrs={"mailAccessProxyReplay": ["%U@%V"]}),
+    ]
     users = [
         User("alice", "example.com", "alice-pw", a, "alice"),
         User("bob", "example.com", 'b"o b\\pw', b, "bob"),
@@ -224,8 +276,12 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
              attrs={"inetUserStatus": ["Active"], "mailUserStatus": ["overquota"]}),
         User("carol", "example.org", "carol pw", b, "carol@example.org"),
         User("dave", "example.org", "dave-pw", a, "dave@example.org"),
+        User("paul", "closed.example", "paul-pw", a, "paul@closed.example"),
+        User("quinn", "held.example", "quinn-pw", a, "quinn@held.example"),
+        User("nora", "example.net", "nora-pw", a, "nora@example.net"),
+        User("otto", "example.net", "otto-pw", b, "otto@example.net"),
     ]
     for k in range(1, n_users + 1):
         uid = "user%d" % k
         users.append(User(uid, "example.com", default_password(uid), a if k % 2 else b, uid))
-    return Directory([com, org], users)
+    return Directory(domains, users)

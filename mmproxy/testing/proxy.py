@@ -40,7 +40,9 @@ class Proxy:
 
     imap / pop / smtp: extra settings for that service's file (they override the defaults written
     here); None leaves the service out of ServiceList (IMAP is in unless imap=False).
-    aservice: extra AService.cfg settings.  tls: (cert, key) PEM paths: STARTTLS and one implicit-TLS
+    aservice: extra AService.cfg settings.  option_dat: the text of the MTA's option.dat beside
+    the .cfg files (e.g. "LDAP_SCHEMALEVEL=2\n"), None for none.
+    tls: (cert, key) PEM paths: STARTTLS and one implicit-TLS
     port per service.  Ports: ``ports[kind]`` and ``tls_ports[kind]`` on 127.0.0.1 (``imap_port``,
     ``imaps_port``, ``pop_port``, ... as shortcuts).
     """
@@ -50,7 +52,8 @@ class Proxy:
                  workdir: Optional[str] = None, host: str = "127.0.0.1",
                  imap_port: int = 0, imaps_port: int = 0, pop: Optional[Dict[str, object]] = None,
                  smtp: Optional[Dict[str, object]] = None, keep: bool = False,
-                 pop_port: int = 0, pops_port: int = 0, smtp_port: int = 0, smtps_port: int = 0) -> None:
+                 pop_port: int = 0, pops_port: int = 0, smtp_port: int = 0, smtps_port: int = 0,
+                 option_dat: Optional[str] = None) -> None:
         self.info = info
         self.host = host
         self.own_dir = workdir is None and not keep      # a temp dir we made goes away at stop()
@@ -71,6 +74,7 @@ class Proxy:
         self.tls_ports = {k: fixed.get(k, (0, 0))[1] or free_port(host) for k in self.settings} if tls else {}
         self.tls = tls
         self.aservice_settings = aservice or {}
+        self.option_dat = option_dat
         self.proc: Optional[subprocess.Popen] = None
         self.out_file = os.path.join(self.dir, "mmproxy.out")
 
@@ -118,6 +122,9 @@ class Proxy:
             write_cfg(os.path.join(self.config_dir, SERVICES[kind].file + ".cfg"), {**self.defaults(kind), **settings})
         write_cfg(os.path.join(self.config_dir, "AService.cfg"), {
             "ServiceList": " ".join(entries), "LogDir": self.log_dir, "LogLevel": 5, **self.aservice_settings})
+        if self.option_dat is not None:
+            with open(os.path.join(self.config_dir, "option.dat"), "w") as f:
+                f.write(self.option_dat)
 
     # ------------------------------------------------------------------ process
     wrapper: List[str] = []        # e.g. ["prlimit", "--nofile=64"] to start it under limits
