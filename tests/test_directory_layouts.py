@@ -156,6 +156,19 @@ def test_schema2_domain_and_its_associated_domains(v2_proxy):
     wait_for_log(v2_proxy, "login user=nora@example.net store=127.0.0.2")
 
 
+def test_schema2_costs_one_search_per_domain_and_user(mail_stack):
+    """The organisation is found by one subtree search under UserGroupDN, then cached."""
+    info = mail_stack.info()
+    org = info["domains"]["example.net"]["dn"]
+    before = (searches(mail_stack, SCHEMA2_BASE, 2), searches(mail_stack, org, 2))
+    with Proxy(info, imap={"UserGroupDN": SCHEMA2_BASE}, option_dat="LDAP_SCHEMALEVEL=2\n") as p:
+        for _ in range(3):
+            assert imap_welcome(p, "nora@example.edu", "nora-pw") == "Subject: Welcome nora@example.net on 127.0.0.2"
+    time.sleep(0.2)
+    after = (searches(mail_stack, SCHEMA2_BASE, 2), searches(mail_stack, org, 2))
+    assert [a - b for a, b in zip(after, before)] == [1, 1]
+
+
 def test_schema2_refuses_unknown_domains_and_wrong_passwords_alike(v2_proxy):
     no = b"a " + imap.NO_AUTH.encode() + b"\r\n"
     assert imap_reply(v2_proxy, "nora@example.net", "wrong") == no
@@ -163,4 +176,7 @@ def test_schema2_refuses_unknown_domains_and_wrong_passwords_alike(v2_proxy):
     assert imap_reply(v2_proxy, "alice@example.com", "alice-pw") == no       # a DC-tree domain: not in Schema 2
     assert pop_replies(v2_proxy, "nora@nowhere.example", "nora-pw") == (b"+OK\r\n", pop.ERR_AUTH.encode() + b"\r\n")
     wait_for_log(v2_proxy, "unknown domain 'nowhere.example'")
+    # two organisations claim shared.example: neither is it
+    assert imap_reply(v2_proxy, "nora@shared.example", "nora-pw") == no
+    wait_for_log(v2_proxy, "more than one organisation under o=v2,o=internet is domain shared.example; refusing it")
     assert "Traceback" not in proxy_log(v2_proxy)

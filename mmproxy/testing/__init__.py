@@ -87,12 +87,15 @@ Default data model: default_directory(n_users=10)
     o=example.net,o=v2,o=internet        Schema 2 (native mode) organisation, no DC node: objectClass
                                          organization sunManagedOrganization mailDomain;
                                          sunPreferredDomain example.net; associatedDomain example.net,
-                                         mail.example.net, example.edu; mailAccessProxyReplay %U@%V;
+                                         mail.example.net, example.edu, shared.example;
+                                         mailAccessProxyReplay %U@%V;
                                          UserGroupDN o=v2,o=internet (SCHEMA2_BASE) with
                                          LDAP_SCHEMALEVEL=2 in option.dat (Proxy(option_dat=...))
       users under ou=People,o=example.net,o=v2,o=internet, replayed as uid@example.net:
         nora    mailHost 127.0.0.2   password  nora-pw
         otto    mailHost 127.0.0.3   password  otto-pw
+    o=other.example,o=v2,o=internet      Schema 2 organisation, no users; associatedDomain
+                                         shared.example as well (two organisations: refused)
     Every user: objectClass top person organizationalPerson inetOrgPerson inetUser mailUser;
     uid, cn, sn, mail (uid@domain), userPassword ({SSHA}), mailHost, inetUserStatus active,
     mailUserStatus active, mailDeliveryOption mailbox.

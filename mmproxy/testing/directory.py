@@ -258,7 +258,11 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
         Domain("held.example", attrs={"mailDomainStatus": ["hold"], "mailAccessProxyReplay": ["%U@%V"]}),
         # Schema 2 native mode, under SCHEMA2_BASE (no DC node)
         Domain("example.net", org_dn="o=example.net," + SCHEMA2_BASE, schema2=True,
-               associated=["mail.example.net", "example.edu"], attrs={"mailAccessProxyReplay": ["%U@%V"]}),
+               associated=["mail.example.net", "example.edu", "shared.example"],
+               attrs={"mailAccessProxyReplay": ["%U@%V"]}),
+        # another organisation that claims shared.example too (a provisioning error: refused)
+        Domain("other.example", org_dn="o=other.example," + SCHEMA2_BASE, schema2=True,
+               associated=["shared.example"]),
     ]
     users = [
         User("alice", "example.com", "alice-pw", a, "alice"),
