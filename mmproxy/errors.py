@@ -18,6 +18,8 @@ place (``reply_for``), after the model of Dovecot's ``login_proxy_failure_type``
       AuthzFailed                 authorization identity differs (refused, not counted)
       AccessDenied                a verified user's access filter (TCPAccessAttr) refuses the login
       AuthTempFail                the directory could not answer (never a bad password)
+        AccountHeld                 the account or its domain is on hold
+        AuthServerUnavailable       the AuthenticationServer could not say (down, slow, garbage, TEMP)
       StoreRefused                the store said no to a replayed login; carries its reply
       BackendError                the store or SMTP relay behind the proxy
         BackendUnavailable          cannot connect, closed, timed out
@@ -128,6 +130,11 @@ class AuthTempFail(MMProxyError):
 class AccountHeld(AuthTempFail):
     """The account (or its domain) has the status ``hold`` (its mailbox is being moved): a
     temporary failure, once the password is verified where the proxy verifies it."""
+
+
+class AuthServerUnavailable(AuthTempFail):
+    """The third-party authentication server (AuthenticationServer) could not say: no connection,
+    no whole answer in time, an answer not of the protocol, or its own TEMP.  Never a bad password."""
 
 
 class StoreRefused(MMProxyError):

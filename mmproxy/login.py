@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 from mmproxy import access, hostnames, sasl, tls
+from mmproxy.authserver import AuthServer, Request
 from mmproxy.backend import Store
 from mmproxy.certmap import Certmap, normalise_dn, subject_dn
 from mmproxy.directory import Directory, User
@@ -96,6 +97,7 @@ class Target:
     cfg: Any
     host: str
     replay: str
+    rewritten: bool = False      # ``replay`` is the AuthenticationServer's rewritten user id
 
     @property
     def port(self) -> int:
@@ -114,6 +116,9 @@ class LoginService(Service):
         self.directory = Directory(self.cfg, entry.mta)
         self.store_tls = tls.store_context(self.cfg)      # SSLBacksidePort; None: plaintext
         self.certmap = Certmap.load(self.cfg.CertmapFile) if self.cfg.CertmapFile else None
+        server = self.cfg.AuthenticationServer
+        self.authserver = AuthServer(server[0], server[1], float(self.cfg.AuthenticationServerTimeout)) \
+            if server else None
 
     def close(self) -> None:
         self.directory.close()
@@ -259,6 +264,8 @@ class LoginSession(Session):
         if cfg.HostedDomains and not lid.domain:
             raise AuthFailed("%r has no domain and DefaultDomain is not set" % user)
         extra = [cfg.TCPAccessAttr] if cfg.TCPAccessAttr else []
+        if self.service.authserver is not None:
+            extra += cfg.AuthenticationLdapAttributes      # in the same search as the user
         domain, entry = self.service.directory.find_user(lid, cfg.SearchFormat, extra, self.client_ip, self.server_ip)
         if domain is None:
             raise AuthFailed("unknown domain %r" % lid.domain)
@@ -337,6 +344,9 @@ class LoginSession(Session):
             pass                                   # the certificate, mapped by the directory
         elif creds.verify is not None:
             password, verified = creds.verify(target), True
+        elif target.cfg.PreAuth and self.service.authserver is not None:
+            self.ask_authserver(target, creds.password)
+            password, verified = creds.password, True
         elif target.cfg.PreAuth:
             self.service.directory.authenticate(target.user, creds.password)
             password, verified = creds.password, True
@@ -348,6 +358,20 @@ class LoginSession(Session):
             # only now: before the password is checked, this answer would tell who exists
             raise BackendUnavailable("%s has none of %s" % (target.user.dn, " ".join(target.cfg.MailHostAttrs)))
         return target, password, verified
+
+    def ask_authserver(self, target: Target, password: bytes) -> None:
+        """PreAuth by the AuthenticationServer instead of an LDAP bind (plain-text logins only, as
+        the legacy tpauthsdk README says): it gets the login, the entry's DN and the values of
+        AuthenticationLdapAttributes (read in the user's search); a user id it answers replaces
+        the one replayed to the store.  AuthFailed when it refuses, AuthServerUnavailable when it
+        cannot say (docs/authentication-server.md)."""
+        assert self.service.authserver is not None
+        attrs = [(name, value) for name in target.cfg.AuthenticationLdapAttributes for value in target.user.get(name)]
+        new_id = self.service.authserver.verify(Request(
+            self.kind, self.tls_active, target.login.original, target.login.canonical, target.user.dn, password,
+            (self.client_ip, self.client_port), (self.server_ip, self.server_port), attrs))
+        if new_id is not None:
+            target.replay, target.rewritten = new_id, True
 
     def check_status(self, target: Target) -> None:
         """The account's status (account_status: the domain's and the user's, read in the user's
@@ -400,7 +424,8 @@ class LoginSession(Session):
         self.bad_guys(failed=False, wait=not verified)
         self.logged_in(target)
         self.send(reply)
-        self.log.info("login user=%s store=%s", target.login.canonical, target)
+        self.log.info("login user=%s store=%s%s", target.login.canonical, target,
+                      " as=%s" % target.replay if target.rewritten else "")
         self.start_pump(store, target)
 
     def connect_store(self, target: Target) -> Store:

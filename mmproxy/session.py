@@ -40,6 +40,7 @@ from mmproxy.errors import (
     AccessDenied,
     AccountHeld,
     AuthFailed,
+    AuthServerUnavailable,
     AuthTempFail,
     AuthzFailed,
     BackendError,
@@ -599,6 +600,7 @@ def failure_kind(e: BaseException) -> str:
     """A few words for logs: why a login (or a relay) did not go through."""
     for cls, words in ((AuthFailed, "auth failed"), (AuthzFailed, "authorization identity refused"),
                        (AccountHeld, "account on hold"),
+                       (AuthServerUnavailable, "authentication server unavailable"),
                        (AccessDenied, "access denied"),
                        (AuthTempFail, "directory unavailable"), (StoreRefused, "refused by store"),
                        (BackendError, "store unavailable")):

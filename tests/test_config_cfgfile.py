@@ -45,6 +45,12 @@ def test_text_after_closing_quote_is_an_error():
     assert problems[0].line == 1 and "after the closing quote" in problems[0].message
 
 
+def test_several_quoted_words_are_one_list():
+    # the legacy tpauthsdk README writes: default:AuthenticationLdapAttributes "attr1" "attr2" ...
+    entries, problems = parse('default:AuthenticationLdapAttributes "mail" "employeeNumber"  # sent along\n')
+    assert problems == [] and entries[0].value == "mail employeeNumber"
+
+
 def test_line_without_section_is_read_as_default_with_a_warning():
     entries, problems = parse("LogLevel 3\ndefault:LogDir /x\nother:LogLevel 9\n")
     assert problems == []

@@ -383,3 +383,25 @@ def test_legacy_tree_loads_with_warnings_and_no_errors(tmp_path):
     assert config.services[0].vdomains.for_address("::ffff:192.0.2.11") == {"DefaultDomain": "varrius.com"}
     assert summary(config).startswith("%s: 3 services (imap on 143|993, pop on 110|995, smtp on 25|465), 0 errors, "
                                       % d)
+
+
+def test_authentication_server_checks(tmp_path):
+    # "ignored unless the PreAuth option is set to yes"; the protocol is not encrypted: loopback only
+    d = tree(tmp_path, ImapProxyAService="default:PreAuth no\ndefault:AuthenticationServer 192.0.2.5:56\n",
+             PopProxyAService='default:PreAuth yes\ndefault:AuthenticationServer localhost:56\n'
+                              'default:AuthenticationLdapAttributes "mail" "cn"\n')
+    config = load_config(d)
+    assert msgs(config, "error") == []
+    assert msgs(config, "warning") == [
+        "%s/ImapProxyAService.cfg:2: warning: AuthenticationServer is ignored unless PreAuth is yes (PreAuth is no "
+        "here: only domains whose mailAccessProxyPreAuth or vdmap.cfg turns it on use it)" % d,
+        "%s/ImapProxyAService.cfg:2: warning: AuthenticationServer 192.0.2.5:56 is not on this machine's loopback: "
+        "its protocol is not encrypted, so passwords would cross the network in clear (run the server on this "
+        "machine, as the legacy manual recommends)" % d]
+    pop = config.services[1].cfg
+    assert pop.AuthenticationServer == ("localhost", 56) and pop.AuthenticationLdapAttributes == ("mail", "cn")
+    assert pop.AuthenticationServerTimeout == 10
+    d = tree(tmp_path, ImapProxyAService="default:AuthenticationLdapAttributes mail\n")
+    assert msgs(load_config(d), "warning") == [
+        "%s/ImapProxyAService.cfg:1: warning: AuthenticationLdapAttributes is used only with AuthenticationServer: "
+        "ignored" % d]

@@ -34,6 +34,7 @@ SUPPORTED += """SSLBacksidePort SSLBacksideCAFile SSLMinVersion SSLClientCAFile 
 UserGroupDN CertMapDN""".split()           # TLS (issue 8)
 SUPPORTED += "BGMax BGPenalty BGMaxBadness BGDecay BGLinear BGExcluded SmtpBadGuys".split()   # BadGuys (issue 8)
 SUPPORTED += "LoginTimeout LoginIdleTimeout HandshakeTimeout StoreTimeout SmtpMessageTimeout".split()  # issue 8
+SUPPORTED += "AuthenticationServer AuthenticationLdapAttributes AuthenticationServerTimeout".split()  # issue 9
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():
@@ -88,7 +89,7 @@ def test_every_default_renders_and_parses_back(p):
 
 def test_support_problem():
     assert support_problem(lookup("PreAuth"), True) is None
-    assert support_problem(lookup("AuthenticationLdapAttributes"), ("cn",))[0] == "warning"
+    assert support_problem(lookup("AuthenticationLdapAttributes"), ("cn",)) is None
     control = Param("SomeControl", t.Str(), None, ("I",), "an access control not implemented", security=True)
     assert support_problem(control, "/x")[0] == "error"          # (every legacy one is implemented now)
     assert "refuses to start" in support_problem(control, "/x")[1]

@@ -1,4 +1,5 @@
-"""The legacy ``.cfg`` reader: ``SECTION:Key value`` lines, ``#`` comments, double-quoted values.
+"""The legacy ``.cfg`` reader: ``SECTION:Key value`` lines, ``#`` comments, double-quoted values
+(several quoted words, ``"a" "b"``, are the words joined by a blank).
 
 It knows syntax only (no parameter names), keeps file and line of every entry, and reports
 problems instead of raising, so that ``check-config`` can list every one of them.
@@ -9,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+_QUOTED_WORDS = re.compile(r'((?:"[^"]*"\s+)+"[^"]*")\s*(?:#.*)?')      # two or more quoted words
 _LINE = re.compile(r"(?:(?P<section>[^\s:#\"]+)\s*:)?\s*(?P<key>[A-Za-z0-9_.-]+)(?:\s+(?P<value>.*))?")
 
 
@@ -56,6 +58,9 @@ def _value(text: str) -> Tuple[str, int]:
     lead = len(text) - len(text.lstrip())
     text = text.strip()
     if text.startswith('"'):
+        words = _QUOTED_WORDS.fullmatch(text)
+        if words:                  # "attr1" "attr2": the tpauthsdk README's AuthenticationLdapAttributes
+            return " ".join(re.findall(r'"([^"]*)"', words.group(1))), lead
         end = text.find('"', 1)
         if end < 0:
             raise ValueError("closing quote missing: a quoted value must end on its own line")

@@ -7,6 +7,7 @@ file and line.  It never raises on a bad configuration: ``check-config`` prints 
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -315,6 +316,8 @@ def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: P
         problems.append(warning(*_place(cfg, "AuthService", file),
                                 "AuthService yes applies to every client of this service; the legacy manual "
                                 "advises enabling it per virtual domain only (VirtualDomainFile)"))
+    if spec.kind in ("imap", "pop"):
+        _check_authserver(file, cfg, problems)
     if spec.kind == "smtp":
         for name in ("SmtpRelays", "SmtpProxyPassword"):
             if not cfg.is_set(name):
@@ -333,6 +336,30 @@ def _check_schema(spec: ServiceSpec, file: str, cfg: ServiceConfig, mta: MtaOpti
         problems.append(warning(at[0], at[1], "LDAP_SCHEMALEVEL 2 and %s has no UserGroupDN: Schema 2 domains are "
                                 "searched under the LdapURL base (%s)"
                                 % (spec.filename, cfg.LdapURL.base or "the root")))
+
+
+def _check_authserver(file: str, cfg: ServiceConfig, problems: List[Problem]) -> None:
+    """AuthenticationServer is "ignored unless the PreAuth option is set to yes", and its protocol
+    "is not presently secured": the server belongs on the proxy's machine (Messaging Server
+    Administration Reference, MMP chapter; tpauthsdk README)."""
+    server = cfg.AuthenticationServer
+    if server is None:
+        if cfg.AuthenticationLdapAttributes:
+            problems.append(warning(*_place(cfg, "AuthenticationLdapAttributes", file),
+                                    "AuthenticationLdapAttributes is used only with AuthenticationServer: ignored"))
+        return
+    where = _place(cfg, "AuthenticationServer", file)
+    if not cfg.PreAuth:
+        problems.append(warning(*where, "AuthenticationServer is ignored unless PreAuth is yes (PreAuth is no here: "
+                                        "only domains whose mailAccessProxyPreAuth or vdmap.cfg turns it on use it)"))
+    try:
+        loopback = ipaddress.ip_address(server.host).is_loopback
+    except ValueError:
+        loopback = server.host.lower() == "localhost"
+    if not loopback:
+        problems.append(warning(*where, "AuthenticationServer %s is not on this machine's loopback: its protocol is "
+                                        "not encrypted, so passwords would cross the network in clear (run the "
+                                        "server on this machine, as the legacy manual recommends)" % (server,)))
 
 
 # --- templates for missing files --------------------------------------------------------------------

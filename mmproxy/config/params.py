@@ -158,9 +158,15 @@ _group(
      dict(_SUP, per_domain=True, security=True)),
     ("CRAMs", t.Bool(), "no", "I P", "APOP and CRAM-MD5 (needs clear-text userPassword readable by BindDN)", _SUP),
     ("AuthenticationServer", t.HostPort(), None, "I P",
-     "host:port of a third-party authentication server (needs PreAuth)"),
+     "host:port of a third-party authentication server that checks plain-text passwords instead of an LDAP "
+     "bind and may rewrite the user id replayed to the store; ignored unless PreAuth is on; on this machine "
+     "(the protocol is not encrypted): docs/authentication-server.md", _SUP),
     ("AuthenticationLdapAttributes", t.Words(), "", "I P",
-     "extra user attributes sent to the authentication server"),
+     "attributes of the user's entry (read in the user's own search) sent to the AuthenticationServer with "
+     "their values", _SUP),
+    ("AuthenticationServerTimeout", t.Int(min=1), 10, "I P",
+     "mmproxy extension: seconds a whole AuthenticationServer exchange may take (connect, request, answer); "
+     "then the login gets the temporary failure", _SUP),
     ("CertmapFile", t.Path(must_exist="file"), None, _IPS,
      "certmap.conf: maps a client certificate to a user (`certmap NAME ISSUERDN`, `NAME:DNComps`, "
      "`NAME:FilterComps`, `NAME:VerifyCert`, `NAME:CmapLdapAttr`) for IMAP AUTHENTICATE EXTERNAL and POP "
