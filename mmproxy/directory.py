@@ -32,23 +32,23 @@ from gevent.threadpool import ThreadPool
 from mmproxy.addresses import is_host_name
 from mmproxy.config import ServiceConfig
 from mmproxy.config.optiondat import MtaOptions
-from mmproxy.errors import AuthFailed, AuthTempFail, MMProxyError
+from mmproxy.errors import AmbiguousUser, AuthFailed, DirectoryError, DirectoryUnavailable, MMProxyError
 from mmproxy.loginid import LoginId, format_attrs, search_filter
+from mmproxy.logs import DETAIL
 
 # python-ldap guards each connection with threading.Lock as looked up at import time, i.e. gevent's
 # after patch_all(); the jobs run on native threads, so give them a native lock.
 ldap.LDAPLockBaseClass = gevent.monkey.get_original("threading", "Lock")
 _INIT_LOCK = gevent.monkey.get_original("threading", "Lock")()  # ldap.initialize() is not thread safe
 
-log = logging.getLogger(__name__)
-
 CONNECT_TIMEOUT = 5.0     # OPT_NETWORK_TIMEOUT: a dead directory host
 OP_TIMEOUT = 10.0         # OPT_TIMEOUT: one search or bind
 JOB_DEADLINE = 15.0       # the greenlet stops waiting after this (connect + op, with slack)
-NEGATIVE_TTL = 60         # an unknown user is remembered this long, so a new account works soon
 POOL_SIZE = 8             # concurrent LDAP requests per kind (search, bind) and directory
+PROBE_INTERVAL = 5.0      # seconds between checks of a directory host that is down
 
 _MISS = object()
+_LATE = object()          # _run: the thread did not answer in time
 HOSTED_DOMAIN_CLASSES = frozenset({"inetdomain", "maildomain"})
 SCHEMA2_DOMAIN_CLASS = "sunManagedOrganization"     # every Schema 2 hosted domain carries it
 DOMAIN_ATTRS = ["inetDomainBaseDN", "mailAccessProxyPreAuth", "mailAccessProxyReplay",
@@ -109,6 +109,98 @@ class User:
         return self.attrs.get(name.lower(), [])
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What an LDAP error means for a login: ``words`` for the log line, ``error`` the failure
+    raised (session.reply_for maps it to the client's reply), ``failover`` whether another
+    connection or host may answer better."""
+
+    words: str
+    error: type
+    failover: bool = False
+
+
+# Every LDAP outcome, classified once.  Results that are answers, not errors, are decided where
+# the search runs: no such object = no entry; size limit exceeded (sizelimit=2) = ambiguous.
+# A user bind's INVALID_CREDENTIALS is a wrong password (authenticate: AuthFailed).
+OUTCOMES: Tuple[Tuple[Any, Outcome], ...] = (
+    (ldap.SERVER_DOWN, Outcome("server down", DirectoryUnavailable, True)),
+    (ldap.CONNECT_ERROR, Outcome("cannot connect (TLS)", DirectoryUnavailable, True)),
+    (ldap.TIMEOUT, Outcome("timed out", DirectoryUnavailable, True)),
+    (ldap.BUSY, Outcome("busy", DirectoryUnavailable, True)),
+    (ldap.UNAVAILABLE, Outcome("unavailable", DirectoryUnavailable, True)),
+    (ldap.TIMELIMIT_EXCEEDED, Outcome("time limit exceeded", DirectoryUnavailable, True)),
+    (ldap.INVALID_CREDENTIALS, Outcome("BindDN refused", DirectoryError)),
+    (ldap.STRONG_AUTH_REQUIRED, Outcome("the directory wants TLS (ldaps:// or StartTLS in LdapURL)", DirectoryError)),
+    (ldap.CONFIDENTIALITY_REQUIRED, Outcome("the directory wants TLS (ldaps:// or StartTLS in LdapURL)",
+                                            DirectoryError)),
+    (ldap.INSUFFICIENT_ACCESS, Outcome("BindDN may not read this", DirectoryError)),
+    (ldap.REFERRAL, Outcome("referral (mmproxy does not follow referrals: point LdapURL at a server "
+                            "holding the entries)", DirectoryError)),
+    (ldap.ADMINLIMIT_EXCEEDED, Outcome("administrative limit exceeded", DirectoryError)),
+    (ldap.FILTER_ERROR, Outcome("search filter refused (SearchFormat)", DirectoryError)),
+    (ldap.INVALID_DN_SYNTAX, Outcome("invalid DN", DirectoryError)),
+)
+_OTHER = Outcome("directory error", DirectoryError)
+
+
+def outcome(error: BaseException, service_bind: bool = True) -> Outcome:
+    """The Outcome of an ldap.LDAPError (OUTCOMES; anything else: a DirectoryError)."""
+    for cls, kind in OUTCOMES:
+        if isinstance(error, cls):
+            return kind
+    return _OTHER
+
+
+class _Cache:
+    """A bounded TTL cache whose entries are fresh for ``ttl`` seconds and kept ``grace`` seconds
+    longer (LdapStaleGrace) for when the directory cannot answer; greenlets only."""
+
+    def __init__(self, size: int, ttl: int, grace: int) -> None:
+        self.ttl = max(0, ttl)                              # 0: never fresh (no caching)
+        self.keep = self.ttl + max(0, grace) if size > 0 else 0
+        self.data: TTLCache = TTLCache(maxsize=max(1, size), ttl=max(1, self.keep))
+
+    def get(self, key: Any) -> Any:
+        """The fresh value, or _MISS."""
+        item = self.data.get(key)
+        if item is None or time.monotonic() - item[1] >= self.ttl:
+            return _MISS
+        return item[0]
+
+    def stale(self, key: Any) -> Any:
+        """The value however old (within ttl + grace), or _MISS."""
+        item = self.data.get(key)
+        return _MISS if item is None else item[0]
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.keep:
+            self.data[key] = (value, time.monotonic())
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class _Server:
+    """One host of LdapURL and whether it answers.  ``generation`` grows each time a connection
+    to it is found dead: pooled connections opened before that are not trusted again."""
+
+    def __init__(self, url: str, index: int) -> None:
+        self.url, self.index = url, index
+        self.up = True
+        self.generation = 0
+        self.probe: Optional[gevent.Greenlet] = None
+
+
+class _Conn:
+    """A pooled python-ldap connection and where it goes."""
+
+    __slots__ = ("ldap", "server", "generation", "opened")
+
+    def __init__(self, conn: Any, server: _Server) -> None:
+        self.ldap, self.server, self.generation, self.opened = conn, server, server.generation, time.monotonic()
+
+
 class _Conns:
     """Connections checked out of a gevent queue; each serves one job at a time."""
 
@@ -117,7 +209,8 @@ class _Conns:
         self.size = size
         self.count = 0
 
-    def take(self) -> Optional[Any]:
+    def take(self) -> Optional[_Conn]:
+        """A free connection, or None when the caller may open one (counted from now)."""
         try:
             return self.free.get_nowait()
         except Empty:
@@ -128,9 +221,9 @@ class _Conns:
         try:
             return self.free.get(timeout=JOB_DEADLINE)
         except Empty:
-            raise AuthTempFail("no free directory connection") from None
+            raise DirectoryUnavailable("no free directory connection in %ss" % JOB_DEADLINE) from None
 
-    def give(self, conn: Any) -> None:
+    def give(self, conn: _Conn) -> None:
         self.free.put(conn)
 
     def lose(self) -> None:
@@ -142,83 +235,207 @@ class Directory:
 
     def __init__(self, cfg: ServiceConfig, mta: MtaOptions = MtaOptions()) -> None:
         url = cfg.LdapURL
-        self.uris = " ".join(url.urls())
+        # a service's directory writes to that service's log file (mmproxy.imap.directory...)
+        self.log = logging.getLogger("mmproxy.%s.directory" % cfg.kind if cfg.kind else __name__)
+        self.servers = [_Server(u, i) for i, u in enumerate(url.urls())]
+        self.starttls = url.starttls
+        self.ca_file = cfg.LdapCAFile
         self.base = url.base
         self.bind_dn = cfg.BindDN or ""
         self.bind_pw = cfg.BindPass or ""
         self.hosted = cfg.HostedDomains
         self.mailhost_attrs = list(cfg.MailHostAttrs)
-        self.refresh = cfg.LdapRefreshInterval
-        self.cache: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=max(1, cfg.LdapCacheTTL))
-        self.negative: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize),
-                                           ttl=min(NEGATIVE_TTL, max(1, cfg.LdapCacheTTL)))
-        self.auth_cache: TTLCache = TTLCache(maxsize=max(1, cfg.AuthCacheSize), ttl=max(1, cfg.AuthCacheTTL))
+        self.refresh = cfg.LdapRefreshInterval or float("inf")
+        self.grace = cfg.LdapStaleGrace
+        self.cache = _Cache(cfg.LdapCacheSize, cfg.LdapCacheTTL, self.grace)
+        self.negative: TTLCache = TTLCache(maxsize=max(1, cfg.LdapCacheSize), ttl=max(1, cfg.LdapNegativeCacheTTL))
+        self.negative_ttl = cfg.LdapNegativeCacheTTL if cfg.LdapCacheSize > 0 else 0
+        self.auth_cache = _Cache(cfg.AuthCacheSize, cfg.AuthCacheTTL, self.grace)
         self._auth_key = os.urandom(32)      # per process: cache keys are useless outside it
-        self.pool = ThreadPool(2 * POOL_SIZE)
+        self.pool = ThreadPool(2 * POOL_SIZE + 1)   # + 1: a probe of a host that is down
         self.searchers = _Conns(POOL_SIZE)
         self.binders = _Conns(POOL_SIZE)
         self._inflight: Dict[Any, AsyncResult] = {}
         self.mta = mta                      # option.dat: the schema level and the domain attributes
         self.user_group_dn = cfg.UserGroupDN or cfg.CertMapDN or self.base     # Schema 2 searches
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
+        for server in self.servers:
+            if server.probe is not None:
+                server.probe.kill(block=False)
         self.pool.kill()
 
+    # ------------------------------------------------------------------ servers
+    def _order(self) -> List[_Server]:
+        """Where a new connection goes: the hosts that answer in LdapURL's order, then those
+        marked down (a request still tries them when nothing else is left)."""
+        return sorted(self.servers, key=lambda s: (not s.up, s.index))
+
+    def _usable(self, conn: _Conn) -> bool:
+        """A pooled connection may serve another job: not older than LdapRefreshInterval, opened
+        after its host was last found dead, and no host before its own answers again (failback)."""
+        server = conn.server
+        if conn.generation != server.generation or time.monotonic() - conn.opened > self.refresh:
+            return False
+        return not any(s.up for s in self.servers[:server.index])
+
+    def _down(self, server: _Server, why: str) -> None:
+        """A fresh connection to ``server`` failed: one log line when it changes state, and a
+        probe every PROBE_INTERVAL seconds until it answers again."""
+        server.generation += 1
+        if not server.up:
+            return
+        server.up = False
+        others = [s.url for s in self._order() if s.up]
+        self.log.warning("directory %s is down (%s); %s", server.url, why,
+                    "using %s" % others[0] if others else "no other directory host answers")
+        if server.probe is None and not self._closed:
+            server.probe = gevent.spawn(self._probe, server)
+
+    def _up(self, server: _Server) -> None:
+        if not server.up:
+            server.up = True
+            self.log.warning("directory %s answers again", server.url)
+
+    def _probe(self, server: _Server) -> None:
+        """Until ``server`` answers: every PROBE_INTERVAL seconds, connect and bind as BindDN (or
+        read the root DSE) on the pool; then mark it up, and connections to later hosts go back."""
+        try:
+            while not server.up:
+                gevent.sleep(PROBE_INTERVAL)
+                if server.up:
+                    break
+                ok = self._run(lambda: self._check(server), JOB_DEADLINE)
+                if ok is True:
+                    self._up(server)
+                else:
+                    self.log.debug("directory %s still down: %s", server.url, ok)
+        finally:
+            server.probe = None
+
+    def _check(self, server: _Server) -> Any:
+        """Thread side of a probe: True, or why not (a string)."""
+        conn = None
+        try:
+            conn = self._open(server, True)
+            if not self.bind_dn:
+                conn.search_ext_s("", ldap.SCOPE_BASE, "(objectClass=*)", ["1.1"], timeout=OP_TIMEOUT)
+            return True
+        except ldap.LDAPError as e:
+            return _ldap_msg(e)
+        finally:
+            if conn is not None:
+                _unbind(conn)
+
     # ------------------------------------------------------------------ the thread side
-    def _open(self, bind: bool) -> Any:
+    def _open(self, server: _Server, bind: bool) -> Any:
+        """A python-ldap connection to ``server`` (thread side): options, StartTLS when LdapURL
+        asks for it, the BindDN bind when ``bind``.  Raises ldap.LDAPError."""
         with _INIT_LOCK:
-            conn = ldap.initialize(self.uris)
+            conn = ldap.initialize(server.url)
         conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
         conn.set_option(ldap.OPT_REFERRALS, 0)
         conn.set_option(ldap.OPT_NETWORK_TIMEOUT, CONNECT_TIMEOUT)
         conn.set_option(ldap.OPT_TIMEOUT, OP_TIMEOUT)
+        if server.url.startswith("ldaps:") or self.starttls:
+            conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+            if self.ca_file:
+                conn.set_option(ldap.OPT_X_TLS_CACERTFILE, self.ca_file)
         conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+        if self.starttls:
+            conn.start_tls_s()
         if bind and self.bind_dn:
             conn.simple_bind_s(self.bind_dn, self.bind_pw)
-        conn._mm_opened = time.monotonic()
         return conn
 
-    def _job(self, conns: _Conns, service_bind: bool, fn: Callable[[Any], Any]) -> Any:
-        """Run fn(conn) on the LDAP thread pool with a checked-out connection; greenlet side."""
-        conn = conns.take()
-        if conn is not None and time.monotonic() - conn._mm_opened > self.refresh:
-            self.pool.spawn(_unbind, conn)        # LdapRefreshInterval: reopen old connections
-            conn = None
-
-        def work(c: Any) -> Tuple[Any, Any, Optional[BaseException]]:
-            # Errors come back as values: gevent's pool prints a traceback for every exception
-            # that leaves a job, and a wrong password must never put one in the log.
-            try:
-                if c is None:
-                    c = self._open(service_bind)
-                return c, fn(c), None
-            except ldap.LDAPError as e:
-                return c, None, e
-
+    def _run(self, fn: Callable[[], Any], seconds: float) -> Any:
+        """fn() on the LDAP thread pool, the greenlet waiting at most ``seconds``; _LATE after
+        that (fn goes on in its thread).  fn must not raise (errors come back as values)."""
+        timer = gevent.Timeout(seconds)
+        timer.start()
         try:
-            with gevent.Timeout(JOB_DEADLINE):
-                conn, result, error = self.pool.apply(work, (conn,))
-            if error is not None:
-                raise error
-        except gevent.Timeout:
-            conns.lose()                           # it may still be inside libldap: never reuse it
-            raise AuthTempFail("directory did not answer in %ss" % JOB_DEADLINE) from None
-        except ldap.INVALID_CREDENTIALS:
-            if not service_bind:
-                conns.give(conn) if conn is not None else conns.lose()
+            return self.pool.apply(fn)
+        except gevent.Timeout as e:
+            if e is not timer:
+                raise                             # somebody else's deadline
+            return _LATE
+        finally:
+            timer.close()
+
+    def _job(self, conns: _Conns, service_bind: bool, fn: Callable[[Any], Any]) -> Any:
+        """fn(conn) on the LDAP thread pool with a connection of ``conns``; greenlet side.
+
+        Failover: when the connection or its host turns out dead (``outcome`` says which errors),
+        the request is tried again on a fresh connection, to the next host when a fresh one
+        failed, within JOB_DEADLINE in all; only then DirectoryUnavailable.  Other LDAP errors are
+        mapped by ``outcome``; INVALID_CREDENTIALS of a user bind is re-raised for the caller."""
+        deadline = time.monotonic() + JOB_DEADLINE
+        tried: List[_Server] = []
+        why = "no directory host"
+        for _ in range(len(self.servers) + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn = conns.take()
+            if conn is not None and not self._usable(conn):
+                self.pool.spawn(_unbind, conn.ldap)
+                conn = None
+            fresh = conn is None
+            if conn is None:
+                nxt = next((s for s in self._order() if s not in tried), None)
+                if nxt is None:
+                    conns.lose()
+                    break
+                server = nxt
+            else:
+                server = conn.server
+
+            def work(c: Optional[_Conn] = conn, s: _Server = server) -> Tuple[Any, Any, Optional[BaseException]]:
+                # Errors come back as values: gevent's pool prints a traceback for every exception
+                # that leaves a job, and neither a wrong password nor a dead server may put one in the log.
+                raw = c.ldap if c is not None else None
+                try:
+                    if raw is None:
+                        raw = self._open(s, service_bind)
+                    return raw, fn(raw), None
+                except ldap.LDAPError as e:
+                    return raw, None, e
+
+            try:
+                answer = self._run(work, left)
+            except BaseException:                 # killed, or an outer deadline: the job goes on
+                conns.lose()                      # without us, and its connection is lost
                 raise
+            if answer is _LATE:
+                conns.lose()                      # it may still be inside libldap: never reuse it
+                why = "no answer in %ds" % JOB_DEADLINE
+                self._down(server, why)
+                break
+            raw, result, error = answer
+            if error is None:
+                conns.give(conn if conn is not None else _Conn(raw, server))
+                if fresh:
+                    self._up(server)
+                return result
+            if isinstance(error, ldap.INVALID_CREDENTIALS) and not service_bind and raw is not None:
+                conns.give(conn if conn is not None else _Conn(raw, server))
+                raise error                       # the user's password: the caller's answer
             conns.lose()
-            raise AuthTempFail("BindDN was refused by the directory") from None
-        except ldap.LDAPError as e:
-            conns.lose()
-            if conn is not None:
-                self.pool.spawn(_unbind, conn)
-            raise AuthTempFail("directory error: %s" % _ldap_msg(e)) from None
-        except gevent.GreenletExit:
-            conns.lose()                           # the job goes on without us: its connection is lost
-            raise
-        conns.give(conn)
-        return result
+            if raw is not None:
+                self.pool.spawn(_unbind, raw)
+            kind = outcome(error, service_bind)
+            why = "%s (%s)" % (kind.words, _ldap_msg(error))
+            if not kind.failover:
+                raise kind.error("directory %s: %s" % (server.url, why))
+            if fresh:
+                self._down(server, why)
+                tried.append(server)
+            else:                                 # a pooled connection died (an idle timeout, a
+                server.generation += 1            # restarted server): its siblings are suspect too;
+                self.log.debug("directory %s: a pooled connection failed: %s", server.url, why)   # retry fresh
+        raise DirectoryUnavailable("no directory host answered: %s" % why)
 
     def _single(self, key: Any, fn: Callable[[], Any]) -> Any:
         """Concurrent calls with the same key wait for the first one's answer."""
@@ -237,7 +454,7 @@ class Directory:
         finally:
             del self._inflight[key]
             if not pending.ready():                # killed, or failed as nobody foresaw: no waiter hangs
-                pending.set_exception(AuthTempFail("directory lookup abandoned"))
+                pending.set_exception(DirectoryUnavailable("directory lookup abandoned"))
 
     def _search(self, base: str, scope: int, flt: str,
                 attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
@@ -253,14 +470,29 @@ class Directory:
                 for dn, a in rows if dn is not None]
 
     def _cached(self, key: Any, fn: Callable[[], Any]) -> Any:
-        for cache in (self.cache, self.negative):
-            value = cache.get(key, _MISS)
-            if value is not _MISS:
-                return value
+        """fn()'s answer for ``key``, through the caches: a found entry for LdapCacheTTL seconds
+        (and LdapStaleGrace longer while the directory cannot answer), None (nothing found) for
+        LdapNegativeCacheTTL seconds.  Concurrent misses share one request."""
+        value = self.cache.get(key)
+        if value is not _MISS:
+            return value
+        if key in self.negative:
+            return None
 
         def load() -> Any:
-            value = fn()
-            (self.cache if value is not None else self.negative)[key] = value
+            try:
+                value = fn()
+            except DirectoryUnavailable:
+                old = self.cache.stale(key)
+                if old is _MISS:
+                    raise
+                self.log.log(DETAIL, "directory unavailable: using a cached entry past LdapCacheTTL")
+                return old
+            if value is None:
+                if self.negative_ttl > 0:
+                    self.negative[key] = None
+            else:
+                self.cache.put(key, value)
             return value
         return self._single(key, load)
 
@@ -330,10 +562,10 @@ class Directory:
                 return self._hosted(name, dn, a, name)
             b = self._dc_node(target) if ldap.dn.is_dn(target) else None
             if b is None:
-                log.warning("domain alias %s names %r, which is no entry; refusing %s", dn, target, name)
+                self.log.warning("domain alias %s names %r, which is no entry; refusing %s", dn, target, name)
                 return None
             if self._alias_target(b) is not None:
-                log.warning("domain alias %s names %s, another alias: one hop only; refusing %s", dn, target, name)
+                self.log.warning("domain alias %s names %s, another alias: one hop only; refusing %s", dn, target, name)
                 return None
             return self._hosted(name, target, b, _dc_name(target) or name)
         return self._cached(("domain", dn), load)
@@ -347,7 +579,7 @@ class Directory:
 
     def _hosted(self, name: str, dn: str, a: Dict[str, List[str]], canonical: str) -> Optional[Domain]:
         if not HOSTED_DOMAIN_CLASSES & {c.lower() for c in a.get("objectclass", [])}:
-            log.info("%s is no hosted domain (objectClass inetDomain or mailDomain)", dn)
+            self.log.info("%s is no hosted domain (objectClass inetDomain or mailDomain)", dn)
             return None
         return self._domain(name, dn, a, canonical)
 
@@ -367,7 +599,7 @@ class Directory:
             rows = self._search(self.user_group_dn, ldap.SCOPE_SUBTREE, flt, self._domain_attrs())
             if len(rows) != 1:
                 if rows:
-                    log.warning("more than one organisation under %s is domain %s; refusing it",
+                    self.log.warning("more than one organisation under %s is domain %s; refusing it",
                                 self.user_group_dn, name)
                 return None
             dn, a = rows[0]
@@ -389,9 +621,9 @@ class Directory:
 
         def load() -> Optional[User]:
             rows = self._search(domain.user_base, ldap.SCOPE_SUBTREE, flt, attrs)
-            if len(rows) != 1:
-                if rows:
-                    log.warning("search %s under %s matched more than one entry; refusing", flt, domain.user_base)
+            if len(rows) > 1:
+                raise AmbiguousUser("search %s under %s matched more than one entry" % (flt, domain.user_base))
+            if not rows:
                 return None
             dn, a = rows[0]
             host = next((a[h.lower()][0] for h in self.mailhost_attrs if a.get(h.lower())), None)
@@ -406,7 +638,8 @@ class Directory:
         every (attribute, value) of ``terms`` (values escaped here, RFC 4515; the attribute names
         come from the certmap file).  With ``cert_der`` (VerifyCert on), only entries whose
         userCertificate holds exactly that certificate.  Never cached: a certificate login is rare
-        and a revoked mapping must take effect at once.  AuthTempFail when the directory fails."""
+        and a revoked mapping must take effect at once.  DirectoryUnavailable or DirectoryError when
+        the directory fails."""
         if not ldap.dn.is_dn(base):
             return []                    # a certificate subject that is no DN maps to nobody
         flt = ("(&%s)" % "".join("(%s=%s)" % (a, ldap.filter.escape_filter_chars(v)) for a, v in terms)
@@ -452,11 +685,13 @@ class Directory:
 
     def authenticate(self, user: User, password: bytes) -> None:
         """PreAuth: a simple bind as the user with the password's octets (RFC 4511 section 4.2).
-        AuthFailed on a wrong password, AuthTempFail when the directory cannot say."""
+        AuthFailed on a wrong password, DirectoryUnavailable/DirectoryError (AuthTempFail) when the
+        directory cannot say; a result cached within AuthCacheTTL (+ LdapStaleGrace while no host answers)
+        is not asked again."""
         if not password:
             raise AuthFailed("empty password")      # an empty password would be an anonymous bind
         key = hmac.new(self._auth_key, user.dn.encode() + b"\0" + password, hashlib.sha256).digest()
-        if key in self.auth_cache:
+        if self.auth_cache.get(key) is not _MISS:
             return
 
         def bind(conn: Any) -> None:
@@ -466,7 +701,12 @@ class Directory:
             self._single(("bind", key), lambda: self._job(self.binders, False, bind))
         except ldap.INVALID_CREDENTIALS:
             raise AuthFailed("wrong password") from None
-        self.auth_cache[key] = True
+        except DirectoryUnavailable:
+            if self.auth_cache.stale(key) is _MISS:
+                raise
+            self.log.log(DETAIL, "directory unavailable: using a PreAuth result past AuthCacheTTL")
+            return
+        self.auth_cache.put(key, True)
 
 
 def _dc_name(dn: str) -> str:

@@ -15,11 +15,16 @@ place (``reply_for``), after the model of Dovecot's ``login_proxy_failure_type``
           MechanismUnsupported        AUTHENTICATE/AUTH with a mechanism we do not offer
           PrivacyRequired             a clear-text password before TLS (RestrictPlainPasswords)
       AuthFailed                  bad credentials (counted as a failed login)
+        UnknownUser                 no such user or domain in the directory
+        AmbiguousUser               the user search matched several entries
+        AccountDisabled             the account's or domain's status refuses it (inactive, deleted...)
       AuthzFailed                 authorization identity differs (refused, not counted)
       AccessDenied                a verified user's access filter (TCPAccessAttr) refuses the login
       AuthTempFail                the directory could not answer (never a bad password)
         AccountHeld                 the account or its domain is on hold
         AuthServerUnavailable       the AuthenticationServer could not say (down, slow, garbage, TEMP)
+        DirectoryUnavailable        no directory host answered (down, timed out, busy)
+        DirectoryError              the directory answered with an error the proxy cannot use
       StoreRefused                the store said no to a replayed login; carries its reply
       BackendError                the store or SMTP relay behind the proxy
         BackendUnavailable          cannot connect, closed, timed out
@@ -113,6 +118,20 @@ class AuthFailed(MMProxyError):
     """Wrong user name or password (a permanent answer: NO [AUTHENTICATIONFAILED], -ERR [AUTH], 535)."""
 
 
+class UnknownUser(AuthFailed):
+    """No such user (or domain) in the directory: answered as a wrong password would be."""
+
+
+class AmbiguousUser(AuthFailed):
+    """The user search matched more than one entry: refused as a wrong password would be (the log
+    says which search; fix the directory or SearchFormat)."""
+
+
+class AccountDisabled(AuthFailed):
+    """The account's or its domain's status (inactive, disabled, deleted, removed) refuses the
+    login: answered as a wrong password would be, never revealing that the account exists."""
+
+
 class AuthzFailed(MMProxyError):
     """The SASL authorization identity differs from the authentication identity."""
 
@@ -135,6 +154,17 @@ class AccountHeld(AuthTempFail):
 class AuthServerUnavailable(AuthTempFail):
     """The third-party authentication server (AuthenticationServer) could not say: no connection,
     no whole answer in time, an answer not of the protocol, or its own TEMP.  Never a bad password."""
+
+
+class DirectoryUnavailable(AuthTempFail):
+    """No directory host of LdapURL answered within the deadline (down, timed out, busy), after
+    failover: a temporary failure."""
+
+
+class DirectoryError(AuthTempFail):
+    """The directory answered with an error the proxy cannot use (BindDN refused, a referral, a
+    refused filter, a limit): a temporary failure for the client, a configuration matter for the
+    operator (the log line says which)."""
 
 
 class StoreRefused(MMProxyError):

@@ -17,6 +17,7 @@ from mmproxy.certmap import Certmap, normalise_dn, subject_dn
 from mmproxy.directory import Directory, User
 from mmproxy.errors import (
     AccessDenied,
+    AccountDisabled,
     AccountHeld,
     AuthCancelled,
     AuthFailed,
@@ -25,6 +26,7 @@ from mmproxy.errors import (
     ClientSyntaxError,
     MechanismUnsupported,
     PrivacyRequired,
+    UnknownUser,
 )
 from mmproxy.loginid import LoginId, replay_id, split_login
 from mmproxy.logs import DETAIL
@@ -268,9 +270,9 @@ class LoginSession(Session):
             extra += cfg.AuthenticationLdapAttributes      # in the same search as the user
         domain, entry = self.service.directory.find_user(lid, cfg.SearchFormat, extra, self.client_ip, self.server_ip)
         if domain is None:
-            raise AuthFailed("unknown domain %r" % lid.domain)
+            raise UnknownUser("unknown domain %r" % lid.domain)
         if entry is None:
-            raise AuthFailed("unknown user %r" % lid.canonical)
+            raise UnknownUser("unknown user %r" % lid.canonical)
         lid = domain.login_id(lid)        # an alias domain's user is replayed in the canonical domain (%V, %s)
         over = domain.overrides()
         if over:
@@ -382,7 +384,7 @@ class LoginSession(Session):
             return
         if status == "hold":
             raise AccountHeld("%s is on hold" % target.user.dn)
-        raise AuthFailed("%s is %s" % (target.user.dn, status))
+        raise AccountDisabled("%s is %s" % (target.user.dn, status))
 
     def check_access(self, target: Target, verified: bool) -> None:
         """The user's own access filter, the value of the attribute ``TCPAccessAttr`` names (values

@@ -38,7 +38,9 @@ from mmproxy.badguys import BadGuys
 from mmproxy.connlimits import ConnLimits
 from mmproxy.errors import (
     AccessDenied,
+    AccountDisabled,
     AccountHeld,
+    AmbiguousUser,
     AuthFailed,
     AuthServerUnavailable,
     AuthTempFail,
@@ -49,10 +51,12 @@ from mmproxy.errors import (
     ClientTimeout,
     ClientTooLong,
     CommandError,
+    DirectoryError,
     NotNow,
     ServerShutdown,
     StoreRefused,
     UnknownCommand,
+    UnknownUser,
 )
 from mmproxy.linereader import LineReader
 from mmproxy.logs import DETAIL
@@ -598,10 +602,12 @@ def is_login_failure(e: BaseException) -> bool:
 
 def failure_kind(e: BaseException) -> str:
     """A few words for logs: why a login (or a relay) did not go through."""
-    for cls, words in ((AuthFailed, "auth failed"), (AuthzFailed, "authorization identity refused"),
-                       (AccountHeld, "account on hold"),
+    for cls, words in ((UnknownUser, "unknown user"), (AmbiguousUser, "ambiguous user"),
+                       (AccountDisabled, "account disabled"), (AuthFailed, "auth failed"),
+                       (AuthzFailed, "authorization identity refused"),
+                       (AccountHeld, "account on hold"), (AccessDenied, "access denied"),
                        (AuthServerUnavailable, "authentication server unavailable"),
-                       (AccessDenied, "access denied"),
+                       (DirectoryError, "directory error"),
                        (AuthTempFail, "directory unavailable"), (StoreRefused, "refused by store"),
                        (BackendError, "store unavailable")):
         if isinstance(e, cls):

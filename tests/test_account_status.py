@@ -49,7 +49,7 @@ def test_status_decides_the_login(mail_stack, preauth):
         r.expect(b"+OK")
         r.expect_lines(pop.ERR_AUTH)
         log = wait_for_log(p, "is on hold")
-        assert "login failed user='ivan': auth failed: uid=ivan," in log and " is inactive" in log
+        assert "login failed user='ivan': account disabled: uid=ivan," in log and " is inactive" in log
         assert "account on hold" in log and "Traceback" not in proxy_log(p)
     time.sleep(0.3)
     assert store.read_log().count("user=<ivan>") == before                 # never sent to the store

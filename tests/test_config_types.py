@@ -35,6 +35,7 @@ UserGroupDN CertMapDN""".split()           # TLS (issue 8)
 SUPPORTED += "BGMax BGPenalty BGMaxBadness BGDecay BGLinear BGExcluded SmtpBadGuys".split()   # BadGuys (issue 8)
 SUPPORTED += "LoginTimeout LoginIdleTimeout HandshakeTimeout StoreTimeout SmtpMessageTimeout".split()  # issue 8
 SUPPORTED += "AuthenticationServer AuthenticationLdapAttributes AuthenticationServerTimeout".split()  # issue 9
+SUPPORTED += "LdapCAFile LdapNegativeCacheTTL LdapStaleGrace".split()   # directory failover and caches (issue 9)
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():
@@ -253,9 +254,20 @@ def test_ldapurl_variants():
     assert url.urls() == ["ldaps://[::1]:636"]
     assert conv("LdapURL", "ldap://h").base == ""
     for bad, why in (("http://h/o=x", "ldap://"), ("ldap:///o=x", "no host"), ("ldap://h/not a dn", "DN"),
-                     ("ldap://h:99999/o=x", "port"), ("ldap://h/o=x??sub", "extensions")):
+                     ("ldap://h:99999/o=x", "port"), ("ldap://h/o=x??sub", "base DN only"),
+                     ("ldap://h/o=x????!bindname=cn=x", "unknown LDAP URL extension"),
+                     ("ldaps://h/o=x????StartTLS", "one or the other")):
         with pytest.raises(ValueError, match=why):
             conv("LdapURL", bad)
+
+
+def test_ldapurl_starttls_extension():
+    """RFC 4516 extensions: StartTLS by name or OID, critical or not; kept through str()."""
+    for ext in ("!StartTLS", "StartTLS", "x-starttls", "!1.3.6.1.4.1.1466.20037"):
+        url = conv("LdapURL", "ldap://a b:1389/o=internet????" + ext)
+        assert url.starttls and url.base == "o=internet" and url.urls() == ["ldap://a:389", "ldap://b:1389"]
+        assert str(url) == "ldap://a b:1389/o=internet????!StartTLS"
+    assert not conv("LdapURL", "ldap://a/o=internet").starttls
 
 
 def test_hostports_and_hostport():

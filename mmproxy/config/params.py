@@ -116,12 +116,24 @@ _group(
 _group(
     "Directory (LDAP)",
     ("LdapURL", t.LdapURLType(), "ldap://localhost/o=internet", "I P",
-     "directory URL: ldap[s]://host[:port][ host2[:port]...]/BASE, several hosts for failover; quote it "
-     "when it holds a blank", dict(_SUP, per_domain=True, honoured_in="S")),
+     "directory URL: ldap[s]://host[:port][ host2[:port]...]/BASE, several hosts tried in order (a host that "
+     "fails is skipped until it answers again); quote it when it holds a blank. ldaps:// is TLS from the first "
+     "byte; ldap://HOST/BASE????!StartTLS (RFC 4516 extension) asks for StartTLS, never skipped. The "
+     "certificate is verified (LdapCAFile)", dict(_SUP, per_domain=True, honoured_in="S")),
+    ("LdapCAFile", t.Path(must_exist="file"), None, "I P",
+     "mmproxy extension: PEM file of the CA certificates the directory's certificate must chain to (ldaps:// "
+     "or StartTLS); unset: the system's (/etc/ldap/ldap.conf TLS_CACERT)", dict(_SUP, honoured_in="S")),
     ("BindDN", t.DN(), None, "I P", "DN to bind as for searches", dict(_SUP, honoured_in="S")),
     ("BindPass", t.Str(), None, "I P", "password of BindDN", dict(_SUP, honoured_in="S")),
     ("LdapCacheSize", t.Int(min=0), 10000, "I P", "entries in the user lookup cache", _SUP),
     ("LdapCacheTTL", t.Int(min=0), 900, "I P", "seconds a user lookup stays cached", _SUP),
+    ("LdapNegativeCacheTTL", t.Int(min=0), 60, "I P",
+     "mmproxy extension: seconds an unknown user or domain is remembered, so a flood of logins for one "
+     "unknown name reaches the directory once per this time (0: not remembered)", _SUP),
+    ("LdapStaleGrace", t.Int(min=0), 3600, "I P",
+     "mmproxy extension: seconds past LdapCacheTTL (and AuthCacheTTL) that a cached user lookup (and PreAuth "
+     "result) is still used while no directory host answers (0: never); the cache holds no more entries for it",
+     _SUP),
     ("LdapRefreshInterval", t.Int(min=0), 2100, "I P", "seconds before an LDAP connection is reopened", _SUP),
 )
 _group(

@@ -435,6 +435,7 @@ class LdapURL:
     scheme: str                          # "ldap" or "ldaps"
     hosts: Tuple[Endpoint, ...]
     base: str
+    starttls: bool = False               # the StartTLS extension (RFC 4516 section 2; OID of RFC 4511 4.14)
 
     def urls(self) -> List[str]:
         """One URL per host, without the base (what ldap.initialize() takes)."""
@@ -444,7 +445,13 @@ class LdapURL:
         default = 636 if self.scheme == "ldaps" else 389
         hosts = " ".join((("[%s]" if ":" in h else "%s") % h) + ("" if p == default else ":%d" % p)
                          for h, p in self.hosts)
-        return "%s://%s/%s" % (self.scheme, hosts, self.base)
+        return "%s://%s/%s%s" % (self.scheme, hosts, self.base, "????!StartTLS" if self.starttls else "")
+
+
+# RFC 4516 extension names for "StartTLS first" (the extended operation's OID, RFC 4511 section 4.14.1,
+# and the names OpenLDAP-era tools and ldap3 give it); a leading "!" (critical) changes nothing: StartTLS
+# is never skipped once asked for
+STARTTLS_EXTENSIONS = frozenset({"starttls", "x-starttls", "1.3.6.1.4.1.1466.20037"})
 
 
 class LdapURLType(Type):
@@ -455,14 +462,25 @@ class LdapURLType(Type):
         if not m:
             raise ValueError("not an ldap:// or ldaps:// URL")
         scheme = m.group(1).lower()
-        base = unquote((m.group(3) or "").strip())
-        if "?" in base:
-            raise ValueError("LDAP URL extensions (?attrs?scope?filter) are not supported: give the base DN only")
+        base, *fields = (m.group(3) or "").strip().split("?")
+        if len(fields) > 4 or any(f.strip() for f in fields[:3]):
+            raise ValueError("give the base DN only (attributes, scope and filter come from SearchFormat); the "
+                             "one extension understood is StartTLS: ldap://HOST/BASE????!StartTLS")
+        starttls = False
+        for ext in (fields[3].split(",") if len(fields) == 4 else []):
+            name = ext.strip().lstrip("!").strip().lower()
+            if name in STARTTLS_EXTENSIONS:
+                starttls = True
+            elif name:
+                raise ValueError("unknown LDAP URL extension %r (understood: StartTLS)" % ext.strip())
+        if starttls and scheme == "ldaps":
+            raise ValueError("StartTLS on an ldaps:// URL: the connection is TLS already; use one or the other")
         hosts = m.group(2).split()
         if not hosts:
             raise ValueError("no host in the URL")
         port = 636 if scheme == "ldaps" else 389
-        return LdapURL(scheme, tuple(parse_hostport(h, port) for h in hosts), check_dn(base))
+        return LdapURL(scheme, tuple(parse_hostport(h, port) for h in hosts), check_dn(unquote(base.strip())),
+                       starttls)
 
     def render(self, value: Any) -> str:
         return str(value)

@@ -35,13 +35,17 @@ class Slapd(Daemon):
 
     def __init__(self, directory: Optional[Directory] = None, *, host: str = "127.0.0.1",
                  port: Optional[int] = None, workdir: Optional[str] = None, loglevel: str = "stats",
-                 keep: bool = False) -> None:
+                 keep: bool = False, tls: Optional[Tuple[str, str, str]] = None,
+                 require_tls: bool = False) -> None:
         self.slapd = find_binary("slapd")
         self.slapadd = find_binary("slapadd")
         self.directory = directory if directory is not None else default_directory()
         self.host = host
         self.port = port or free_port(host)
         self.loglevel = loglevel
+        self.tls = tls                    # (certificate, key, CA) PEM paths: StartTLS, and ldaps:// on ldaps_port
+        self.ldaps_port = free_port(host) if tls else 0
+        self.require_tls = require_tls    # `security tls=1`: nothing but StartTLS before TLS
         super().__init__(workdir, keep)
         self.conf = os.path.join(self.dir, "slapd.conf")
 
@@ -49,10 +53,20 @@ class Slapd(Daemon):
     def url(self) -> str:
         return "ldap://%s:%d" % (self.host, self.port)
 
+    @property
+    def ldaps_url(self) -> str:
+        return "ldaps://%s:%d" % (self.host, self.ldaps_port)
+
     def _prepare(self) -> None:
         db = os.path.join(self.dir, "db")
         os.makedirs(db, exist_ok=True)
         includes = "".join("include %s/%s.schema\n" % (SCHEMA_DIR, s) for s in SCHEMAS)
+        tls = ""
+        if self.tls:
+            cert, key, ca = self.tls
+            tls = "TLSCertificateFile %s\nTLSCertificateKeyFile %s\nTLSCACertificateFile %s\n" % (cert, key, ca)
+            if self.require_tls:
+                tls += "security tls=1\n"
         with open(self.conf, "w") as f:
             f.write(f"""# private slapd for mmproxy tests (written by mmproxy.testing.slapd)
 {includes}include {SUNMS_SCHEMA}
@@ -62,7 +76,7 @@ modulepath /usr/lib/ldap
 moduleload back_mdb
 sizelimit unlimited
 threads 4
-
+{tls}
 database mdb
 suffix "{self.suffix}"
 rootdn "{self.root_dn}"
@@ -89,7 +103,8 @@ access to *
         run([self.slapadd, "-q", "-f", self.conf, "-l", ldif])
 
     def _argv(self) -> list:
-        return [self.slapd, "-d", self.loglevel, "-f", self.conf, "-h", "ldap://%s:%d/" % (self.host, self.port)]
+        urls = "ldap://%s:%d/" % (self.host, self.port) + (" %s/" % self.ldaps_url if self.tls else "")
+        return [self.slapd, "-d", self.loglevel, "-f", self.conf, "-h", urls]
 
     def _ready(self) -> bool:
         if not port_open(self.host, self.port):
@@ -114,6 +129,11 @@ access to *
         conn.set_option(ldap.OPT_NETWORK_TIMEOUT, timeout)
         conn.set_option(ldap.OPT_TIMEOUT, timeout)
         conn.set_option(ldap.OPT_REFERRALS, 0)
+        if self.require_tls:
+            assert self.tls is not None
+            conn.set_option(ldap.OPT_X_TLS_CACERTFILE, self.tls[2])
+            conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+            conn.start_tls_s()
         if who == "proxy":
             conn.simple_bind_s(self.bind_dn, self.bind_pw)
         elif who == "root":
