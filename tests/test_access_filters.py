@@ -6,6 +6,7 @@ import imaplib
 import re
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -133,8 +134,12 @@ def test_per_user_filter_allows_and_denies(proxy, mail_stack):
     """gina: +imap:ALL EXCEPT 127.0.0.22 (allow rules only: nothing else).  PreAuth verified her
     password, so the refusal may say what it is; the store never hears of her."""
     store = mail_stack.stores["127.0.0.2"]
+    seen = store.read_log().count("user=<gina>")
     with ImapFrom(proxy.host, proxy.imap_port, "127.0.0.21") as c:
         c.login("gina", "gina-pw")
+    deadline = time.monotonic() + 5                 # Dovecot's log process writes a little later
+    while store.read_log().count("user=<gina>") == seen and time.monotonic() < deadline:
+        time.sleep(0.05)
     before = store.read_log()
     r = RawClient(proxy.host, proxy.imap_port, "127.0.0.22")
     r.expect(b"* OK")

@@ -127,7 +127,7 @@ def test_inactive_domain_is_refused_as_a_wrong_password(mail_stack, dc_proxy):
     assert imap_reply(dc_proxy, "paul@closed.example", "paul-pw") == b"a " + imap.NO_AUTH.encode() + b"\r\n"
     assert pop_replies(dc_proxy, "paul@closed.example", "paul-pw") == (b"+OK\r\n", pop.ERR_AUTH.encode() + b"\r\n")
     log = wait_for_log(dc_proxy, "uid=paul,dc=closed,dc=example,o=internet is inactive")
-    assert "login failed user='paul@closed.example': auth failed" in log
+    assert "login failed user='paul@closed.example': account disabled" in log
     time.sleep(0.2)
     assert store.read_log().count("paul@closed.example") == before        # never sent to the store
 
