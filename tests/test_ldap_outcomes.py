@@ -52,8 +52,8 @@ def own_slapd(mail_stack, tmp_path_factory):
     s = Slapd(mail_stack.directory, workdir=str(tmp_path_factory.mktemp("ldap-outcomes")))
     s.start()
     # a second entry with alice's uid, and a DC-tree node that is a referral to another server
-    s.add("dn: cn=alice2,ou=People,o=example.com,o=internet\nobjectClass: inetOrgPerson\nobjectClass: mailUser\ncn: alice2\n"
-          "sn: alice2\nuid: alice\nmailHost: 127.0.0.2\n\n"
+    s.add("dn: cn=alice2,ou=People,o=example.com,o=internet\nobjectClass: inetOrgPerson\nobjectClass: mailUser\n"
+          "cn: alice2\nsn: alice2\nuid: alice\nmailHost: 127.0.0.2\n\n"
           "dn: dc=elsewhere,dc=com,o=internet\nobjectClass: referral\nobjectClass: extensibleObject\n"
           "dc: elsewhere\nref: ldap://127.0.0.1:9/dc=elsewhere,dc=com,o=internet\n")
     yield s
