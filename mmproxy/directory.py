@@ -113,18 +113,21 @@ class User:
 class Outcome:
     """What an LDAP error means for a login: ``words`` for the log line, ``error`` the failure
     raised (session.reply_for maps it to the client's reply), ``failover`` whether another
-    connection or host may answer better."""
+    connection or host may answer better, ``connection`` whether only the connection is lost (a
+    fresh one to the same host may answer: a restarted server, an idle timeout) rather than the
+    host (no answer, busy: the next host is tried)."""
 
     words: str
     error: type
     failover: bool = False
+    connection: bool = False
 
 
 # Every LDAP outcome, classified once.  Results that are answers, not errors, are decided where
 # the search runs: no such object = no entry; size limit exceeded (sizelimit=2) = ambiguous.
 # A user bind's INVALID_CREDENTIALS is a wrong password (authenticate: AuthFailed).
 OUTCOMES: Tuple[Tuple[Any, Outcome], ...] = (
-    (ldap.SERVER_DOWN, Outcome("server down", DirectoryUnavailable, True)),
+    (ldap.SERVER_DOWN, Outcome("server down", DirectoryUnavailable, True, connection=True)),
     (ldap.CONNECT_ERROR, Outcome("cannot connect (TLS)", DirectoryUnavailable, True)),
     (ldap.TIMEOUT, Outcome("timed out", DirectoryUnavailable, True)),
     (ldap.BUSY, Outcome("busy", DirectoryUnavailable, True)),
@@ -429,9 +432,9 @@ class Directory:
             why = "%s (%s)" % (kind.words, _ldap_msg(error))
             if not kind.failover:
                 raise kind.error("directory %s: %s" % (server.url, why))
-            if fresh:
-                self._down(server, why)
-                tried.append(server)
+            if fresh or not kind.connection:      # the host does not answer (a pooled connection's
+                self._down(server, why)           # timeout too: a hung server accepts fresh ones and
+                tried.append(server)              # never answers them): the next host
             else:                                 # a pooled connection died (an idle timeout, a
                 server.generation += 1            # restarted server): its siblings are suspect too;
                 self.log.debug("directory %s: a pooled connection failed: %s", server.url, why)   # retry fresh

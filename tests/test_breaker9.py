@@ -1,0 +1,67 @@
+"""Issue 9 broken on purpose: a directory host that hangs, hostile input at the directory and
+authentication-server edges; each test pins a fault found by trying it (see the test's docstring)."""
+import os
+import signal
+import time
+
+import pytest
+from test_ldap_failover import NO_CACHE, imap_file_log, imap_login, ldap_url, logged_in, searches
+
+from mmproxy.testing.proxy import Proxy
+from mmproxy.testing.slapd import Slapd
+
+from helpers import ImapFrom, RawClient, proxy_log, wait_for_log
+
+
+@pytest.fixture
+def two_slapds(mail_stack, tmp_path):
+    servers = [Slapd(mail_stack.directory, workdir=str(tmp_path / name)) for name in ("a", "b")]
+    for s in servers:
+        s.start()
+    yield servers
+    for s in servers:
+        if s.running:
+            os.kill(s.proc.pid, signal.SIGCONT)      # a test may leave one stopped
+        s.close()
+
+
+def slow_login(p, user="alice", password="alice-pw", timeout=40):
+    """(seconds, the tagged answer) of one LOGIN, waiting up to ``timeout`` seconds for it."""
+    start = time.monotonic()
+    r = RawClient(p.host, p.imap_port, timeout=timeout)
+    try:
+        r.expect(b"* OK")
+        r.send(b'a LOGIN %s "%s"\r\n' % (user.encode(), password.encode()))
+        return time.monotonic() - start, r.skip_to(b"a ")
+    finally:
+        r.sock.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_hung_first_host_fails_no_login(mail_stack, two_slapds):
+    """A first host that accepts and never answers (SIGSTOP): the login whose pooled connection
+    times out goes on to the second host within the same login (it used to retry a fresh
+    connection to the hung host, which accepted it and never answered: `NO [UNAVAILABLE]` after
+    15 s); the next logins go straight to the second host; a relayed session goes on meanwhile."""
+    a, b = two_slapds
+    with Proxy(mail_stack.info(), imap={**NO_CACHE, "LdapURL": ldap_url(a, b)}) as p:
+        held = ImapFrom(p.host, p.imap_port)
+        held.login("alice", "alice-pw")
+        assert logged_in(imap_login(p)) and searches(b) == 0       # pooled connections to a
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            took, answer = slow_login(p)
+            assert logged_in(answer), answer
+            assert took < 14, took                                 # one OP_TIMEOUT, then b
+            assert held.noop()[0] == "OK"
+            for _ in range(3):
+                took, answer = slow_login(p)
+                assert logged_in(answer) and took < 2, (took, answer)
+            down = "directory ldap://%s:%d is down (timed out" % (a.host, a.port)
+            assert imap_file_log(p).count(down) == 1, imap_file_log(p)[-3000:]
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        wait_for_log(p, "directory ldap://%s:%d answers again" % (a.host, a.port), timeout=15)
+        assert logged_in(imap_login(p))
+        held.logout()
+        assert "Traceback" not in proxy_log(p)
