@@ -157,11 +157,12 @@ def outcome(error: BaseException, service_bind: bool = True) -> Outcome:
 
 class _Cache:
     """A bounded TTL cache whose entries are fresh for ``ttl`` seconds and kept ``grace`` seconds
-    longer (LdapStaleGrace) for when the directory cannot answer; greenlets only."""
+    longer (LdapStaleGrace) for when the directory cannot answer; greenlets only.  A size or a
+    ttl of 0 keeps nothing, not even for an outage (the operator turned the cache off)."""
 
     def __init__(self, size: int, ttl: int, grace: int) -> None:
-        self.ttl = max(0, ttl)                              # 0: never fresh (no caching)
-        self.keep = self.ttl + max(0, grace) if size > 0 else 0
+        self.ttl = max(0, ttl)
+        self.keep = self.ttl + max(0, grace) if size > 0 and self.ttl > 0 else 0
         self.data: TTLCache = TTLCache(maxsize=max(1, size), ttl=max(1, self.keep))
 
     def get(self, key: Any) -> Any:

@@ -25,10 +25,10 @@ def two_slapds(mail_stack, tmp_path):
         s.close()
 
 
-def slow_login(p, user="alice", password="alice-pw", timeout=40):
+def slow_login(p, user="alice", password="alice-pw", timeout=40, source="127.0.0.1"):
     """(seconds, the tagged answer) of one LOGIN, waiting up to ``timeout`` seconds for it."""
     start = time.monotonic()
-    r = RawClient(p.host, p.imap_port, timeout=timeout)
+    r = RawClient(p.host, p.imap_port, timeout=timeout, source=source)
     try:
         r.expect(b"* OK")
         r.send(b'a LOGIN %s "%s"\r\n' % (user.encode(), password.encode()))
@@ -64,4 +64,22 @@ def test_a_hung_first_host_fails_no_login(mail_stack, two_slapds):
         wait_for_log(p, "directory ldap://%s:%d answers again" % (a.host, a.port), timeout=15)
         assert logged_in(imap_login(p))
         held.logout()
+        assert "Traceback" not in proxy_log(p)
+
+
+@pytest.mark.parametrize("ttl0", ["AuthCacheTTL", "LdapCacheTTL"])
+def test_a_ttl_of_0_caches_nothing_even_for_an_outage(mail_stack, two_slapds, ttl0):
+    """AuthCacheTTL 0 (or LdapCacheTTL 0) turns that cache off, LdapStaleGrace or not: with the
+    directory down, a password verified (a user found) a moment ago is not taken from a cache
+    (it was, for LdapStaleGrace seconds: an operator who turned the PreAuth cache off so that a
+    changed password takes effect at once had the old one accepted through an outage)."""
+    a, _ = two_slapds
+    cfg = {"LdapCacheTTL": 900, "AuthCacheTTL": 900, "LdapStaleGrace": 3600, "LdapNegativeCacheTTL": 0,
+           "PreAuth": True, "LdapURL": ldap_url(a), ttl0: 0}
+    with Proxy(mail_stack.info(), imap=cfg) as p:
+        assert logged_in(imap_login(p))
+        a.stop()
+        assert imap_login(p) == b"a NO [UNAVAILABLE] Temporary authentication failure, try again later\r\n"
+        a.start()
+        assert logged_in(imap_login(p))
         assert "Traceback" not in proxy_log(p)

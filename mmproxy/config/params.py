@@ -132,7 +132,8 @@ _group(
      "unknown name reaches the directory once per this time (0: not remembered)", _SUP),
     ("LdapStaleGrace", t.Int(min=0), 3600, "I P",
      "mmproxy extension: seconds past LdapCacheTTL (and AuthCacheTTL) that a cached user lookup (and PreAuth "
-     "result) is still used while no directory host answers (0: never); the cache holds no more entries for it",
+     "result) is still used while no directory host answers (0: never; nor from a cache whose TTL is 0); the "
+     "cache holds no more entries for it",
      _SUP),
     ("LdapRefreshInterval", t.Int(min=0), 2100, "I P", "seconds before an LDAP connection is reopened", _SUP),
 )
