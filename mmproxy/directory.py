@@ -342,6 +342,9 @@ class Directory:
         conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
         conn.set_option(ldap.OPT_REFERRALS, 0)
         conn.set_option(ldap.OPT_NETWORK_TIMEOUT, CONNECT_TIMEOUT)
+        # libldap bounds an ldaps:// TLS handshake by OPT_NETWORK_TIMEOUT only on an asynchronous
+        # connect: else a host that accepts and never answers holds this thread for ever
+        conn.set_option(ldap.OPT_CONNECT_ASYNC, 1)
         conn.set_option(ldap.OPT_TIMEOUT, OP_TIMEOUT)
         if server.url.startswith("ldaps:") or self.starttls:
             conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)

@@ -2,11 +2,13 @@
 authentication-server edges; each test pins a fault found by trying it (see the test's docstring)."""
 import os
 import signal
+import socket
 import time
 
 import pytest
 from test_ldap_failover import NO_CACHE, imap_file_log, imap_login, ldap_url, logged_in, searches
 
+from mmproxy.testing.certs import TestCA
 from mmproxy.testing.proxy import Proxy
 from mmproxy.testing.slapd import Slapd
 
@@ -83,3 +85,32 @@ def test_a_ttl_of_0_caches_nothing_even_for_an_outage(mail_stack, two_slapds, tt
         a.start()
         assert logged_in(imap_login(p))
         assert "Traceback" not in proxy_log(p)
+
+
+@pytest.mark.timeout(90)
+def test_an_ldaps_host_that_never_answers_is_skipped(mail_stack, tmp_path):
+    """ldaps:// to a host that accepts connections and never answers (a hung server, a load
+    balancer in front of a dead one): the TLS handshake ends after the connect timeout and the next
+    host answers within the same login.  It used to hold its LDAP thread for ever (libldap bounds
+    that handshake only on an asynchronous connect): the login got `NO [UNAVAILABLE]` after 15 s
+    with the second host up, and every later probe of the hung host lost one more thread."""
+    ca = TestCA(str(tmp_path / "ca"))
+    cert, key = ca.issue("ldap", ips=["127.0.0.1"])
+    good = Slapd(mail_stack.directory, workdir=str(tmp_path / "ldap"), tls=(cert, key, ca.path))
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)                     # the kernel accepts; nobody ever reads
+    good.start()
+    try:
+        url = "ldaps://127.0.0.1:%d %s:%d/o=internet" % (hung.getsockname()[1], good.host, good.ldaps_port)
+        with Proxy(mail_stack.info(), imap={**NO_CACHE, "LdapURL": url, "LdapCAFile": ca.path}) as p:
+            took, answer = slow_login(p)
+            assert logged_in(answer), answer
+            assert took < 10, took
+            took, answer = slow_login(p)
+            assert logged_in(answer) and took < 2, (took, answer)
+            assert imap_file_log(p).count("directory ldaps://127.0.0.1:%d is down" % hung.getsockname()[1]) == 1
+            assert "Traceback" not in proxy_log(p)
+    finally:
+        hung.close()
+        good.close()
