@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import socket
 import ssl
 import time
-from typing import Optional
+from typing import Dict, Optional, Union
 
 from gevent import socket as gsocket
 
@@ -22,6 +23,55 @@ STORE_TIMEOUT = 30.0      # the default of StoreTimeout
 STORE_PHASE = "the store's part of the login (connect, greeting, login)"
 MAX_STORE_LINE = 65536    # capability lines can be long; anything longer is not a store we know
 
+Log = Union[logging.Logger, logging.LoggerAdapter]
+
+
+class Attempts:
+    """MaxConcurrentConnectionAttempts: how many connection attempts to each store (``host:port``)
+    are under way in this process, so that a dead or slow store cannot tie up every session in
+    connect attempts (Messaging Server 7u3's MMP option: "Number of outstanding connection attempts
+    permitted to the same backend mailstore. If this is exceeded, users on that mailstore will have
+    their connections rejected with a temporary service outage error").
+
+    An attempt lasts from the connect until the store's first line (its greeting): a store that
+    greets is up, whatever it answers to the login afterwards (StoreTimeout bounds that).  Counted
+    per worker process (NumThreads > 1: each worker has its own allowance).  The log gets one line
+    when a store's logins start being refused and one when a slot is free again, not one per login.
+    """
+
+    def __init__(self) -> None:
+        self.busy: Dict[str, int] = {}       # "host:port" -> attempts under way
+        self.refused: Dict[str, int] = {}    # "host:port" -> logins refused since the limit was reached
+
+    def take(self, where: str, limit: int, log: Optional[Log]) -> None:
+        """One attempt to ``where`` starts; BackendUnavailable when ``limit`` are under way already."""
+        busy = self.busy.get(where, 0)
+        if busy >= limit:
+            if where not in self.refused:
+                self.refused[where] = 0
+                if log is not None:
+                    log.warning("store %s: %d connection attempts under way (MaxConcurrentConnectionAttempts): "
+                                "its logins get the store-down reply until one ends", where, busy)
+            self.refused[where] += 1
+            raise BackendUnavailable("store %s: %d connection attempts under way already "
+                                     "(MaxConcurrentConnectionAttempts)" % (where, busy))
+        self.busy[where] = busy + 1
+
+    def give(self, where: str, log: Optional[Log]) -> None:
+        """An attempt to ``where`` is over (greeted, failed, closed, or its session killed)."""
+        busy = self.busy.get(where, 0) - 1
+        if busy > 0:
+            self.busy[where] = busy
+        else:
+            self.busy.pop(where, None)
+        refused = self.refused.pop(where, None)
+        if refused is not None and log is not None:
+            log.warning("store %s: connection attempts below MaxConcurrentConnectionAttempts again "
+                        "(%d login(s) refused meanwhile)", where, refused)
+
+
+ATTEMPTS = Attempts()     # this process's count (each worker process has its own)
+
 
 class Store:
     """A connected store: a socket and a bounded line reader; raises Backend* errors only.
@@ -30,11 +80,30 @@ class Store:
     the pump (the connect, greeting, telling the store who the client is, the login) must be over
     within ``timeout`` seconds of the connect's start, so a store that trickles its answers cannot
     hold a login.  ``phase`` None (an SMTP relay): each exchange sets its own deadline.
+
+    ``attempts`` > 0 (MaxConcurrentConnectionAttempts): at most that many connection attempts to
+    ``host:port`` at once in this process (:class:`Attempts`); one more raises BackendUnavailable at
+    once.  The slot is held until the store's first line is read or the store is closed, whichever
+    comes first; ``log`` gets the limit's state changes.
     """
 
     def __init__(self, host: str, port: int, timeout: float = STORE_TIMEOUT,
-                 phase: Optional[str] = STORE_PHASE, tls: Optional[ssl.SSLContext] = None) -> None:
+                 phase: Optional[str] = STORE_PHASE, tls: Optional[ssl.SSLContext] = None,
+                 attempts: int = 0, log: Optional[Log] = None) -> None:
         self.host, self.port = host, port
+        self._attempt: Optional[str] = None       # "host:port" while this holds an attempt slot
+        self._log = log
+        if attempts > 0:
+            ATTEMPTS.take("%s:%d" % (host, port), attempts, log)
+            self._attempt = "%s:%d" % (host, port)
+        try:
+            self._open(timeout, phase, tls)
+        except BaseException:                      # failed, timed out, or the session was killed
+            self._end_attempt()
+            raise
+
+    def _open(self, timeout: float, phase: Optional[str], tls: Optional[ssl.SSLContext]) -> None:
+        host, port = self.host, self.port
         start = time.monotonic()
         try:
             self.sock = _connect(host, port, timeout)
@@ -46,6 +115,12 @@ class Store:
         self.reader = BackendReader(self.sock, MAX_STORE_LINE, timeout, "%s:%d" % (host, port))
         if phase is not None:
             self.reader.set_deadline(timeout, phase, start + timeout)
+
+    def _end_attempt(self) -> None:
+        """Give the MaxConcurrentConnectionAttempts slot back (once)."""
+        where, self._attempt = self._attempt, None
+        if where is not None:
+            ATTEMPTS.give(where, self._log)
 
     def _handshake(self, ctx: ssl.SSLContext, start: float, timeout: float) -> None:
         """Implicit TLS (SSLBacksidePort): the handshake, within what is left of the ``timeout``
@@ -75,8 +150,12 @@ class Store:
         return "%s:%d" % (self.host, self.port)
 
     def readline(self) -> bytes:
-        """One line from the store; BackendUnavailable or BackendProtocolError."""
-        return self.reader.readline()
+        """One line from the store; BackendUnavailable or BackendProtocolError.  The first one (the
+        greeting) ends the connection attempt."""
+        line = self.reader.readline()
+        if self._attempt is not None:
+            self._end_attempt()
+        return line
 
     def send(self, data: bytes, timeout: Optional[float] = None) -> None:
         """Write ``data`` within ``timeout`` seconds (default: the reader's idle limit), and before
@@ -94,6 +173,7 @@ class Store:
             raise BackendUnavailable("%s: write failed: %s" % (self, _why(e))) from None
 
     def close(self) -> None:
+        self._end_attempt()
         try:
             self.sock.close()
         except OSError:

@@ -432,7 +432,8 @@ class LoginSession(Session):
 
     def connect_store(self, target: Target) -> Store:
         self.store_tried = True
-        return Store(target.host, target.port, float(target.cfg.StoreTimeout), tls=self.service.store_tls)
+        return Store(target.host, target.port, float(target.cfg.StoreTimeout), tls=self.service.store_tls,
+                     attempts=target.cfg.MaxConcurrentConnectionAttempts, log=self.log)
 
     def start_pump(self, store: Store, target: Target) -> None:
         """Login done: the client and store sockets now belong to the pump; this greenlet ends.

@@ -36,6 +36,7 @@ SUPPORTED += "BGMax BGPenalty BGMaxBadness BGDecay BGLinear BGExcluded SmtpBadGu
 SUPPORTED += "LoginTimeout LoginIdleTimeout HandshakeTimeout StoreTimeout SmtpMessageTimeout".split()  # issue 8
 SUPPORTED += "AuthenticationServer AuthenticationLdapAttributes AuthenticationServerTimeout".split()  # issue 9
 SUPPORTED += "LdapCAFile LdapNegativeCacheTTL LdapStaleGrace".split()   # directory failover and caches (issue 9)
+SUPPORTED += ["MaxConcurrentConnectionAttempts"]                                       # issue 9
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

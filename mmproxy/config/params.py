@@ -196,6 +196,10 @@ _group(
      "store administrator for proxy authorization: certificate logins reach the store as SASL PLAIN with "
      "authzid=<user>, authcid=StoreAdmin (a Dovecot master user)", _SUP),
     ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin", _SUP),
+    ("MaxConcurrentConnectionAttempts", t.Int(min=1), 32, "I P",
+     "connection attempts (from the connect to the store's greeting) allowed at once per store host:port, "
+     "counted in each worker process; a login beyond them gets the store-down reply at once (Messaging "
+     "Server 7u3; default 10 until 7.0.5, then 32)", _SUP),
     ("SpoofEmptyMailbox", t.Bool(), "off", "P", "store down: show an empty POP mailbox", _SUP),
     ("SpoofMessageFile", t.Path(must_exist="file"), None, "P",
      "store down: show a POP mailbox holding this one RFC 822 message", _SUP),
