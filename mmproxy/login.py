@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 from mmproxy import access, hostnames, sasl, tls
 from mmproxy.authserver import AuthServer, Request
@@ -110,20 +110,42 @@ class Target:
         return "%s:%d" % (self.host, self.port)
 
 
+# The per-domain parameters (vdmap.cfg) that Directory reads: a virtual domain that sets one of them
+# gets a directory of its own (connections and caches); the others share the service's.
+DIRECTORY_PARAMS = ("LdapURL", "BindDN", "BindPass", "HostedDomains", "MailHostAttrs", "LdapCacheSize",
+                    "LdapCacheTTL", "AuthCacheSize", "AuthCacheTTL", "UserGroupDN", "CertMapDN")
+
+
 class LoginService(Service):
-    """A service that logs users in to stores: it has a directory."""
+    """A service that logs users in to stores: it has a directory (and one per virtual domain that
+    sets directory parameters in vdmap.cfg)."""
 
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
         self.directory = Directory(self.cfg, entry.mta)
+        self.directories: Dict[str, Directory] = {}      # virtual domain name -> its own directory
+        vdomains = getattr(entry, "vdomains", None)
+        for vd in vdomains.domains if vdomains is not None else ():
+            if any(name in vd.settings for name in DIRECTORY_PARAMS):
+                self.directories[vd.name] = Directory(self.cfg.override(vd.settings), entry.mta)
         self.store_tls = tls.store_context(self.cfg)      # SSLBacksidePort; None: plaintext
         self.certmap = Certmap.load(self.cfg.CertmapFile) if self.cfg.CertmapFile else None
         server = self.cfg.AuthenticationServer
         self.authserver = AuthServer(server[0], server[1], float(self.cfg.AuthenticationServerTimeout)) \
             if server else None
 
+    def directory_for(self, server_ip: str) -> Directory:
+        """The directory of sessions accepted on ``server_ip``: their virtual domain's, else the service's."""
+        if self.directories:
+            vd = self.entry.vdomains.domain_for(server_ip)
+            if vd is not None and vd.name in self.directories:
+                return self.directories[vd.name]
+        return self.directory
+
     def close(self) -> None:
         self.directory.close()
+        for d in self.directories.values():
+            d.close()
 
 
 class LoginSession(Session):
@@ -149,6 +171,7 @@ class LoginSession(Session):
         self.store_tried = False     # a store was contacted (the session-end line names it only then)
         self.store_admin: Optional[Tuple[str, str]] = None   # a certificate login: (StoreAdmin, StoreAdminPass)
         self.waited = False          # this login attempt has waited its BadGuys sentence
+        self.directory = self.service.directory_for(self.server_ip)
 
     # ------------------------------------------------------------------ what a protocol provides
     def replay(self, store: Store, target: Target, password: bytes, verified: bool) -> Line:
@@ -247,7 +270,7 @@ class LoginSession(Session):
     def verify_challenge(self, target: Target, expected: Callable[[bytes], str], digest: str) -> bytes:
         """Challenge-response logins (APOP, CRAM-MD5): the user's clear-text directory password must
         produce ``digest``.  Returns that password, which the store login then replays."""
-        secret = self.service.directory.read_password(target.user)
+        secret = self.directory.read_password(target.user)
         if secret is None:
             raise AuthFailed("%s has no clear-text userPassword for a challenge-response login" % target.user.dn)
         if not sasl.digest_matches(expected(secret), digest):
@@ -268,7 +291,7 @@ class LoginSession(Session):
         extra = [cfg.TCPAccessAttr] if cfg.TCPAccessAttr else []
         if self.service.authserver is not None:
             extra += cfg.AuthenticationLdapAttributes      # in the same search as the user
-        domain, entry = self.service.directory.find_user(lid, cfg.SearchFormat, extra, self.client_ip, self.server_ip)
+        domain, entry = self.directory.find_user(lid, cfg.SearchFormat, extra, self.client_ip, self.server_ip)
         if domain is None:
             raise UnknownUser("unknown domain %r" % lid.domain)
         if entry is None:
@@ -289,7 +312,7 @@ class LoginSession(Session):
         The login id is ``authzid`` when the client gave one (AuthzFailed unless it is the same
         entry), else the entry's uid (with the domain of its mail address for hosted domains).
         AuthFailed when the certificate maps to no entry or to several."""
-        cfg, directory = self.cfg, self.service.directory
+        cfg, directory = self.cfg, self.directory
         assert self.service.certmap is not None and self.peer_cert is not None    # EXTERNAL is offered only then
         subject = subject_dn(self.peer_cert)
         self.user = authzid or subject
@@ -350,7 +373,7 @@ class LoginSession(Session):
             self.ask_authserver(target, creds.password)
             password, verified = creds.password, True
         elif target.cfg.PreAuth:
-            self.service.directory.authenticate(target.user, creds.password)
+            self.directory.authenticate(target.user, creds.password)
             password, verified = creds.password, True
         else:
             password, verified = creds.password, False

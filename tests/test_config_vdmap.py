@@ -1,5 +1,12 @@
 """vdmap.cfg: per-server-address virtual domain settings."""
+import os
+import subprocess
+import sys
+
+from mmproxy.config.params import PARAMS
 from mmproxy.config.vdmap import read_vdmap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read(tmp_path, text, service="imap"):
@@ -63,3 +70,41 @@ def test_unreadable_file(tmp_path):
     vd, problems = read_vdmap(str(tmp_path / "missing.cfg"))
     assert vd.for_address("192.0.2.10") == {}
     assert [p.severity for p in problems] == ["error"] and "cannot read" in problems[0].message
+
+
+def test_every_per_domain_parameter_is_accepted(tmp_path):
+    """The manual's list (see tests/test_vdmap.py, which checks each one end to end) parses as vdmap lines."""
+    values = {"AuthCacheSize": "5", "AuthCacheTTL": "3", "AuthService": "yes", "BindDN": "cn=x,o=internet",
+              "BindPass": "secret", "CertMapDN": "o=internet", "UserGroupDN": "o=internet", "ClientLookup": "yes",
+              "CRAMs": "yes", "DefaultDomain": "siroe.com", "VirtualDomainDelim": "+", "HostedDomains": "no",
+              "LdapCacheSize": "7", "LdapCacheTTL": "11", "LdapURL": "ldap://l1/o=internet",
+              "MailHostAttrs": "mailHost",
+              "PreAuth": "yes", "ReplayFormat": "%U@%V", "RestrictPlainPasswords": "yes", "StoreAdmin": "admin",
+              "StoreAdminPass": "admin-pw", "SearchFormat": "(uid=%U)", "TCPAccess": "+imap:ALL"}
+    assert set(values) == {p.name for p in PARAMS.values() if p.per_domain}
+    vd, problems = read(tmp_path, "vdmap siroe 192.0.2.10\n" + "".join("siroe:%s %s\n" % kv for kv in values.items()))
+    assert problems == []
+    assert set(vd.for_address("192.0.2.10")) == set(values)
+
+
+def test_check_config_reports_the_vdmap_file(tmp_path):
+    """`mmproxy check-config` names the vdmap.cfg line of each problem and exits non-zero on errors."""
+    vdmap = tmp_path / "vdmap.cfg"
+    vdmap.write_text("vdmap siroe 127.0.0.9\n"
+                     "siroe:NoSuchParam 1\n"
+                     "siroe:MaxConcurrentConnectionAttempts 4\n"
+                     "siroe:LdapCacheTTL soon\n"
+                     "varrius:DefaultDomain varrius.com\n")
+    (tmp_path / "AService.cfg").write_text('default:ServiceList "/x/ImapProxyAService@1143"\n')
+    (tmp_path / "ImapProxyAService.cfg").write_text("default:LogDir %s\ndefault:VirtualDomainFile %s\n"
+                                                    % (tmp_path, vdmap))
+    r = subprocess.run([sys.executable, "-m", "mmproxy", "check-config", "--config-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    for line in ['%s:2: unknown parameter "NoSuchParam"' % vdmap,
+                 "%s:3: warning: MaxConcurrentConnectionAttempts cannot be set per virtual domain: ignored" % vdmap,
+                 "%s:4: LdapCacheTTL: " % vdmap,
+                 "%s:5: warning: virtual domain varrius has no `vdmap varrius IP` line: its settings are never used"
+                 % vdmap]:
+        assert line in out, out

@@ -36,6 +36,9 @@ def _quoted(value: str) -> str:
     return '"%s"' % value if value == "" or any(c in value for c in ' \t#"') else value
 
 
+PER_DOMAIN = "may also be set per virtual domain (vdmap.cfg)"
+
+
 def _notes(p: Param) -> List[str]:
     notes = []
     if not p.supported:
@@ -44,7 +47,7 @@ def _notes(p: Param) -> List[str]:
     if p.obsolete:
         notes.append("obsolete, superseded by %s" % p.obsolete)
     if p.per_domain:
-        notes.append("may also be set per virtual domain")
+        notes.append(PER_DOMAIN)
     if not p.reload:
         notes.append("a change needs a restart")
     return notes
@@ -111,19 +114,24 @@ def render_reference() -> str:
         "Status: *yes* = implemented; *not yet* = recognised and ignored (warning); *not yet, refuses* = an",
         "access control that mmproxy does not implement yet: setting it is an error, so that a migrated",
         "security setting never silently stops working.",
+        "vdmap: *yes* = may also be set per virtual domain in vdmap.cfg (VirtualDomainFile), as the Messaging",
+        "Server manual lists (its CertMap is CertMapDN, its DomainDelim VirtualDomainDelim); that value then",
+        "applies to the sessions accepted on the virtual domain's server address.",
     ]
     for group, members in groupby(PARAMS.values(), key=lambda p: p.group):
         out += ["", "## %s" % group, "",
-                "| Parameter | Files | Type | Default | Status | Description |",
-                "| --- | --- | --- | --- | --- | --- |"]
+                "| Parameter | Files | vdmap | Type | Default | Status | Description |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
         for p in members:
             files = " ".join(p.files) + (" (also %s)" % " ".join(p.honoured_in) if p.honoured_in else "")
             default = default_text(p)
             default = "unset" if p.default is None else "`%s`" % default if default else '`""`'
             status = "yes" if p.supported else "not yet, refuses" if p.security else "not yet"
-            notes = [n for n in _notes(p) if not n.startswith("not supported")]
+            notes = [n for n in _notes(p) if not n.startswith("not supported") and n != PER_DOMAIN]
             doc = p.doc + "".join(" *%s.*" % (n[0].upper() + n[1:]) for n in notes)
-            out.append("| %s |" % " | ".join(_cell(c) for c in (p.name, files, p.type.name, default, status, doc)))
+            vdmap = "yes" if p.per_domain else ""
+            out.append("| %s |" % " | ".join(_cell(c) for c in (p.name, files, vdmap, p.type.name, default, status,
+                                                                 doc)))
     return "\n".join(out) + "\n"
 
 

@@ -65,6 +65,9 @@ def _group(group: str, *rows: Tuple[Any, ...]) -> None:
 
 
 _SUP = {"supported": True}
+# may be set per virtual domain in vdmap.cfg: the list of the Messaging Server 6 Administration Guide,
+# "MMP Virtual Domains" (its CertMap is CertMapDN, now UserGroupDN; its DomainDelim VirtualDomainDelim)
+_VD = dict(_SUP, per_domain=True)
 _IPS = "I P S"
 _BG = dict(_SUP, honoured_in="S")         # BadGuys: SMTP too with SmtpBadGuys
 
@@ -119,14 +122,14 @@ _group(
      "directory URL: ldap[s]://host[:port][ host2[:port]...]/BASE, several hosts tried in order (a host that "
      "fails is skipped until it answers again); quote it when it holds a blank. ldaps:// is TLS from the first "
      "byte; ldap://HOST/BASE????!StartTLS (RFC 4516 extension) asks for StartTLS, never skipped. The "
-     "certificate is verified (LdapCAFile)", dict(_SUP, per_domain=True, honoured_in="S")),
+     "certificate is verified (LdapCAFile)", dict(_VD, honoured_in="S")),
     ("LdapCAFile", t.Path(must_exist="file"), None, "I P",
      "mmproxy extension: PEM file of the CA certificates the directory's certificate must chain to (ldaps:// "
      "or StartTLS); unset: the system's (/etc/ldap/ldap.conf TLS_CACERT)", dict(_SUP, honoured_in="S")),
-    ("BindDN", t.DN(), None, "I P", "DN to bind as for searches", dict(_SUP, honoured_in="S")),
-    ("BindPass", t.Str(), None, "I P", "password of BindDN", dict(_SUP, honoured_in="S")),
-    ("LdapCacheSize", t.Int(min=0), 10000, "I P", "entries in the user lookup cache", _SUP),
-    ("LdapCacheTTL", t.Int(min=0), 900, "I P", "seconds a user lookup stays cached", _SUP),
+    ("BindDN", t.DN(), None, "I P", "DN to bind as for searches", dict(_VD, honoured_in="S")),
+    ("BindPass", t.Str(), None, "I P", "password of BindDN", dict(_VD, honoured_in="S")),
+    ("LdapCacheSize", t.Int(min=0), 10000, "I P", "entries in the user lookup cache", _VD),
+    ("LdapCacheTTL", t.Int(min=0), 900, "I P", "seconds a user lookup stays cached", _VD),
     ("LdapNegativeCacheTTL", t.Int(min=0), 60, "I P",
      "mmproxy extension: seconds an unknown user or domain is remembered, so a flood of logins for one "
      "unknown name reaches the directory once per this time (0: not remembered)", _SUP),
@@ -141,35 +144,36 @@ _group(
     "Users and domains",
     ("HostedDomains", t.Bool(), "yes", "I P",
      "yes: hosted domains (a DC tree, or Schema 2 organisations: option.dat); no: one flat user tree "
-     "under LdapURL", _SUP),
+     "under LdapURL", _VD),
     ("DefaultDomain", t.Str(), None, "I P", "domain appended to user ids given without one",
-     dict(_SUP, per_domain=True)),
+     _VD),
     ("VirtualDomainDelim", t.Str(), "@", "I P",
-     "characters accepted between user id and domain (searched from the end)", _SUP),
+     "characters accepted between user id and domain (searched from the end; the legacy manual's "
+     "vdmap list calls it DomainDelim)", _VD),
     ("CanonicalVirtualDomainDelim", t.Str(length=1), "@", "I P",
      "delimiter used towards LDAP and the store", _SUP),
     ("SearchFormat", t.Format("osUVCSD", filter=True), t.IfParam("HostedDomains", "uid=%U", "uid=%s"), "I P",
      "user search filter: %o login as typed, %s user+domain, %U user, %V domain, %C client IP, "
-     "%S server IP, %D client certificate DN", dict(_SUP, per_domain=True)),
+     "%S server IP, %D client certificate DN", _VD),
     ("MailHostAttrs", t.Words(), "mailHost", "I P",
-     "attributes naming the user's store, tried in order", _SUP),
+     "attributes naming the user's store, tried in order", _VD),
     ("UserGroupDN", t.DN(), None, "I P",
      "base DN of domain and user searches in Schema 2 (LDAP_SCHEMALEVEL 2 in option.dat) and of certificate "
-     "mapping searches (CertmapFile); default: the LdapURL base", _SUP),
-    ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN (UserGroupDN takes precedence)",
-     dict(_SUP, obsolete="UserGroupDN")),
+     "mapping searches (CertmapFile); default: the LdapURL base", _VD),
+    ("CertMapDN", t.DN(), None, "I P", "old name of UserGroupDN (UserGroupDN takes precedence); the legacy "
+     "manual's vdmap list calls it CertMap", dict(_VD, obsolete="UserGroupDN")),
     ("VirtualDomainFile", t.Path(must_exist="file"), None, _IPS,
      "vdmap.cfg: per-server-address settings (`vdmap NAME IP`, then `NAME:Param value` lines)", _SUP),
 )
 _group(
     "Authentication",
     ("PreAuth", t.Bool(), "no", "I P", "authenticate against LDAP before contacting the store",
-     dict(_SUP, per_domain=True)),
-    ("AuthCacheSize", t.Int(min=0), 10000, "I P", "entries in the PreAuth result cache", _SUP),
-    ("AuthCacheTTL", t.Int(min=0), 900, "I P", "seconds a PreAuth result stays cached", _SUP),
+     _VD),
+    ("AuthCacheSize", t.Int(min=0), 10000, "I P", "entries in the PreAuth result cache", _VD),
+    ("AuthCacheTTL", t.Int(min=0), 900, "I P", "seconds a PreAuth result stays cached", _VD),
     ("RestrictPlainPasswords", t.Bool(), "no", _IPS, "refuse plaintext passwords until TLS is active",
      dict(_SUP, per_domain=True, security=True)),
-    ("CRAMs", t.Bool(), "no", "I P", "APOP and CRAM-MD5 (needs clear-text userPassword readable by BindDN)", _SUP),
+    ("CRAMs", t.Bool(), "no", "I P", "APOP and CRAM-MD5 (needs clear-text userPassword readable by BindDN)", _VD),
     ("AuthenticationServer", t.HostPort(), None, "I P",
      "host:port of a third-party authentication server that checks plain-text passwords instead of an LDAP "
      "bind and may rewrite the user id replayed to the store; ignored unless PreAuth is on; on this machine "
@@ -191,11 +195,11 @@ _group(
     ("BacksidePort", t.PORT, t.PerService(imap=143, pop=110), "I P", "store port", _SUP),
     ("ReplayFormat", t.Format("UVso", attr=True), "%U", "I P",
      "login id replayed to the store: %U user, %V domain, %A[attr] user attribute, %s user+domain, "
-     "%o login as typed", dict(_SUP, per_domain=True)),
+     "%o login as typed", _VD),
     ("StoreAdmin", t.Str(), None, "I P",
      "store administrator for proxy authorization: certificate logins reach the store as SASL PLAIN with "
-     "authzid=<user>, authcid=StoreAdmin (a Dovecot master user)", _SUP),
-    ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin", _SUP),
+     "authzid=<user>, authcid=StoreAdmin (a Dovecot master user)", _VD),
+    ("StoreAdminPass", t.Str(), None, "I P", "password of StoreAdmin", _VD),
     ("MaxConcurrentConnectionAttempts", t.Int(min=1), 32, "I P",
      "connection attempts (from the connect to the store's greeting) allowed at once per store host:port, "
      "counted in each worker process; a login beyond them gets the store-down reply at once (Messaging "
@@ -216,7 +220,7 @@ _group(
     ("ClientLookup", t.Bool(), "no", _IPS,
      "reverse DNS lookup of every client; SMTP tells the relay the forward-confirmed name (XCLIENT NAME, "
      "else [UNAVAILABLE]); no benefit for IMAP and POP, as the legacy manual says",
-     {"per_domain": True, "supported": True}),
+     _VD),
     ("ConnLimits", t.ConnLimits(), "0.0.0.0|0.0.0.0:20", _IPS,
      "simultaneous connections per client address: IP|MASK:NUM,... or a file, most specific first "
      "(counted for all worker processes together)", _SUP),
@@ -236,7 +240,7 @@ _group(
     "POP before SMTP",
     ("AuthService", t.Bool(), "no", "P",
      "answer XQUERYAUTH about logged-in clients; enable it per virtual domain, not globally",
-     dict(_SUP, per_domain=True)),
+     _VD),
     ("AuthServiceTTL", t.Int(min=-1), -1, "P",
      "seconds a verified POP login is remembered for POP before SMTP (-1: off)", _SUP),
     ("PopBeforeSmtpKludgeChannel", t.Str(), None, "S",

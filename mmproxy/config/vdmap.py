@@ -34,12 +34,16 @@ class VirtualDomains:
         self.domains = domains
         self._by_address = {a: d for d in domains for a in d.addresses}
 
+    def domain_for(self, server_ip: str) -> Optional[VirtualDomain]:
+        """The virtual domain of sessions accepted on ``server_ip`` (any spelling of the address), or None."""
+        try:
+            return self._by_address.get(_address(server_ip))
+        except ValueError:
+            return None
+
     def for_address(self, server_ip: str) -> Dict[str, Any]:
         """The overrides for sessions accepted on ``server_ip`` (for ``ServiceConfig.override``), or {}."""
-        try:
-            domain = self._by_address.get(_address(server_ip))
-        except ValueError:
-            return {}
+        domain = self.domain_for(server_ip)
         return dict(domain.settings) if domain else {}
 
 
