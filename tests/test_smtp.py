@@ -246,6 +246,22 @@ def test_client_lookup_names_the_client(proxy_rr, relay, relay2):
     assert "localhost [127.0.0.1]" in delivered_any((relay, relay2), subj).get_all("Received")[-1]
 
 
+def test_client_lookup_per_virtual_domain(mail_stack, relay2, tmp_path):
+    """vdmap.cfg: ClientLookup yes for the sessions on 127.0.0.5 only (the service has it off): the
+    relay learns the client's name there, and only there."""
+    (tmp_path / "vdmap.cfg").write_text("vdmap named 127.0.0.5\nnamed:ClientLookup yes\n")
+    port = free_port("127.0.0.1", "127.0.0.5")
+    services = "/opt/SUNWmsgsr/lib/SmtpProxyAService@127.0.0.1:%d|127.0.0.5:%d" % (port, port)
+    settings = smtp_settings([hp(relay2)], VirtualDomainFile=str(tmp_path / "vdmap.cfg"))
+    with Proxy(mail_stack.info(), imap=False, smtp=settings, aservice={"ServiceList": services}, smtp_port=port):
+        for server, name in (("127.0.0.5", "localhost"), ("127.0.0.1", "unknown")):
+            subj = subject()
+            c = smtplib.SMTP(server, port, source_address=("127.0.0.1", 0), timeout=15)
+            c.sendmail("someone@example.net", ["bob@example.com"], message(subj))
+            c.quit()
+            assert "%s [127.0.0.1]" % name in delivered(relay2, subj).get_all("Received")[-1]
+
+
 def test_unresolvable_client_is_unknown(proxy_rr, relay, relay2):
     subj = subject()
     c = client(proxy_rr)

@@ -386,6 +386,27 @@ def test_imap_external_exact_lines(certmap_proxy, alice_cert):
     assert r.expect(b"a1 OK [CAPABILITY ").endswith(b"] Logged in\r\n")
 
 
+@pytest.mark.parametrize("setting", ["UserGroupDN dc=example,dc=org,o=internet", "StoreAdminPass not-the-pw"],
+                         ids=["UserGroupDN", "StoreAdminPass"])
+def test_certificate_logins_per_virtual_domain(mail_stack, certs, other_ca, alice_cert, tmp_path, setting):
+    """vdmap.cfg: a virtual domain's UserGroupDN (where the certificate's entry is searched: alice is
+    not under example.org) and StoreAdminPass (the store's master login) apply to its sessions."""
+    cas = tmp_path / "client-cas.pem"
+    cas.write_bytes(open(mail_stack.info()["tls"]["ca"], "rb").read() + open(other_ca.path, "rb").read())
+    (tmp_path / "certmap.conf").write_text(CERTMAP % other_ca.cert.subject.rfc4514_string())
+    (tmp_path / "vdmap.cfg").write_text("vdmap local 127.0.0.1\nlocal:%s\n" % setting)
+    tls_info = mail_stack.info()["tls"]
+    settings = {"CertmapFile": str(tmp_path / "certmap.conf"), "SSLClientCAFile": str(cas), "UserGroupDN": "o=internet",
+                "StoreAdmin": tls_info["store_admin"], "StoreAdminPass": tls_info["store_admin_pw"],
+                "VirtualDomainFile": str(tmp_path / "vdmap.cfg")}
+    with Proxy(mail_stack.info(), tls=certs, imap=settings) as p:
+        r = tls_raw(p, p.imaps_port, alice_cert)
+        assert b" AUTH=EXTERNAL" in r.expect(b"* OK [CAPABILITY ")
+        r.send(b"a1 AUTHENTICATE EXTERNAL =\r\n")
+        r.expect_lines("a1 " + imap.NO_AUTH)
+        wait_for_log(p, "maps to no entry" if setting.startswith("UserGroupDN") else "refused by store: a1 NO ")
+
+
 def test_external_needs_a_mapped_certificate(certmap_proxy, mail_stack, other_ca):
     """No certificate: EXTERNAL is neither offered nor taken.  A certificate that maps to nobody,
     or to several entries, is a failed login."""

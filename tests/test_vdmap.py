@@ -3,6 +3,7 @@ for one server address only, changes what a client connecting to that address se
 
 One proxy listens on 127.0.0.1 (the service's own settings) and on one more address per virtual
 domain below; each domain sets one parameter (or a pair) to a value that differs from the service's.
+Certificate logins (UserGroupDN, StoreAdminPass) are in test_tls, ClientLookup's SMTP effect in test_smtp.
 """
 import imaplib
 import os
@@ -33,9 +34,10 @@ DOMAINS = {     # server address -> (virtual domain, its vdmap.cfg lines)
     "127.0.0.15": ("hostattr", ["MailHostAttrs description"]),
     "127.0.0.16": ("flat", ["HostedDomains no", 'SearchFormat "uid=%U"']),
     "127.0.0.17": ("access", ['TCPAccess "-imap,pop:127.0.0.1"']),
-    "127.0.0.18": ("caches", ["LdapCacheSize 7", "LdapCacheTTL 11", "AuthCacheSize 5", "AuthCacheTTL 3",
-                              "ClientLookup yes", "StoreAdmin admin2", "StoreAdminPass admin2-pw",
-                              "CertMapDN o=example.com,o=internet"]),
+    "127.0.0.18": ("nottl", ["LdapCacheTTL 0", "AuthCacheTTL 0"]),
+    "127.0.0.19": ("nosize", ["LdapCacheSize 0", "AuthCacheSize 0"]),
+    "127.0.0.20": ("admin", ["ClientLookup yes", "StoreAdmin admin2", "StoreAdminPass admin2-pw",
+                             "CertMapDN o=example.com,o=internet"]),
 }
 
 
@@ -185,22 +187,50 @@ def test_tcp_access(proxy):
     greeting(proxy, HOME)
 
 
+def test_caches(proxy, mail_stack):
+    """The user "cachey" moves to the other store and gets a new password.  The service's caches
+    still have the old entry and the old password's bind (LdapCacheTTL, AuthCacheTTL); where a
+    virtual domain turns the caches off (TTL 0, or size 0) the directory's new word counts at once."""
+    people = mail_stack.info()["domains"]["example.com"]["people_dn"]
+    dn = "uid=cachey,%s" % people
+    mail_stack.slapd.add("dn: %s\nobjectClass: top\nobjectClass: person\nobjectClass: organizationalPerson\n"
+                         "objectClass: inetOrgPerson\nobjectClass: inetUser\nobjectClass: mailUser\nuid: cachey\n"
+                         "cn: Cachey\nsn: Cachey\nmailHost: 127.0.0.2\nuserPassword: old-pw\n" % dn)
+    mail_stack.stores["127.0.0.2"].add_user("cachey", "old-pw")
+    mail_stack.stores["127.0.0.3"].add_user("cachey", "new-pw")
+    for ip in (HOME, "127.0.0.18", "127.0.0.19"):
+        assert inbox_subject(ip, proxy, "old-pw") == "Subject: Welcome cachey on 127.0.0.2"
+    mail_stack.slapd.ldapmodify("dn: %s\nchangetype: modify\nreplace: mailHost\nmailHost: 127.0.0.3\n-\n"
+                                "replace: userPassword\nuserPassword: new-pw\n" % dn)
+    assert inbox_subject(HOME, proxy, "old-pw") == "Subject: Welcome cachey on 127.0.0.2"
+    for ip in ("127.0.0.18", "127.0.0.19"):
+        assert imap_login(proxy, ip, "cachey", "old-pw") == ["a " + imap.NO_AUTH]
+        assert inbox_subject(ip, proxy, "new-pw") == "Subject: Welcome cachey on 127.0.0.3"
+
+
+def inbox_subject(ip, p, password):
+    with imaplib.IMAP4(ip, p.imap_port) as c:
+        c.login("cachey", password)
+        c.select("INBOX", readonly=True)
+        return c.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1].decode().strip()
+
+
 def test_the_rest_through_the_session_objects(proxy):
-    """Caches, ClientLookup, StoreAdmin/StoreAdminPass and CertMapDN have no cheap visible
-    difference: the objects a session on that address uses carry the domain's values."""
+    """ClientLookup, StoreAdmin/StoreAdminPass and CertMapDN show no difference over IMAP without TLS
+    (end to end: test_smtp's ClientLookup, test_tls's certificate logins per virtual domain): the
+    objects a session on that address uses carry the domain's values."""
     from mmproxy.config import load_config
     from mmproxy.imap import ImapService
     config = load_config(proxy.config_dir)
     entry = next(e for e in config.services if e.spec.kind == "imap")
     service = ImapService(entry)
     try:
-        mine, home = service.directory_for("127.0.0.18"), service.directory_for(HOME)
-        assert (mine.cache.data.maxsize, mine.cache.ttl, mine.auth_cache.data.maxsize, mine.auth_cache.ttl) == (
-            7, 11, 5, 3)
-        assert (home.cache.data.maxsize, home.auth_cache.data.maxsize) == (10000, 10000)
-        assert service.directory_for("::ffff:127.0.0.18") is mine
+        home = service.directory_for(HOME)
+        assert service.directory_for("127.0.0.18") is not home
+        assert service.directory_for("::ffff:127.0.0.18") is service.directory_for("127.0.0.18")
         assert service.directory_for("127.0.0.5") is home        # DefaultDomain alone: the service's directory
-        cfg = service.cfg.override(service.overrides_for("127.0.0.18"))
+        assert service.directory_for("127.0.0.20") is not home   # CertMapDN: searches of its own
+        cfg = service.cfg.override(service.overrides_for("127.0.0.20"))
         assert (cfg.ClientLookup, cfg.StoreAdmin, cfg.StoreAdminPass, cfg.CertMapDN) == (
             True, "admin2", "admin2-pw", "o=example.com,o=internet")
         assert (service.cfg.ClientLookup, service.cfg.StoreAdmin, service.cfg.CertMapDN) == (False, None, None)
