@@ -100,6 +100,9 @@ def read_vdmap(path: str, *, config_dir: str = "", service: Optional[str] = None
             problems.append(error(path, e.line, str(ex)))
             continue
         problems += [warning(path, e.line, w) for w in ctx.warnings]
+        if p.obsolete:
+            problems.append(warning(path, e.line, "%s is obsolete, superseded by %s; its value is still used"
+                                    % (p.name, p.obsolete)))
         status = support_problem(p, value)
         if status:
             problems.append(cfgfile.Problem(path, e.line, *status))
