@@ -43,7 +43,7 @@ mmproxy is running in front of a local directory and two mail stores.
   IMAP   127.0.0.1:{proxy.imap_port}  (STARTTLS)     IMAPS  127.0.0.1:{proxy.imaps_port}  (self-signed certificate)
   POP3   127.0.0.1:{proxy.pop_port}  (STLS)         POP3S  127.0.0.1:{proxy.pops_port}
   SMTP   127.0.0.1:{proxy.smtp_port}  (STARTTLS)     SMTPS  127.0.0.1:{proxy.smtps_port}  -> Postfix at {info['smtp']['host']}:{info['smtp']['port']} (XCLIENT)
-  LDAP   {info['ldap']['url']}  (o=internet; hosted domains example.com, example.org)
+  LDAP   {info['ldap']['url']}  (o=internet; hosted domains, aliases among them: README, Directory layouts)
   stores 127.0.0.2:{info['imap_port']} and 127.0.0.3:{info['imap_port']} (Dovecot)
 
   configuration  {proxy.config_dir}   (legacy AService.cfg and the three service files)
@@ -53,8 +53,9 @@ Users (the proxy finds each one's store by mailHost):
 """)  # noqa: E501 -- the listing's lines are as wide as they print
             for u in info["users"].values():
                 if u["mailhost"] and not u["uid"].startswith("user"):
-                    print("  %-22s password %-12s store %s"
-                          % (u["uid"] + "@" + u["domain"], password_label(u), u["mailhost"]))
+                    line = "  %-22s password %-12s store %s" % (u["uid"] + "@" + u["domain"], password_label(u),
+                                                                     u["mailhost"])
+                    print(line + ("   " + u["note"] if u["note"] else ""))
             print(f"""
 Try:
   curl -u alice:{alice['password']} imap://127.0.0.1:{proxy.imap_port}/INBOX

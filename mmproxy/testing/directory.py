@@ -73,6 +73,7 @@ class User:
     attrs: Attrs = field(default_factory=dict)
     dn: str = ""
     password_charset: str = "utf-8"
+    note: str = ""                # what the user shows, for the demo's listing
 
     @property
     def password_octets(self) -> bytes:
@@ -92,7 +93,7 @@ class User:
         return {"uid": self.uid, "domain": self.domain, "login": self.login, "password": self.password,
                 "password_charset": self.password_charset, "mailhost": self.mailhost,
                 "store_login": self.store_login, "dn": self.dn, "mail": self.mail,
-                "attrs": {k: list(v) for k, v in self.attrs.items()}}
+                "attrs": {k: list(v) for k, v in self.attrs.items()}, "note": self.note}
 
 
 def password_label(user: dict) -> str:
@@ -272,18 +273,22 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
         User("frank", "example.com", "frank-pw", None, "frank"),
         User("latin", "example.com", "p\u00e4sswort", a, "latin", password_charset="iso-8859-1"),
         User("gina", "example.com", "gina-pw", a, "gina",
-             attrs={"mailAllowedServiceAccess": ["+imap:ALL EXCEPT 127.0.0.22"]}),
-        User("hank", "example.com", "hank-pw", a, "hank", attrs={"mailAllowedServiceAccess": ["+imap:ALL$+popx:ALL"]}),
-        User("ivan", "example.com", "ivan-pw", a, "ivan", attrs={"inetUserStatus": ["inactive"]}),
-        User("judy", "example.com", "judy-pw", a, "judy", attrs={"mailUserStatus": ["hold"]}),
+             attrs={"mailAllowedServiceAccess": ["+imap:ALL EXCEPT 127.0.0.22"]},
+             note="IMAP only (mailAllowedServiceAccess)"),
+        User("hank", "example.com", "hank-pw", a, "hank", attrs={"mailAllowedServiceAccess": ["+imap:ALL$+popx:ALL"]},
+             note="IMAP only (mailAllowedServiceAccess)"),
+        User("ivan", "example.com", "ivan-pw", a, "ivan", attrs={"inetUserStatus": ["inactive"]},
+             note="inactive: refused as a wrong password"),
+        User("judy", "example.com", "judy-pw", a, "judy", attrs={"mailUserStatus": ["hold"]},
+             note="on hold: a temporary failure"),
         User("kurt", "example.com", "kurt-pw", a, "kurt",
-             attrs={"inetUserStatus": ["Active"], "mailUserStatus": ["overquota"]}),
+             attrs={"inetUserStatus": ["Active"], "mailUserStatus": ["overquota"]}, note="over quota: logs in"),
         User("carol", "example.org", "carol pw", b, "carol@example.org"),
         User("dave", "example.org", "dave-pw", a, "dave@example.org"),
-        User("paul", "closed.example", "paul-pw", a, "paul@closed.example"),
-        User("quinn", "held.example", "quinn-pw", a, "quinn@held.example"),
-        User("nora", "example.net", "nora-pw", a, "nora@example.net"),
-        User("otto", "example.net", "otto-pw", b, "otto@example.net"),
+        User("paul", "closed.example", "paul-pw", a, "paul@closed.example", note="domain inactive: refused"),
+        User("quinn", "held.example", "quinn-pw", a, "quinn@held.example", note="domain on hold: a temporary failure"),
+        User("nora", "example.net", "nora-pw", a, "nora@example.net", note="Schema 2: needs LDAP_SCHEMALEVEL=2"),
+        User("otto", "example.net", "otto-pw", b, "otto@example.net", note="Schema 2: needs LDAP_SCHEMALEVEL=2"),
     ]
     for k in range(1, n_users + 1):
         uid = "user%d" % k
