@@ -29,6 +29,7 @@ from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 from gevent.threadpool import ThreadPool
 
+from mmproxy import ldaptls
 from mmproxy.addresses import is_host_name
 from mmproxy.config import ServiceConfig
 from mmproxy.config.optiondat import MtaOptions
@@ -189,8 +190,8 @@ class _Server:
     """One host of LdapURL and whether it answers.  ``generation`` grows each time a connection
     to it is found dead: pooled connections opened before that are not trusted again."""
 
-    def __init__(self, url: str, index: int) -> None:
-        self.url, self.index = url, index
+    def __init__(self, url: str, index: int, host: str, port: int) -> None:
+        self.url, self.index, self.host, self.port = url, index, host, port
         self.up = True
         self.generation = 0
         self.probe: Optional[gevent.Greenlet] = None
@@ -241,7 +242,7 @@ class Directory:
         url = cfg.LdapURL
         # a service's directory writes to that service's log file (mmproxy.imap.directory...)
         self.log = logging.getLogger("mmproxy.%s.directory" % cfg.kind if cfg.kind else __name__)
-        self.servers = [_Server(u, i) for i, u in enumerate(url.urls())]
+        self.servers = [_Server(u, i, *url.hosts[i]) for i, u in enumerate(url.urls())]
         self.starttls = url.starttls
         self.ca_file = cfg.LdapCAFile
         self.base = url.base
@@ -295,8 +296,17 @@ class Directory:
         others = [s.url for s in self._order() if s.up]
         self.log.warning("directory %s is down (%s); %s", server.url, why,
                     "using %s" % others[0] if others else "no other directory host answers")
+        if (server.url.startswith("ldaps:") or self.starttls) and not self._closed:
+            gevent.spawn(self._explain, server)
         if server.probe is None and not self._closed:
             server.probe = gevent.spawn(self._probe, server)
+
+    def _explain(self, server: _Server) -> None:
+        """A TLS host went down: one more line naming what is wrong with its certificate, when
+        that is it (libldap's own words do not say: ldaptls)."""
+        said = ldaptls.reason(server.host, server.port, self.starttls, self.ca_file, CONNECT_TIMEOUT)
+        if said is not None:
+            self.log.warning("directory %s: %s", server.url, said)
 
     def _up(self, server: _Server) -> None:
         if not server.up:

@@ -114,3 +114,41 @@ def test_an_ldaps_host_that_never_answers_is_skipped(mail_stack, tmp_path):
     finally:
         hung.close()
         good.close()
+
+
+@pytest.fixture(scope="module")
+def bad_tls_slapds(mail_stack, tmp_path_factory):
+    """Directories whose certificates LdapCAFile does not accept, each for its own reason."""
+    d = str(tmp_path_factory.mktemp("badtls"))
+    ca = TestCA(os.path.join(d, "ca"))
+    other = TestCA(os.path.join(d, "other"), name="another CA")
+    certs = {"expired": ("certificate has expired",
+                         ca.issue("expired", ips=["127.0.0.1"], days=-1, not_before_days=3)),
+             "mismatch": ("mismatch, certificate is not valid for '127.0.0.1'",
+                          ca.issue("mismatch", dns=["ldap.example.net"])),
+             "unknown": ("unable to get local issuer certificate", other.issue("unknown", ips=["127.0.0.1"]))}
+    servers = {why: Slapd(mail_stack.directory, workdir=os.path.join(d, name), tls=(cert, key, ca.path))
+               for name, (why, (cert, key)) in certs.items()}
+    for s in servers.values():
+        s.start()
+    yield servers, ca.path
+    for s in servers.values():
+        s.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_directory_certificate_is_named_in_the_log(mail_stack, bad_tls_slapds):
+    """ldaps:// and StartTLS to a directory whose certificate has expired, names another host or
+    comes from another CA: the login gets the temporary failure, and the log says what is wrong
+    with the certificate (libldap's words were "Can't contact LDAP server: (unknown error code)",
+    as for a dead server)."""
+    servers, ca = bad_tls_slapds
+    for why, s in servers.items():
+        for url in (s.ldaps_url + "/o=internet", "%s/o=internet????!StartTLS" % s.url):
+            with Proxy(mail_stack.info(), imap={**NO_CACHE, "LdapURL": url, "LdapCAFile": ca}) as p:
+                assert imap_login(p) == b"a NO [UNAVAILABLE] Temporary authentication failure, try again later\r\n"
+                host = url.split("/")[2]
+                log = wait_for_log(p, "directory %s://%s: certificate not accepted: " % (url[:url.index(":")], host))
+                line = next(x for x in log.splitlines() if "certificate not accepted" in x)
+                assert why in line, (url, line)
+                assert imap_file_log(p).count("certificate not accepted") == 1 and "Traceback" not in log
