@@ -47,6 +47,7 @@ OP_TIMEOUT = 10.0         # OPT_TIMEOUT: one search or bind
 JOB_DEADLINE = 15.0       # the greenlet stops waiting after this (connect + op, with slack)
 POOL_SIZE = 8             # concurrent LDAP requests per kind (search, bind) and directory
 PROBE_INTERVAL = 5.0      # seconds between checks of a directory host that is down
+PROBE_FIRST = 1.0         # the first check, soon: a blip need not cost PROBE_INTERVAL of failed logins
 
 _MISS = object()
 _LATE = object()          # _run: the thread did not answer in time
@@ -60,8 +61,9 @@ STATUSES = frozenset({"active", "inactive", "deleted", "removed", "disabled", "h
 
 def account_status(*values: Optional[str]) -> str:
     """The status of an account from its status attributes, in Messaging Server's order (domain,
-    domain mail, user, mail user): the first that is not ``active`` decides; a missing one is
-    active, a value Messaging Server does not define is ``inactive`` (Sun Java System Messaging
+    domain mail, user, mail user; every value of each, where a loosened schema allows several):
+    the first that is not ``active`` decides; a missing one is active, a value Messaging Server
+    does not define is ``inactive`` (Sun Java System Messaging
     Server 6.3 Administration Guide, 9.1.3.2 "Entry Status Checks"; Schema Reference, mailUserStatus)."""
     for value in values:
         v = (value or "active").strip().lower()
@@ -317,8 +319,10 @@ class Directory:
         """Until ``server`` answers: every PROBE_INTERVAL seconds, connect and bind as BindDN (or
         read the root DSE) on the pool; then mark it up, and connections to later hosts go back."""
         try:
+            wait = PROBE_FIRST
             while not server.up:
-                gevent.sleep(PROBE_INTERVAL)
+                gevent.sleep(wait)
+                wait = PROBE_INTERVAL
                 if server.up:
                     break
                 ok = self._run(lambda: self._check(server), JOB_DEADLINE)
@@ -386,8 +390,14 @@ class Directory:
 
         Failover: when the connection or its host turns out dead (``outcome`` says which errors),
         the request is tried again on a fresh connection, to the next host when a fresh one
-        failed, within JOB_DEADLINE in all; only then DirectoryUnavailable.  Other LDAP errors are
+        failed, within JOB_DEADLINE in all; only then DirectoryUnavailable (at once while every host
+        is marked down, until a probe finds one answering).  Other LDAP errors are
         mapped by ``outcome``; INVALID_CREDENTIALS of a user bind is re-raised for the caller."""
+        if not any(s.up for s in self.servers):
+            # every host failed and is being probed: fail at once (the caches may still answer)
+            # rather than let each login wait for a dead or hung host and pile up on the pool
+            raise DirectoryUnavailable("no directory host answered: every host of LdapURL is down (probed every "
+                                       "%g s)" % PROBE_INTERVAL)
         deadline = time.monotonic() + JOB_DEADLINE
         tried: List[_Server] = []
         why = "no directory host"
@@ -544,7 +554,7 @@ class Directory:
         canonical = (first(self.mta.domain_attr_canonical) or canonical).strip().lower()
         return Domain(name, dn, first(self.mta.domain_attr_basedn) or dn, first("mailAccessProxyPreAuth"),
                       first("mailAccessProxyReplay"), first("inetDomainSearchFilter"),
-                      account_status(first("inetDomainStatus"), first("mailDomainStatus")),
+                      account_status(*a.get("inetdomainstatus", []), *a.get("maildomainstatus", [])),
                       canonical if canonical != name else "")
 
     def _dc_node(self, dn: str) -> Optional[Dict[str, List[str]]]:
@@ -644,7 +654,7 @@ class Directory:
                 return None
             dn, a = rows[0]
             host = next((a[h.lower()][0] for h in self.mailhost_attrs if a.get(h.lower())), None)
-            status = account_status(domain.status, *(next(iter(a.get(k.lower(), [])), None) for k in USER_STATUS_ATTRS))
+            status = account_status(domain.status, *(v for k in USER_STATUS_ATTRS for v in a.get(k.lower(), [])))
             return User(dn, a, host, status)
         return domain, self._cached(("user", domain.user_base, flt, tuple(attrs)), load)
 

@@ -3,9 +3,13 @@ from gevent import monkey
 
 monkey.patch_all()  # first, before any other import (STYLE §3.1)
 
+import os  # noqa: E402
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 
 from mmproxy.testing import MailStack  # noqa: E402
+from mmproxy.testing.slapd import Slapd  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +20,17 @@ def mail_stack():
     stack.start()
     yield stack
     stack.stop()
+
+
+@pytest.fixture
+def two_slapds(mail_stack, tmp_path):
+    """Two slapd instances seeded with the stack's directory (users route to its stores), for
+    failover tests; one left stopped by SIGSTOP is continued before it is stopped."""
+    servers = [Slapd(mail_stack.directory, workdir=str(tmp_path / name)) for name in ("a", "b")]
+    for s in servers:
+        s.start()
+    yield servers
+    for s in servers:
+        if s.running:
+            os.kill(s.proc.pid, signal.SIGCONT)      # a test may leave one stopped (SIGSTOP: a hung server)
+        s.close()

@@ -18,6 +18,7 @@ from helpers import RawClient, proxy_log, wait_for_log
     ((None, "hold", "deleted", None), "hold"), ((None, None, "deleted", "hold"), "deleted"),
     ((None, None, None, "removed"), "removed"), ((None, None, "frozen", None), "inactive"),   # unknown: inactive
     ((" HOLD ",), "hold"), (("disabled",), "disabled"),
+    (("active", "active", "inactive"), "inactive"),          # every value of a multi-valued attribute counts
 ])
 def test_account_status_order(values, status):
     assert account_status(*values) == status

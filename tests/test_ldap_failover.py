@@ -25,16 +25,6 @@ NO_CACHE = {"LdapCacheTTL": 0, "AuthCacheTTL": 0, "LdapStaleGrace": 0, "LdapNega
             "PreAuth": True}
 
 
-@pytest.fixture
-def two_slapds(mail_stack, tmp_path):
-    servers = [Slapd(mail_stack.directory, workdir=str(tmp_path / name)) for name in ("a", "b")]
-    for s in servers:
-        s.start()
-    yield servers
-    for s in servers:
-        s.close()
-
-
 def ldap_url(*servers, base="o=internet"):
     return "ldap://%s/%s" % (" ".join("%s:%d" % (s.host, s.port) for s in servers), base)
 

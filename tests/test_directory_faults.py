@@ -1,4 +1,4 @@
-"""Issue 9 broken on purpose: a directory host that hangs, hostile input at the directory and
+"""Directory faults found by trying to break it: a directory host that hangs, hostile input at the directory and
 authentication-server edges; each test pins a fault found by trying it (see the test's docstring)."""
 import os
 import signal
@@ -8,23 +8,12 @@ import time
 import pytest
 from test_ldap_failover import NO_CACHE, imap_file_log, imap_login, ldap_url, logged_in, searches
 
+from mmproxy import imap
 from mmproxy.testing.certs import TestCA
 from mmproxy.testing.proxy import Proxy
 from mmproxy.testing.slapd import Slapd
 
 from helpers import ImapFrom, RawClient, proxy_log, wait_for_log
-
-
-@pytest.fixture
-def two_slapds(mail_stack, tmp_path):
-    servers = [Slapd(mail_stack.directory, workdir=str(tmp_path / name)) for name in ("a", "b")]
-    for s in servers:
-        s.start()
-    yield servers
-    for s in servers:
-        if s.running:
-            os.kill(s.proc.pid, signal.SIGCONT)      # a test may leave one stopped
-        s.close()
 
 
 def slow_login(p, user="alice", password="alice-pw", timeout=40, source="127.0.0.1"):
@@ -34,7 +23,8 @@ def slow_login(p, user="alice", password="alice-pw", timeout=40, source="127.0.0
     try:
         r.expect(b"* OK")
         r.send(b'a LOGIN %s "%s"\r\n' % (user.encode(), password.encode()))
-        return time.monotonic() - start, r.skip_to(b"a ")
+        answer = r.skip_to(b"a ")
+        return time.monotonic() - start, answer
     finally:
         r.sock.close()
 
@@ -83,6 +73,7 @@ def test_a_ttl_of_0_caches_nothing_even_for_an_outage(mail_stack, two_slapds, tt
         a.stop()
         assert imap_login(p) == b"a NO [UNAVAILABLE] Temporary authentication failure, try again later\r\n"
         a.start()
+        wait_for_log(p, "answers again", timeout=15)          # while every host is down, no login waits
         assert logged_in(imap_login(p))
         assert "Traceback" not in proxy_log(p)
 
@@ -152,3 +143,32 @@ def test_a_refused_directory_certificate_is_named_in_the_log(mail_stack, bad_tls
                 line = next(x for x in log.splitlines() if "certificate not accepted" in x)
                 assert why in line, (url, line)
                 assert imap_file_log(p).count("certificate not accepted") == 1 and "Traceback" not in log
+
+
+@pytest.mark.timeout(90)
+def test_a_hung_sole_host_costs_one_wait_then_fails_fast(mail_stack, tmp_path):
+    """The only directory host hangs (SIGSTOP): the login that finds out waits for the operation
+    timeout once; while the host is down every later login gets the temporary failure at once
+    (it used to wait 10 s each, piling up on the LDAP pool); when it answers again, logins work."""
+    s = Slapd(mail_stack.directory, workdir=str(tmp_path / "ldap"))
+    s.start()
+    try:
+        with Proxy(mail_stack.info(), imap={**NO_CACHE, "LdapURL": ldap_url(s)}) as p:
+            assert logged_in(imap_login(p))
+            os.kill(s.proc.pid, signal.SIGSTOP)
+            seconds, answer = slow_login(p)
+            assert answer == b"a " + imap.NO_TEMP.encode() + b"\r\n" and seconds > 5    # the one that found out
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert imap_login(p) == b"a " + imap.NO_TEMP.encode() + b"\r\n"
+                assert time.monotonic() - t0 < 2
+            wait_for_log(p, "every host of LdapURL is down")
+            os.kill(s.proc.pid, signal.SIGCONT)
+            wait_for_log(p, "answers again", timeout=30)
+            assert logged_in(imap_login(p))
+            down = "directory ldap://%s:%d is down (" % (s.host, s.port)
+            assert imap_file_log(p).count(down) == 1 and "Traceback" not in proxy_log(p)
+    finally:
+        if s.running:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        s.close()
