@@ -27,10 +27,12 @@ def two_slapds(mail_stack, tmp_path):
     """Two slapd instances seeded with the stack's directory (users route to its stores), for
     failover tests; one left stopped by SIGSTOP is continued before it is stopped."""
     servers = [Slapd(mail_stack.directory, workdir=str(tmp_path / name)) for name in ("a", "b")]
-    for s in servers:
-        s.start()
-    yield servers
-    for s in servers:
-        if s.running:
-            os.kill(s.proc.pid, signal.SIGCONT)      # a test may leave one stopped (SIGSTOP: a hung server)
-        s.close()
+    try:
+        for s in servers:
+            s.start()
+        yield servers
+    finally:                                          # whatever failed, nothing is left running
+        for s in servers:
+            if s.running:
+                os.kill(s.proc.pid, signal.SIGCONT)  # a test may leave one stopped (SIGSTOP: a hung server)
+            s.close()

@@ -51,13 +51,19 @@ def test_each_class_has_its_words_and_reply_kind(cls, words, temporary):
 def own_slapd(mail_stack, tmp_path_factory):
     s = Slapd(mail_stack.directory, workdir=str(tmp_path_factory.mktemp("ldap-outcomes")))
     s.start()
-    # a second entry with alice's uid, and a DC-tree node that is a referral to another server
+    try:
+        add_odd_entries(s)
+        yield s
+    finally:
+        s.close()
+
+
+def add_odd_entries(s):
+    """A second entry with alice's uid, and a DC-tree node that is a referral to another server."""
     s.add("dn: cn=alice2,ou=People,o=example.com,o=internet\nobjectClass: inetOrgPerson\nobjectClass: mailUser\n"
           "cn: alice2\nsn: alice2\nuid: alice\nmailHost: 127.0.0.2\n\n"
           "dn: dc=elsewhere,dc=com,o=internet\nobjectClass: referral\nobjectClass: extensibleObject\n"
           "dc: elsewhere\nref: ldap://127.0.0.1:9/dc=elsewhere,dc=com,o=internet\n")
-    yield s
-    s.close()
 
 
 def login(p, user, password):
