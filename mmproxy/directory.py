@@ -150,7 +150,7 @@ OUTCOMES: Tuple[Tuple[Any, Outcome], ...] = (
 _OTHER = Outcome("directory error", DirectoryError)
 
 
-def outcome(error: BaseException, service_bind: bool = True) -> Outcome:
+def outcome(error: BaseException) -> Outcome:
     """The Outcome of an ldap.LDAPError (OUTCOMES; anything else: a DirectoryError)."""
     for cls, kind in OUTCOMES:
         if isinstance(error, cls):
@@ -183,9 +183,6 @@ class _Cache:
     def put(self, key: Any, value: Any) -> None:
         if self.keep:
             self.data[key] = (value, time.monotonic())
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 class _Server:
@@ -452,7 +449,7 @@ class Directory:
             conns.lose()
             if raw is not None:
                 self.pool.spawn(_unbind, raw)
-            kind = outcome(error, service_bind)
+            kind = outcome(error)
             why = "%s (%s)" % (kind.words, _ldap_msg(error))
             if not kind.failover:
                 raise kind.error("directory %s: %s" % (server.url, why))
@@ -483,18 +480,25 @@ class Directory:
             if not pending.ready():                # killed, or failed as nobody foresaw: no waiter hangs
                 pending.set_exception(DirectoryUnavailable("directory lookup abandoned"))
 
-    def _search(self, base: str, scope: int, flt: str,
-                attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
+    def _search_raw(self, base: str, scope: int, flt: str, attrs: Optional[List[str]],
+                    sizelimit: int = 2) -> List[Tuple[str, Dict[str, List[bytes]]]]:
+        """The entries (DN, attributes as the server sent them) of one search as BindDN, search
+        references left out: none when ``base`` does not exist; past ``sizelimit`` entries, that
+        many placeholder rows ("", {}) (more than one match: ambiguous)."""
         def fn(conn: Any) -> Any:
             try:
-                return conn.search_ext_s(base, scope, flt, attrs, timeout=OP_TIMEOUT, sizelimit=2)
+                return conn.search_ext_s(base, scope, flt, attrs, timeout=OP_TIMEOUT, sizelimit=sizelimit)
             except ldap.NO_SUCH_OBJECT:
                 return []
             except ldap.SIZELIMIT_EXCEEDED:
-                return [("", {}), ("", {})]    # more than one match: ambiguous
-        rows = self._job(self.searchers, True, fn)
+                return [("", {})] * sizelimit
+        return [(dn, a) for dn, a in self._job(self.searchers, True, fn) if dn is not None]
+
+    def _search(self, base: str, scope: int, flt: str,
+                attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
+        """_search_raw with lower-case attribute names and values as text."""
         return [(dn, {k.lower(): [v.decode("utf-8", "replace") for v in vs] for k, vs in a.items()})
-                for dn, a in rows if dn is not None]
+                for dn, a in self._search_raw(base, scope, flt, attrs)]
 
     def _cached(self, key: Any, fn: Callable[[], Any]) -> Any:
         """fn()'s answer for ``key``, through the caches: a found entry for LdapCacheTTL seconds
@@ -507,14 +511,9 @@ class Directory:
             return None
 
         def load() -> Any:
-            try:
-                value = fn()
-            except DirectoryUnavailable:
-                old = self.cache.stale(key)
-                if old is _MISS:
-                    raise
-                self.log.log(DETAIL, "directory unavailable: using a cached entry past LdapCacheTTL")
-                return old
+            value, fresh = self._or_stale(self.cache, key, fn, "a cached entry past LdapCacheTTL")
+            if not fresh:
+                return value
             if value is None:
                 if self.negative_ttl > 0:
                     self.negative[key] = None
@@ -522,6 +521,18 @@ class Directory:
                 self.cache.put(key, value)
             return value
         return self._single(key, load)
+
+    def _or_stale(self, cache: _Cache, key: Any, fn: Callable[[], Any], what: str) -> Tuple[Any, bool]:
+        """(fn(), True); when no directory host answers, (``cache``'s entry for ``key`` however old,
+        False) if it has one (LdapStaleGrace), else the DirectoryUnavailable."""
+        try:
+            return fn(), True
+        except DirectoryUnavailable:
+            old = cache.stale(key)
+            if old is _MISS:
+                raise
+            self.log.log(DETAIL, "directory unavailable: using %s", what)
+            return old, False
 
     # ------------------------------------------------------------------ lookups
     def find_domain(self, name: str) -> Optional[Domain]:
@@ -672,19 +683,8 @@ class Directory:
         flt = ("(&%s)" % "".join("(%s=%s)" % (a, ldap.filter.escape_filter_chars(v)) for a, v in terms)
                if terms else "(objectClass=*)")
         attrs = ["uid", "mail"] + (["userCertificate;binary"] if cert_der is not None else [])
-
-        def fn(conn: Any) -> Any:
-            try:
-                return conn.search_ext_s(base, ldap.SCOPE_BASE if base_only else ldap.SCOPE_SUBTREE, flt, attrs,
-                                         timeout=OP_TIMEOUT, sizelimit=2)
-            except ldap.NO_SUCH_OBJECT:
-                return []
-            except ldap.SIZELIMIT_EXCEEDED:
-                return [("", {}), ("", {})]    # more than one match: ambiguous
         out = []
-        for dn, a in self._job(self.searchers, True, fn):
-            if dn is None:
-                continue
+        for dn, a in self._search_raw(base, ldap.SCOPE_BASE if base_only else ldap.SCOPE_SUBTREE, flt, attrs):
             certs = [v for k, vs in a.items() if k.lower().startswith("usercertificate") for v in vs]
             if cert_der is not None and dn and cert_der not in certs:
                 continue
@@ -698,15 +698,8 @@ class Directory:
 
         Never cached: the caches must not hold passwords.  None when it is missing or hashed.
         """
-        def fn(conn: Any) -> Any:
-            try:
-                return conn.search_ext_s(user.dn, ldap.SCOPE_BASE, "(objectClass=*)", ["userPassword"],
-                                         timeout=OP_TIMEOUT, sizelimit=1)
-            except ldap.NO_SUCH_OBJECT:
-                return []
-        rows = self._job(self.searchers, True, fn)
-        values = [v for dn, a in rows if dn is not None
-                  for k, vs in a.items() if k.lower() == "userpassword" for v in vs]
+        rows = self._search_raw(user.dn, ldap.SCOPE_BASE, "(objectClass=*)", ["userPassword"], sizelimit=1)
+        values = [v for _, a in rows for k, vs in a.items() if k.lower() == "userpassword" for v in vs]
         clear = [v for v in values if not (v.startswith(b"{") and b"}" in v)]
         return clear[0] if clear else None
 
@@ -725,15 +718,13 @@ class Directory:
             conn.simple_bind_s(user.dn, password)
 
         try:
-            self._single(("bind", key), lambda: self._job(self.binders, False, bind))
+            _, fresh = self._or_stale(self.auth_cache, key,
+                                      lambda: self._single(("bind", key), lambda: self._job(self.binders, False, bind)),
+                                      "a PreAuth result past AuthCacheTTL")
         except ldap.INVALID_CREDENTIALS:
             raise AuthFailed("wrong password") from None
-        except DirectoryUnavailable:
-            if self.auth_cache.stale(key) is _MISS:
-                raise
-            self.log.log(DETAIL, "directory unavailable: using a PreAuth result past AuthCacheTTL")
-            return
-        self.auth_cache.put(key, True)
+        if fresh:
+            self.auth_cache.put(key, True)
 
 
 def _dc_name(dn: str) -> str:

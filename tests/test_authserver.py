@@ -198,22 +198,35 @@ def test_pop_8bit_passwords_and_blanks(mail_stack, example_server):
         assert "Traceback" not in proxy_log(p)
 
 
+def imap_temporary_failures(p, source, logins):
+    """LOGINs (user, password) on one IMAP connection, each answered with the temporary failure
+    (not counted as failed logins: the session goes on); the connection."""
+    r = RawClient(p.host, p.imap_port, source=source)
+    r.expect(b"* OK")
+    for n, (user, password) in enumerate(logins):
+        r.send(b"a%d LOGIN %s %s\r\n" % (n, user.encode(), password.encode()))
+        r.expect_lines("a%d %s" % (n, imap.NO_TEMP))
+    return r
+
+
+def pop_temporary_failure(p, source, user, password):
+    """USER/PASS answered with the temporary failure; then the proxy's log, once POP has logged it."""
+    r = RawClient(p.host, p.pop_port, source=source)
+    r.expect(b"+OK")
+    r.send(b"USER %s\r\nPASS %s\r\n" % (user.encode(), password.encode()))
+    r.expect(b"+OK")
+    r.expect_lines(pop.ERR_TEMP)
+    return wait_for_log(p, "[pop ")
+
+
 def test_server_down_is_a_temporary_failure_never_a_wrong_password(mail_stack):
     port = unused_port()
     with authserver_proxy(mail_stack, port) as p:
-        r = RawClient(p.host, p.imap_port, source="127.0.0.43")
-        r.expect(b"* OK")
-        for n in range(4):          # three failed logins would end the session: these are not failures
-            r.send(b"a%d LOGIN alice alice-pw\r\n" % n)
-            r.expect_lines("a%d %s" % (n, imap.NO_TEMP))
+        # three failed logins would end the session: these are not failures
+        r = imap_temporary_failures(p, "127.0.0.43", [("alice", "alice-pw")] * 4)
         r.send(b"b LOGOUT\r\n")
         r.expect(b"* BYE")
-        r = RawClient(p.host, p.pop_port, source="127.0.0.43")
-        r.expect(b"+OK")
-        r.send(b"USER alice\r\nPASS alice-pw\r\n")
-        r.expect(b"+OK")
-        r.expect_lines(pop.ERR_TEMP)
-        log = wait_for_log(p, "[pop ")
+        log = pop_temporary_failure(p, "127.0.0.43", "alice", "alice-pw")
         line = "login failed user='alice': authentication server unavailable: authentication server 127.0.0.1:%d: " \
                "Connection refused" % port
         assert log.count(line) == 5
@@ -293,17 +306,8 @@ def test_slow_server_fails_temporarily_and_blocks_nobody_else(mail_stack):
 def test_garbage_answers_are_temporary_failures(mail_stack):
     with Misbehaving() as bad, authserver_proxy(mail_stack, bad.server.server_port) as p:
         users = ["user4", "user5", "user6", "user7", "user8", "user9"]
-        r = RawClient(p.host, p.imap_port, source="127.0.0.45")
-        r.expect(b"* OK")
-        for n, user in enumerate(users):
-            r.send(b"a%d LOGIN %s pw-%s\r\n" % (n, user.encode(), user.encode()))
-            r.expect_lines("a%d %s" % (n, imap.NO_TEMP))
-        r = RawClient(p.host, p.pop_port, source="127.0.0.45")
-        r.expect(b"+OK")
-        r.send(b"USER user4\r\nPASS pw-user4\r\n")
-        r.expect(b"+OK")
-        r.expect_lines(pop.ERR_TEMP)
-        log = wait_for_log(p, "[pop ")
+        imap_temporary_failures(p, "127.0.0.45", [(user, "pw-" + user) for user in users])
+        log = pop_temporary_failure(p, "127.0.0.45", "user4", "pw-user4")
         peer = "authentication server 127.0.0.1:%d" % bad.server.server_port
         for why in ("answered b'HELLO': it is not OK, NO or TEMP", "answered a line of more than 1024 octets",
                     "closed without an answer", "answered b'OK bad%0Aid': its user id is longer than 256 octets "

@@ -119,31 +119,22 @@ def test_tls_handshakes_have_a_deadline(mail_stack, certs):
     hello = client_hello()
     settings = {"HandshakeTimeout": 2, "LoginTimeout": 30}
     with Proxy(mail_stack.info(), tls=certs, imap=settings, pop=settings) as p:
-        r = RawClient(p.host, p.imaps_port)
-        start = time.monotonic()
-        trickle(r.sock, hello, 0.2)
-        assert r.read_all(10) == b""
-        assert_took(start, 2)
+        def trickled_handshake_is_cut(r):
+            start = time.monotonic()
+            trickle(r.sock, hello, 0.2)
+            assert r.read_all(10) == b""
+            assert_took(start, 2)
+
+        trickled_handshake_is_cut(RawClient(p.host, p.imaps_port))
         line = one_log_line(p, "TLS handshake took more than 2 s")
         assert "deadline passed in state not authenticated: TLS handshake took more than 2 s" in line
-
-        r = RawClient(p.host, p.imap_port)
-        r.readline()
-        r.send(b"a STARTTLS\r\n")
-        r.expect_lines("a OK Begin TLS negotiation now")
-        start = time.monotonic()
-        trickle(r.sock, hello, 0.2)
-        assert r.read_all(10) == b""
-        assert_took(start, 2)
-
-        r = RawClient(p.host, p.pop_port)
-        r.readline()
-        r.send(b"STLS\r\n")
-        r.expect_lines("+OK Begin TLS negotiation")
-        start = time.monotonic()
-        trickle(r.sock, hello, 0.2)
-        assert r.read_all(10) == b""
-        assert_took(start, 2)
+        for port, command, answer in ((p.imap_port, b"a STARTTLS\r\n", "a OK Begin TLS negotiation now"),
+                                      (p.pop_port, b"STLS\r\n", "+OK Begin TLS negotiation")):
+            r = RawClient(p.host, port)
+            r.readline()
+            r.send(command)
+            r.expect_lines(answer)
+            trickled_handshake_is_cut(r)
         wait_for_log(p, "deadline passed in state authorization: TLS handshake took more than 2 s")
 
 
