@@ -63,9 +63,10 @@ Try:
   curl -k -u 'carol@example.org:{carol['password']}' 'imaps://127.0.0.1:{proxy.imaps_port}/INBOX;UID=1'
   curl -u alice:{alice['password']} pop3://127.0.0.1:{proxy.pop_port}/1
   printf 'Subject: hi\\r\\n\\r\\nhello\\r\\n' | curl -sS smtp://127.0.0.1:{proxy.smtp_port} --mail-from you@example.org --mail-rcpt bob@example.com -T -
+  curl -u 'carol@example.info:{carol['password']}' imap://127.0.0.1:{proxy.imap_port}/INBOX     (an alias of example.org)
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{proxy.imap_port}
-  .venv/bin/mmproxy check-config --config-dir {proxy.config_dir}
-""", flush=True)  # noqa: E501 -- whole commands, to copy
+""" + ("" if args.check else f"""  .venv/bin/mmproxy check-config --config-dir {proxy.config_dir}
+"""), flush=True)  # noqa: E501 -- whole commands, to copy
             if args.check:
                 out = subprocess.run(["curl", "-sS", "--max-time", "10", "-u", "alice:" + alice["password"],
                                       "imap://127.0.0.1:%d/INBOX;UID=1" % proxy.imap_port],

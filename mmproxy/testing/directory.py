@@ -239,6 +239,9 @@ def default_password(uid: str) -> str:
     return "pw-" + uid
 
 
+SCHEMA2_NOTE = "Schema 2: LDAP_SCHEMALEVEL=2 in config/option.dat"
+
+
 def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Directory:
     """The default data model (see the package docstring). user1..user<n_users> alternate between
     the two stores: odd k on store_ips[0], even k on store_ips[1]."""
@@ -287,8 +290,8 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
         User("dave", "example.org", "dave-pw", a, "dave@example.org"),
         User("paul", "closed.example", "paul-pw", a, "paul@closed.example", note="domain inactive: refused"),
         User("quinn", "held.example", "quinn-pw", a, "quinn@held.example", note="domain on hold: a temporary failure"),
-        User("nora", "example.net", "nora-pw", a, "nora@example.net", note="Schema 2: needs LDAP_SCHEMALEVEL=2"),
-        User("otto", "example.net", "otto-pw", b, "otto@example.net", note="Schema 2: needs LDAP_SCHEMALEVEL=2"),
+        User("nora", "example.net", "nora-pw", a, "nora@example.net", note=SCHEMA2_NOTE),
+        User("otto", "example.net", "otto-pw", b, "otto@example.net", note=SCHEMA2_NOTE),
     ]
     for k in range(1, n_users + 1):
         uid = "user%d" % k
