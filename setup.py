@@ -27,5 +27,7 @@ setup(
     package_data={"mmproxy.testing": ["*.schema"], "mmproxy.templates": ["*-def.cfg"]},
     python_requires=">=3.9",
     install_requires=[r for r in (line.split("#", 1)[0].strip() for line in read("requirements.txt").splitlines()) if r],
-    entry_points={"console_scripts": ["mmproxy = mmproxy.__main__:main"]},
+    # start-msg / stop-msg / refresh: the Messaging Multiplexor's command names (mmproxy/legacycmd.py)
+    entry_points={"console_scripts": ["mmproxy = mmproxy.__main__:main", "start-msg = mmproxy.legacycmd:start_msg",
+                                      "stop-msg = mmproxy.legacycmd:stop_msg", "refresh = mmproxy.legacycmd:refresh"]},
 )

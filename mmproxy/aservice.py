@@ -1,7 +1,10 @@
 """The daemon: ServiceList entries become listeners; signals stop and refresh it.
 
 One gevent StreamServer per listed endpoint, as the legacy AService opened one listener per port.
-The pid file is ``<config dir>/mmproxy.pid`` so several instances (tests, a staging copy) coexist.
+The pid file is ``<config dir>/mmproxy.pid`` (mmproxy/pidfile.py: written atomically, locked while the
+daemon runs) so several instances (tests, a staging copy) coexist and a second start on one directory
+is refused.  Under systemd (``Type=notify``) the main process tells it READY / RELOADING / STOPPING
+(mmproxy/sdnotify.py).
 
 ``NumThreads N`` > 1 runs N worker processes (one gevent hub each; Python cannot spread a hub over
 cores).  Each worker opens its own listeners with SO_REUSEPORT, so the kernel balances accepted
@@ -29,7 +32,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from mmproxy import logs, pump, session, state
+from mmproxy import logs, pidfile, pump, sdnotify, session, state
 from mmproxy.config import Config, Problem, load_config
 from mmproxy.config.types import Endpoint
 from mmproxy.errors import ConfigError
@@ -96,26 +99,6 @@ def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
-
-
-def pid_file(config_dir: str) -> str:
-    return os.path.join(config_dir, "mmproxy.pid")
-
-
-def running_pid(config_dir: str) -> Optional[int]:
-    """The pid recorded for this config directory if that process is alive."""
-    try:
-        with open(pid_file(config_dir)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return pid
 
 
 def _run_as(user: Optional[str], group: Optional[str]) -> Optional[Tuple[int, int]]:
@@ -215,12 +198,15 @@ class AService:
         self.services: Dict[Tuple[str, str], Service] = {}
         self.listeners: List[Listener] = []
         self.stopped = Event()
+        self.pidfile = pidfile.Pidfile(pidfile.path_for(config.dir)) if worker is None else None
 
     def start(self) -> None:
         a = self.config.aservice
         logs.set_owner(_run_as(a.BeTheUser, a.BeTheGroup))
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
         session.set_worker(self.worker)
+        if self.pidfile is not None:
+            self.pidfile.acquire()          # before anything of a running daemon's is touched
         if self.worker is None:
             state.use(state.LocalState.create(_run_as(a.BeTheUser, a.BeTheGroup)))
         else:
@@ -240,21 +226,39 @@ class AService:
                 self.services[(kind, entry.spec.instance)] = service
                 for ep in entry.spec.listeners:
                     self._listen(service, ep.host, ep.port)
-        except (ConfigError, OSError):
+        except (ConfigError, OSError, pidfile.PidfileError):
             self.close_listeners()
-            if self.worker is None:
+            if self.pidfile is not None:
+                self.pidfile.release()
                 state.store().remove()
             raise
-        if self.worker is None:
-            with open(pid_file(self.config.dir), "w") as f:
-                f.write("%d\n" % os.getpid())
+        if self.pidfile is not None:
+            try:
+                self.pidfile.write()
+            except pidfile.PidfileError:
+                self.close_listeners()
+                self.pidfile.release()
+                state.store().remove()
+                raise
         drop_privileges(a.BeTheUser, a.BeTheGroup)
         gevent.signal_handler(signal.SIGTERM, self.stop)
         gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else lambda: None)
-        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.refresh))
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self._sighup))
         log.info("mmproxy %s (pid %d): %s", "started" if self.worker is None else "worker %d started" % self.worker,
                  os.getpid(),
                  ", ".join("%s on %s" % (k, _eps(s.entry.spec.listeners)) for (k, _), s in self.services.items()))
+        if self.worker is None:
+            sdnotify.notify("READY=1", "STATUS=accepting connections")
+
+    def _sighup(self) -> None:
+        """SIGHUP: refresh; systemd hears RELOADING=1 before and READY=1 after (sd_notify(3))."""
+        if self.worker is None:
+            sdnotify.notify(*sdnotify.reloading())
+        try:
+            self.refresh()
+        finally:
+            if self.worker is None:
+                sdnotify.notify("READY=1", "STATUS=accepting connections")
 
     def _listen(self, service: Service, host: str, port: int) -> None:
         implicit = service.implicit_tls(host, port)
@@ -282,6 +286,8 @@ class AService:
         """SIGTERM: stop accepting, say goodbye to sessions not yet pumped, end the pumps."""
         if self.stopped.is_set():
             return
+        if self.worker is None:
+            sdnotify.notify("STOPPING=1")
         log.info("stopping")
         self.close_listeners()
         greenlets = [s.greenlet for svc in self.services.values() for s in list(svc.sessions) if s.greenlet]
@@ -289,8 +295,8 @@ class AService:
         pump.close_all("server shutting down")
         for svc in self.services.values():
             svc.close()
-        if self.worker is None:
-            _unlink(pid_file(self.config.dir))
+        if self.pidfile is not None:
+            self.pidfile.release()
             state.store().remove()
         self.stopped.set()
 
@@ -347,11 +353,42 @@ class Master:
         self.pending: List[int] = []
         self.stopping = False
         self.state: Optional[state.LocalState] = None      # the master's own handle on the store
+        self.pidfile = pidfile.Pidfile(pidfile.path_for(config.dir))
+        self.ready_w: Optional[int] = None      # the first workers say on this pipe that they listen
 
     def start(self) -> None:
         a = self.config.aservice
         logs.set_owner(_run_as(a.BeTheUser, a.BeTheGroup))
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
+        self.pidfile.acquire()
+        try:
+            self._check_listeners()
+        except ConfigError:
+            self.pidfile.release()
+            raise
+        # made before the workers are forked: they all open it; the master forgets the connections
+        # of a worker that died (through its own handle: the master has no hub to wait on)
+        store = state.LocalState.create(_run_as(a.BeTheUser, a.BeTheGroup))
+        state.use(store)
+        self.state = state.LocalState(store.path, sleep=_orig("time", "sleep"))
+        for sig in _SIGNALS:
+            _orig("signal", "signal")(sig, lambda signum, frame: self.pending.append(signum))
+        ready_r, self.ready_w = os.pipe()
+        try:
+            for i in range(self.n):
+                self._spawn(i)
+        finally:
+            os.close(self.ready_w)
+            self.ready_w = None
+        listening = _count_ready(ready_r, self.n)
+        os.close(ready_r)
+        self.pidfile.write()
+        log.info("mmproxy started (pid %d) with %d worker processes", os.getpid(), self.n)
+        if listening < self.n:
+            log.warning("%d of %d workers did not start listening", self.n - listening, self.n)
+        sdnotify.notify("READY=1", "STATUS=accepting connections (%d workers)" % self.n)
+
+    def _check_listeners(self) -> None:
         for entry in self.config.services:      # fail here, once, rather than in every worker
             if service_class(entry.spec.kind) is not None:
                 for ep in entry.spec.listeners:
@@ -360,18 +397,6 @@ class Master:
                     except OSError as e:
                         raise ConfigError("%s: cannot listen on %s:%d: %s"
                                           % (entry.file, ep.host or "*", ep.port, e.strerror)) from None
-        with open(pid_file(self.config.dir), "w") as f:
-            f.write("%d\n" % os.getpid())
-        # made before the workers are forked: they all open it; the master forgets the connections
-        # of a worker that died (through its own handle: the master has no hub to wait on)
-        store = state.LocalState.create(_run_as(a.BeTheUser, a.BeTheGroup))
-        state.use(store)
-        self.state = state.LocalState(store.path, sleep=_orig("time", "sleep"))
-        for sig in _SIGNALS:
-            _orig("signal", "signal")(sig, lambda signum, frame: self.pending.append(signum))
-        for i in range(self.n):
-            self._spawn(i)
-        log.info("mmproxy started (pid %d) with %d worker processes", os.getpid(), self.n)
 
     def _spawn(self, i: int) -> None:
         # Signals wait until the child has dropped the master's handlers (they would queue the
@@ -390,6 +415,9 @@ class Master:
             try:
                 worker = AService(self.config, self.foreground, worker=i)
                 worker.start()
+                if self.ready_w is not None:
+                    os.write(self.ready_w, b".")
+                    os.close(self.ready_w)
                 worker.serve_forever()
                 code = 0
             finally:
@@ -413,8 +441,11 @@ class Master:
             while self.pending:
                 sig = self.pending.pop(0)
                 if sig == signal.SIGHUP:
+                    sdnotify.notify(*sdnotify.reloading())
                     self._forward(signal.SIGHUP)
+                    sdnotify.notify("READY=1", "STATUS=accepting connections (%d workers)" % self.n)
                 elif not self.stopping:
+                    sdnotify.notify("STOPPING=1")
                     self.stopping = True
                     log.info("stopping %d workers", len(self.pids))
                     self._forward(signal.SIGTERM)
@@ -438,7 +469,7 @@ class Master:
                     del self.due[i]
                     self._spawn(i)
             sleep(self.POLL)
-        _unlink(pid_file(self.config.dir))
+        self.pidfile.release()
         state.store().remove()
         if self.state is not None:
             self.state.close()
@@ -490,11 +521,21 @@ def daemon(config: Config, foreground: bool = True) -> Union[AService, Master]:
     return AService(config, foreground) if n == 1 else Master(config, n, foreground)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _count_ready(fd: int, n: int, timeout: float = 30.0) -> int:
+    """How many of ``n`` workers wrote their byte on the pipe ``fd`` (they listen), waiting until
+    all did, all write ends closed, or ``timeout`` seconds (with the plain calls: no hub here)."""
+    select, read = _orig("select", "select"), _orig("os", "read")
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select([fd], [], [], left)[0]:
+            break
+        chunk = read(fd, n - got)
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
 
 
 def _eps(listeners: Iterable[Endpoint]) -> str:

@@ -62,13 +62,16 @@ def check_config(config_dir: str) -> None:
 
 @main.command()
 @config_dir_option
-@click.option("--foreground", is_flag=True, help="Stay in the foreground and log to stderr too.")
+@click.option("--foreground", is_flag=True,
+              help="Stay in the foreground (as systemd's Type=notify wants) and write warnings and errors "
+                   "to stderr too (everything when there is no LogDir).")
 def start(config_dir: str, foreground: bool) -> None:
-    """Start the proxy (legacy: start-msg mmp). Refuses to start on configuration errors."""
-    from mmproxy.aservice import running_pid
-    pid = running_pid(config_dir)
+    """Start the proxy (legacy: start-msg mmp). Refuses to start on configuration errors, and while
+    another mmproxy runs on the same configuration directory (its pid file is locked)."""
+    from mmproxy import pidfile
+    pid = pidfile.running_pid(config_dir)
     if pid:
-        raise click.ClickException("already running with pid %d (%s)" % (pid, os.path.join(config_dir, "mmproxy.pid")))
+        raise click.ClickException(str(pidfile.AlreadyRunning(pid, pidfile.path_for(config_dir))))
     if not os.path.isdir(config_dir):
         raise click.ClickException("%s: no such configuration directory" % config_dir)
     if not foreground:
@@ -80,7 +83,7 @@ def start(config_dir: str, foreground: bool) -> None:
     daemon = make_daemon(config, foreground=True)
     try:
         daemon.start()
-    except ConfigError as e:
+    except (ConfigError, pidfile.PidfileError) as e:
         raise click.ClickException(str(e))
     click.echo(line, err=True)
     daemon.serve_forever()
@@ -91,11 +94,15 @@ def _daemonize(config_dir: str) -> None:
     out = open(os.path.join(config_dir, "mmproxy.out"), "ab")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    from mmproxy.aservice import running_pid
+    from mmproxy import pidfile
+    path = pidfile.path_for(config_dir)
     for _ in range(300):
         if proc.poll() is not None:
+            other = pidfile.holder(path)
+            if other:                   # another start won the race for the pid file
+                raise click.ClickException(str(pidfile.AlreadyRunning(other, path)))
             raise click.ClickException("mmproxy exited with status %d; see %s" % (proc.returncode, out.name))
-        if running_pid(config_dir) == proc.pid:
+        if pidfile.holder(path) == proc.pid and pidfile.read_pid(path) == proc.pid:
             click.echo("mmproxy started, pid %d (output in %s)" % (proc.pid, out.name))
             return
         time.sleep(0.1)
@@ -103,10 +110,11 @@ def _daemonize(config_dir: str) -> None:
 
 
 def _signal(config_dir: str, sig: int) -> int:
-    from mmproxy.aservice import running_pid
-    pid = running_pid(config_dir)
+    """Send ``sig`` to the daemon holding the pid file's lock (not whatever pid the file says)."""
+    from mmproxy import pidfile
+    pid = pidfile.running_pid(config_dir)
     if not pid:
-        raise click.ClickException("not running (no live pid in %s)" % os.path.join(config_dir, "mmproxy.pid"))
+        raise click.ClickException("not running (no process holds %s)" % pidfile.path_for(config_dir))
     os.kill(pid, sig)
     return pid
 
@@ -114,11 +122,13 @@ def _signal(config_dir: str, sig: int) -> int:
 @main.command()
 @config_dir_option
 def stop(config_dir: str) -> None:
-    """Stop the proxy started with this configuration directory (legacy: stop-msg mmp)."""
-    from mmproxy.aservice import running_pid
+    """Stop the proxy started with this configuration directory (legacy: stop-msg mmp); removes
+    the pid file when the daemon could not (BeTheUser) and it still names the stopped pid."""
+    from mmproxy import pidfile
     pid = _signal(config_dir, signal.SIGTERM)
     for _ in range(150):
-        if running_pid(config_dir) != pid:
+        if pidfile.running_pid(config_dir) != pid:
+            pidfile.remove_stale(pidfile.path_for(config_dir), pid)
             click.echo("mmproxy (pid %d) stopped" % pid)
             return
         time.sleep(0.1)
@@ -138,8 +148,8 @@ def refresh(config_dir: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_dir: str, as_json: bool) -> None:
     """Whether the proxy is running, and what it listens on."""
-    from mmproxy.aservice import running_pid
     from mmproxy.config import load_config
+    from mmproxy.pidfile import running_pid
     pid = running_pid(config_dir)
     config = load_config(config_dir)
     services = [{"service": e.spec.kind, "instance": e.spec.instance,

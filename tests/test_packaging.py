@@ -112,6 +112,12 @@ def test_installed_console_script_runs_from_the_venv(venv, work):
     assert "check-config" in r.stdout and "start" in r.stdout
     r = ok([os.path.join(venv, "mmproxy"), "params"], cwd=work)
     assert "ServiceList" in r.stdout and "LdapURL" in r.stdout
+    for legacy in ("start-msg", "stop-msg", "refresh"):       # the Messaging Multiplexor's command names
+        r = ok([os.path.join(venv, legacy), "--help"], cwd=work)
+        assert r.stdout.startswith("Usage: %s [OPTIONS] [mmp]" % legacy), r.stdout
+        r = run([os.path.join(venv, legacy), "store"], cwd=work)
+        assert (r.returncode, r.stderr) == (2, "%s: store: not served by mmproxy, which runs only the Messaging "
+                                               "Multiplexor (mmp)\n" % legacy)
 
 
 def test_installed_start_creates_a_missing_service_file_from_the_shipped_template(venv, work):
