@@ -63,8 +63,11 @@ logging.addLevelName(DETAIL, "DETAIL")
 
 
 def level_for(log_level: int) -> int:
-    """Legacy 0-10 verbosity to logging levels: 0 errors; 1 logins and failures; 2-4 also each
-    session's end (reason, duration, bytes); 5+ everything."""
+    """Legacy 0-10 verbosity to logging levels: 0 ERROR; 1 also WARNING and INFO (logins, failed
+    logins, refusals); 2-4 also DETAIL (each session's end, idle timeouts, stale directory answers);
+    5-10 also DEBUG.  The legacy manual says only "0 through 10, 10 the most verbose, default 1"
+    (Messaging Server Administration Reference, Multiplexor Configuration Parameters); what each
+    level adds is documented with the LogLevel parameter (mmproxy/config/params.py)."""
     if log_level <= 0:
         return logging.ERROR
     if log_level == 1:

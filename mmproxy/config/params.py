@@ -86,7 +86,13 @@ _group(
     "Logging",
     ("LogDir", t.Path(), t.InstallPath("data/log"), "A I P S",
      "directory for the log files (ImapProxy_yyyymmdd.log...); default msg_svr_base/data/log", _SUP),
-    ("LogLevel", t.Int(0, 10), 1, "A I P S", "log verbosity, 0 (least) to 10 (most)", _SUP),
+    ("LogLevel", t.Int(0, 10), 1, "A I P S",
+     "log verbosity, 0 (least) to 10 (most): 0 errors only; 1 also warnings, each login and failed login with "
+     "its cause, refusals; 2-4 also one line per session end (reason, state, user, store, duration, bytes), "
+     "idle clients timed out and the directory's stale answers; 5-10 (all alike) also debugging detail "
+     "(SMTP command and reply lines, bad commands, directory retries, tracebacks); no level logs a password, "
+     "SASL response or store secret",
+     _SUP),
 )
 _group(
     "Greeting and session",
