@@ -14,6 +14,7 @@ that dies.
 from __future__ import annotations
 
 import errno
+import functools
 import grp
 import logging
 import os
@@ -34,6 +35,7 @@ from gevent.server import StreamServer
 
 from mmproxy import logs, pidfile, pump, sdnotify, session, state
 from mmproxy.config import Config, Problem, load_config
+from mmproxy.config.params import PARAMS
 from mmproxy.config.types import Endpoint
 from mmproxy.errors import ConfigError
 from mmproxy.imap import ImapService
@@ -52,6 +54,8 @@ def service_class(kind: str) -> Optional[type]:
 
 
 BACKLOG = 1024
+ServiceKey = Tuple[str, str]          # (kind, instance) of a ServiceList entry
+QUIET = 2.0          # seconds without traffic after which a relayed session is told at once when stopping
 
 
 class AcceptBackoff(OSError):
@@ -189,14 +193,26 @@ def certmap_problems(cfg: Any, file: str, problem: Any) -> List[Problem]:
 
 
 class AService:
-    """One process serving every listener; a worker when ``worker`` is set (no pid file then)."""
+    """One process serving every listener; a worker when ``worker`` is set (no pid file then).
+
+    ``services`` holds the Service of each ServiceList entry now in force and ``routes`` which one
+    each listening endpoint hands its connections to: a listener looks its service up at accept
+    time, so a refresh that replaces a service, moves a port to another service or into
+    ``SSLPorts`` applies to the next connection, while sessions already running keep the object
+    (and the settings) they started with.
+    """
 
     def __init__(self, config: Config, foreground: bool = True, worker: Optional[int] = None) -> None:
         self.config = config
         self.foreground = foreground
         self.worker = worker
         self.services: Dict[Tuple[str, str], Service] = {}
-        self.listeners: List[Listener] = []
+        self.routes: Dict[Tuple[str, int], Tuple[Service, bool]] = {}   # endpoint -> (service, implicit TLS)
+        self.listeners: Dict[Tuple[str, int], Listener] = {}
+        self.retired: List[Service] = []          # replaced by a refresh; their sessions may still run
+        self.stopping = False
+        self._hurry = float("inf")                # when the stop's grace ends
+        self._finishing = False
         self.stopped = Event()
         self.pidfile = pidfile.Pidfile(pidfile.path_for(config.dir)) if worker is None else None
 
@@ -214,18 +230,10 @@ class AService:
         _raise_nofile()
         gevent.get_hub().NOT_ERROR += (AcceptBackoff,)     # paused accepts are not worth a traceback
         try:
-            for entry in self.config.services:
-                kind = entry.spec.kind
-                cls = service_class(kind)
-                if cls is None:
-                    log.warning("%s (%s) is not served: its listeners %s are not opened",
-                                kind, entry.spec.instance, _eps(entry.spec.listeners))
-                    continue
-                logs.configure(kind, entry.cfg.LogDir, entry.cfg.LogLevel, self.foreground)
-                service = cls(entry)
-                self.services[(kind, entry.spec.instance)] = service
-                for ep in entry.spec.listeners:
-                    self._listen(service, ep.host, ep.port)
+            self.services = self._make_services(self.config, {})
+            self.routes = self._routes(self.services)
+            for endpoint in self.routes:
+                self.listeners[endpoint] = self._listen(endpoint)
         except (ConfigError, OSError, pidfile.PidfileError):
             self.close_listeners()
             if self.pidfile is not None:
@@ -242,8 +250,8 @@ class AService:
                 raise
         drop_privileges(a.BeTheUser, a.BeTheGroup)
         gevent.signal_handler(signal.SIGTERM, self.stop)
-        gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else lambda: None)
-        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self._sighup))
+        gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else self._interrupt)
+        gevent.signal_handler(signal.SIGHUP, self._sighup)
         log.info("mmproxy %s (pid %d): %s", "started" if self.worker is None else "worker %d started" % self.worker,
                  os.getpid(),
                  ", ".join("%s on %s" % (k, _eps(s.entry.spec.listeners)) for (k, _), s in self.services.items()))
@@ -260,75 +268,172 @@ class AService:
             if self.worker is None:
                 sdnotify.notify("READY=1", "STATUS=accepting connections")
 
-    def _listen(self, service: Service, host: str, port: int) -> None:
-        implicit = service.implicit_tls(host, port)
+    def _make_services(self, config: Config, previous: Dict[ServiceKey, Service]) -> Dict[ServiceKey, Service]:
+        """A Service for each ServiceList entry a protocol module serves (its log configured); what a
+        service of ``previous`` holds that the new settings leave as they were (the directory with
+        its caches and connections) is taken over.  ConfigError when one cannot be made."""
+        out: Dict[Tuple[str, str], Service] = {}
+        for entry in config.services:
+            kind = entry.spec.kind
+            cls = service_class(kind)
+            if cls is None:
+                log.warning("%s (%s) is not served: its listeners %s are not opened",
+                            kind, entry.spec.instance, _eps(entry.spec.listeners))
+                continue
+            logs.configure(kind, entry.cfg.LogDir, entry.cfg.LogLevel, self.foreground)
+            out[(kind, entry.spec.instance)] = cls(entry, previous.get((kind, entry.spec.instance)))
+        return out
 
-        def handle(sock: Any, addr: Any) -> None:
-            service.handle(sock, addr, implicit)
+    @staticmethod
+    def _routes(services: Dict[Tuple[str, str], Service]) -> Dict[Tuple[str, int], Tuple[Service, bool]]:
+        return {(ep.host, ep.port): (service, service.implicit_tls(ep.host, ep.port))
+                for service in services.values() for ep in service.entry.spec.listeners}
 
+    def _listen(self, endpoint: Tuple[str, int]) -> Listener:
+        """A started listener on ``endpoint`` (host, port); ConfigError when the port cannot be had."""
+        host, port = endpoint
         try:
-            server = Listener(listen_socket(host, port, self.worker is not None), handle)
+            server = Listener(listen_socket(host, port, self.worker is not None),
+                              functools.partial(self._accept, endpoint))
             server.start()
         except OSError as e:
-            raise ConfigError("%s: cannot listen on %s:%d: %s"
-                              % (service.entry.file, host or "*", port, e.strerror)) from None
-        self.listeners.append(server)
+            route = self.routes.get(endpoint)
+            where = route[0].entry.file if route else "AService.cfg"
+            raise ConfigError("%s: cannot listen on %s:%d: %s" % (where, host or "*", port, e.strerror)) from None
+        return server
+
+    def _accept(self, endpoint: Tuple[str, int], sock: Any, addr: Any) -> None:
+        """A listener's handler: the connection goes to the service in force for ``endpoint`` now."""
+        route = self.routes.get(endpoint)
+        if route is None or self.stopping:          # its listener is being closed
+            sock.close()
+            return
+        service, implicit = route
+        service.handle(sock, addr, implicit)
 
     def serve_forever(self) -> None:
         self.stopped.wait()
 
     def close_listeners(self) -> None:
-        for server in self.listeners:
+        for server in self.listeners.values():
             server.close()
-        self.listeners = []
+        self.listeners = {}
+
+    def _all_services(self) -> List[Service]:
+        return list(self.services.values()) + self.retired
 
     def stop(self) -> None:
-        """SIGTERM: stop accepting, say goodbye to sessions not yet pumped, end the pumps."""
-        if self.stopped.is_set():
+        """SIGTERM: stop accepting at once; sessions before login get the protocol's goodbye now;
+        relayed sessions get ``ShutdownGrace`` seconds to finish what they are doing (one that is
+        quiet meanwhile is told and closed at once), then the goodbye where it cannot cut a
+        response in two, and a close.  A second SIGTERM (or SIGINT) ends the grace at once."""
+        if self.stopping:
+            if not self.stopped.is_set():
+                log.info("stopping now")
+                self._end_sessions(grace=0)
             return
         if self.worker is None:
             sdnotify.notify("STOPPING=1")
-        log.info("stopping")
+        self.stopping = True
         self.close_listeners()
-        greenlets = [s.greenlet for svc in self.services.values() for s in list(svc.sessions) if s.greenlet]
-        gevent.killall(greenlets, block=True, timeout=5)
+        grace = float(self.config.aservice.ShutdownGrace)
+        log.info("stopping: listeners closed; %d relayed session(s) get up to %gs", pump.count(), grace)
+        self._end_sessions(grace)
+
+    def _interrupt(self) -> None:
+        """SIGINT in a worker (the terminal's Ctrl-C reaches the whole process group): only a
+        second signal after SIGTERM counts, to end the grace at once."""
+        if self.stopping:
+            self.stop()
+
+    def _end_sessions(self, grace: float) -> None:
+        self._hurry = min(self._hurry, time.monotonic() + grace)
+        if grace > 0:
+            while time.monotonic() < self._hurry:
+                self._kill_idle_sessions()
+                pump.end_quiet(QUIET, "shutdown", "server shutting down")
+                if not pump.count() and not self._sessions(busy=True):
+                    break
+                gevent.sleep(min(0.2, max(0.0, self._hurry - time.monotonic())))
+        if self._finishing:                     # a second signal got here first
+            return
+        self._finishing = True
+        gevent.killall([s.greenlet for s in self._sessions() if s.greenlet], block=True, timeout=5)
         pump.close_all("server shutting down")
-        for svc in self.services.values():
+        for svc in self._all_services():
             svc.close()
         if self.pidfile is not None:
             self.pidfile.release()
             state.store().remove()
+        log.info("stopped")
         self.stopped.set()
 
-    def refresh(self) -> None:
-        """SIGHUP: new sessions get the new settings; running ones keep theirs; bad files change nothing."""
-        config = load_config(self.config.dir)
-        problems = config.errors + [p for p in runtime_problems(config) if p.severity == "error"]
-        if problems:
-            for p in problems:
-                log.error("refresh refused: %s", p)
-            return
-        for entry in config.services:
-            key = (entry.spec.kind, entry.spec.instance)
-            old = self.services.get(key)
-            if old is None:
-                log.warning("refresh: %s is new in ServiceList; restart to open its listeners", entry.spec.instance)
-                continue
-            if [(e.host, e.port) for e in entry.spec.listeners] != [(e.host, e.port) for e in old.entry.spec.listeners]:
-                log.warning("refresh: listeners of %s changed; restart to apply", entry.spec.instance)
-            new = type(old)(entry)
-            new.sessions = old.sessions
-            self._swap(old, new)
-            logs.configure(entry.spec.kind, entry.cfg.LogDir, entry.cfg.LogLevel, self.foreground)
-        self.config = config
-        log.info("configuration refreshed")
+    def _sessions(self, busy: Optional[bool] = None) -> List[Any]:
+        """Sessions still served by their own greenlet (before login, SMTP); ``busy``: only those in
+        the middle of something worth the grace (True) or only the others (False)."""
+        return [s for svc in self._all_services() for s in list(svc.sessions)
+                if busy is None or s.busy() == busy]
 
-    def _swap(self, old: Service, new: Service) -> None:
-        # The listeners' handlers hold the old object: give it the new settings in place.
-        old_directory = getattr(old, "directory", None)
-        old.__dict__.update({k: v for k, v in new.__dict__.items() if k != "sessions"})
-        if old_directory is not None:                   # SMTP has none
-            gevent.spawn_later(60, old_directory.close)     # lookups in flight may still use it
+    def _kill_idle_sessions(self) -> None:
+        greenlets = [s.greenlet for s in self._sessions(busy=False) if s.greenlet]
+        if greenlets:
+            gevent.killall(greenlets, block=False)
+
+    def refresh(self) -> None:
+        """SIGHUP (legacy: ``refresh mmp``): re-read every file.  Bad files change nothing (each
+        problem logged as file:line); good ones apply to new sessions while running sessions keep
+        theirs: services are made anew (a directory whose settings did not change is kept, caches
+        and connections included), listeners open and close to match ServiceList, ports move into
+        and out of SSLPorts for the next connection, and parameters that only a restart applies
+        are reported as such."""
+        if self.stopping:
+            return
+        config = reload_config(self.config, self.foreground, report=self.worker is None)
+        if config is None:
+            return
+        try:
+            services = self._make_services(config, self.services)
+        except (ConfigError, OSError) as e:
+            log.error("refresh refused: %s", e)
+            return
+        routes = self._routes(services)
+        opened: Dict[Tuple[str, int], Listener] = {}
+        old_routes, self.routes = self.routes, routes
+        try:
+            for endpoint in routes:
+                if endpoint not in self.listeners:
+                    opened[endpoint] = self._listen(endpoint)
+        except ConfigError as e:
+            for server in opened.values():
+                server.close()
+            self.routes = old_routes
+            for svc in services.values():
+                self._release(svc, keep=self._all_services())
+            log.error("refresh refused: %s", e)
+            return
+        self.listeners.update(opened)
+        for endpoint in [e for e in self.listeners if e not in routes]:
+            self.listeners.pop(endpoint).close()
+        old = self._all_services()
+        for key, svc in services.items():
+            if key in self.services:
+                svc.sessions = self.services[key].sessions     # one set: status and stop see them all
+        self.retired = [s for s in old if s.sessions and all(s.sessions is not n.sessions for n in services.values())]
+        self.services = services
+        for svc in old:
+            self._release(svc, keep=list(services.values()))
+        self.config = config
+        closed = [e for e in old_routes if e not in routes]
+        log.info("configuration refreshed%s", "".join(
+            "; %s %s" % (what, ", ".join(_ep(e) for e in eps)) for what, eps in
+            (("listening on", list(opened)), ("closed", closed)) if eps))
+
+    def _release(self, svc: Service, keep: List[Service]) -> None:
+        """What ``svc`` holds and no service in ``keep`` took over is closed, in 60 s: lookups in
+        flight may still use it."""
+        for d in svc.resources():
+            if all(d not in k.resources() for k in keep):
+                gevent.spawn_later(60, d.close)
 
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -441,13 +546,17 @@ class Master:
             while self.pending:
                 sig = self.pending.pop(0)
                 if sig == signal.SIGHUP:
-                    sdnotify.notify(*sdnotify.reloading())
-                    self._forward(signal.SIGHUP)
-                    sdnotify.notify("READY=1", "STATUS=accepting connections (%d workers)" % self.n)
+                    if not self.stopping:
+                        sdnotify.notify(*sdnotify.reloading())
+                        self.refresh()
+                        sdnotify.notify("READY=1", "STATUS=accepting connections (%d workers)" % self.n)
                 elif not self.stopping:
                     sdnotify.notify("STOPPING=1")
                     self.stopping = True
                     log.info("stopping %d workers", len(self.pids))
+                    self._forward(signal.SIGTERM)
+                else:                           # a second signal: the workers end their grace at once
+                    log.info("stopping now")
                     self._forward(signal.SIGTERM)
             while self.pids:
                 try:
@@ -473,6 +582,15 @@ class Master:
         state.store().remove()
         if self.state is not None:
             self.state.close()
+
+    def refresh(self) -> None:
+        """SIGHUP: the master reads the files too, so that a worker it starts from now on (one
+        replacing a worker that died) runs the configuration in force, then the workers refresh.
+        A configuration with errors changes nothing anywhere (each problem logged as file:line)."""
+        config = reload_config(self.config, self.foreground)
+        if config is not None:
+            self.config = config
+            self._forward(signal.SIGHUP)
 
     def _forget(self, worker: int) -> None:
         """A worker died: the connections it counted (ConnLimits) are closed; give their slots back."""
@@ -536,6 +654,43 @@ def _count_ready(fd: int, n: int, timeout: float = 30.0) -> int:
             break
         got += len(chunk)
     return got
+
+
+def _ep(endpoint: Tuple[str, int]) -> str:
+    return "%s:%d" % (endpoint[0] or "*", endpoint[1])
+
+
+def reload_config(current: Config, foreground: bool, report: bool = True) -> Optional[Config]:
+    """The configuration of ``current``'s directory read again for a refresh, the AService log
+    configured by it; None (each error logged as file:line, nothing changed) when it has errors.
+    ``report``: log what only a restart applies (the process that owns the workers does)."""
+    config = load_config(current.dir, create_missing=True)
+    problems = config.errors + [p for p in runtime_problems(config) if p.severity == "error"]
+    if problems:
+        for p in problems:
+            log.error("refresh refused: %s", p)
+        return None
+    changed = needs_restart(current, config)
+    for name in changed if report else ():
+        log.warning("refresh: %s changed from %s to %s: needs a restart (running with %s)", name,
+                    _shown(getattr(current.aservice, name)), _shown(getattr(config.aservice, name)),
+                    _shown(getattr(current.aservice, name)))
+    if changed:                 # what runs (and what a replacement worker gets) keeps the running values
+        config.aservice = config.aservice.override({n: getattr(current.aservice, n) for n in changed})
+    a = config.aservice
+    logs.configure("aservice", a.LogDir, a.LogLevel, foreground)
+    return config
+
+
+def needs_restart(old: Config, new: Config) -> List[str]:
+    """The AService.cfg parameters the registry marks ``reload=False`` (NumThreads, BeTheUser,
+    BeTheGroup) whose value differs between ``old`` and ``new``: a refresh cannot apply them."""
+    return [p.name for p in PARAMS.values() if not p.reload and "A" in p.files
+            and getattr(old.aservice, p.name) != getattr(new.aservice, p.name)]
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is None else str(value)
 
 
 def _eps(listeners: Iterable[Endpoint]) -> str:

@@ -237,7 +237,19 @@ class _Conns:
 class Directory:
     """Lookups for one service's settings (LdapURL, BindDN, caches, HostedDomains...)."""
 
+    # Every parameter the constructor reads: two configurations equal in these (and in option.dat)
+    # make the same directory, so a refresh keeps the running one with its caches and connections.
+    PARAMS = ("LdapURL", "LdapCAFile", "BindDN", "BindPass", "HostedDomains", "MailHostAttrs",
+              "LdapRefreshInterval", "LdapStaleGrace", "LdapCacheSize", "LdapCacheTTL", "LdapNegativeCacheTTL",
+              "AuthCacheSize", "AuthCacheTTL", "UserGroupDN", "CertMapDN")
+
+    @classmethod
+    def settings_of(cls, cfg: ServiceConfig, mta: MtaOptions = MtaOptions()) -> Tuple[Any, ...]:
+        """What makes a directory: the values of PARAMS in ``cfg``, its service and ``mta``."""
+        return (cfg.kind, mta, *(repr(getattr(cfg, name)) for name in cls.PARAMS))
+
     def __init__(self, cfg: ServiceConfig, mta: MtaOptions = MtaOptions()) -> None:
+        self.settings = self.settings_of(cfg, mta)
         url = cfg.LdapURL
         # a service's directory writes to that service's log file (mmproxy.imap.directory...)
         self.log = logging.getLogger("mmproxy.%s.directory" % cfg.kind if cfg.kind else __name__)

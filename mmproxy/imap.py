@@ -39,7 +39,7 @@ from mmproxy.errors import (
     UnknownCommand,
 )
 from mmproxy.login import LoginService, LoginSession, Target, credentials
-from mmproxy.session import Line, Request, State, Verb, one_line
+from mmproxy.session import Line, Request, Service, State, Verb, one_line
 
 MAX_LINE = 65536            # one line of a command (Dovecot's imap_max_line_length is 64k too)
 MAX_COMMAND = 65536         # a command with all its lines and literals
@@ -525,6 +525,6 @@ class ImapService(LoginService):
     kind = "imap"
     session_class = ImapSession
 
-    def __init__(self, entry: Any) -> None:
-        super().__init__(entry)
+    def __init__(self, entry: Any, previous: Optional[Service] = None) -> None:
+        super().__init__(entry, previous)
         self.capabilities: Dict[Tuple[bool, bool], str] = {}   # (TLS active, EXTERNAL) -> the pre-login CAPABILITY

@@ -110,24 +110,25 @@ class Target:
         return "%s:%d" % (self.host, self.port)
 
 
-# The per-domain parameters (vdmap.cfg) that Directory reads: a virtual domain that sets one of them
-# gets a directory of its own (connections and caches); the others share the service's.
-DIRECTORY_PARAMS = ("LdapURL", "BindDN", "BindPass", "HostedDomains", "MailHostAttrs", "LdapCacheSize",
-                    "LdapCacheTTL", "AuthCacheSize", "AuthCacheTTL", "UserGroupDN", "CertMapDN")
-
-
 class LoginService(Service):
     """A service that logs users in to stores: it has a directory (and one per virtual domain that
     sets directory parameters in vdmap.cfg)."""
 
-    def __init__(self, entry: Any) -> None:
-        super().__init__(entry)
-        self.directory = Directory(self.cfg, entry.mta)
+    def __init__(self, entry: Any, previous: Optional[Service] = None) -> None:
+        super().__init__(entry, previous)
+        # a refresh keeps a directory whose settings did not change: its caches, its connections
+        kept = {d.settings: d for d in (previous.resources() if previous is not None else ())
+                if isinstance(d, Directory)}
+
+        def directory(cfg: Any) -> Directory:
+            return kept.get(Directory.settings_of(cfg, entry.mta)) or Directory(cfg, entry.mta)
+        self.directory = directory(self.cfg)
         self.directories: Dict[str, Directory] = {}      # virtual domain name -> its own directory
         vdomains = getattr(entry, "vdomains", None)
         for vd in vdomains.domains if vdomains is not None else ():
-            if any(name in vd.settings for name in DIRECTORY_PARAMS):
-                self.directories[vd.name] = Directory(self.cfg.override(vd.settings), entry.mta)
+            # a virtual domain that sets a parameter Directory reads gets a directory of its own
+            if any(name in vd.settings for name in Directory.PARAMS):
+                self.directories[vd.name] = directory(self.cfg.override(vd.settings))
         self.store_tls = tls.store_context(self.cfg)      # SSLBacksidePort; None: plaintext
         self.certmap = Certmap.load(self.cfg.CertmapFile) if self.cfg.CertmapFile else None
         server = self.cfg.AuthenticationServer
@@ -142,10 +143,8 @@ class LoginService(Service):
                 return self.directories[vd.name]
         return self.directory
 
-    def close(self) -> None:
-        self.directory.close()
-        for d in self.directories.values():
-            d.close()
+    def resources(self) -> List[Any]:
+        return [self.directory, *self.directories.values()]
 
 
 class LoginSession(Session):

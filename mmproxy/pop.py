@@ -39,7 +39,7 @@ from mmproxy.errors import (
     UnknownCommand,
 )
 from mmproxy.login import LoginService, LoginSession, Target, credentials
-from mmproxy.session import Line, Request, State, Verb, one_line
+from mmproxy.session import Line, Request, Service, State, Verb, one_line
 
 MAX_COMMAND = 255            # RFC 2449 section 4: a command line, CRLF included
 
@@ -100,8 +100,8 @@ class Spool:
 class PopService(LoginService):
     kind = "pop"
 
-    def __init__(self, entry: object) -> None:
-        super().__init__(entry)
+    def __init__(self, entry: object, previous: Optional[Service] = None) -> None:
+        super().__init__(entry, previous)
         cfg = self.cfg
         self.spool: Optional[Spool] = None
         if cfg.SpoofEmptyMailbox:

@@ -320,7 +320,28 @@ def _ensure_sweeper() -> None:
         _sweeper = gevent.spawn(_sweep)
 
 
-def close_all(reason: str) -> None:
-    """End every pump of this process with its shutdown goodbye (the daemon is stopping)."""
+def count() -> int:
+    """How many sessions this process relays now."""
+    return len(_PUMPS)
+
+
+def end_quiet(quiet: float, why: str, reason: str) -> int:
+    """End, with ``goodbyes[why]``, every pump that has moved nothing either way for ``quiet``
+    seconds (a stop's grace: Dovecot's proxy lets sessions idle for 2 s go at once); how many."""
+    now = get_hub().loop.now()
+    quiet_ones = [p for p in _PUMPS if now - p.last >= quiet]
+    for p in quiet_ones:
+        p.end(why, reason)
+    return len(quiet_ones)
+
+
+def close_all(reason: str, quiet: float = 1.0) -> None:
+    """End every pump of this process (the daemon is stopping): with its shutdown goodbye where it
+    has moved nothing for ``quiet`` seconds, so that the goodbye cannot land inside a response
+    still streaming; with a plain close otherwise."""
+    now = get_hub().loop.now()
     for p in list(_PUMPS):
-        p.end("shutdown", reason)
+        if now - p.last >= quiet:
+            p.end("shutdown", reason)
+        else:
+            p.close(reason)

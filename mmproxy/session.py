@@ -128,7 +128,8 @@ class Service:
     kind = "service"               # a kinds.SERVICES name: "imap", "pop", "smtp"
     session_class: Type["Session"]
 
-    def __init__(self, entry: Any) -> None:
+    def __init__(self, entry: Any, previous: Optional["Service"] = None) -> None:
+        """``previous``: the service this one replaces at a refresh (see :meth:`resources`)."""
         self.entry = entry
         self.cfg = entry.cfg
         self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self.cfg.SSLEnable else None
@@ -221,8 +222,15 @@ class Service:
         vd = getattr(self.entry, "vdomains", None)
         return vd.for_address(server_ip) if vd is not None else {}
 
+    def resources(self) -> List[Any]:
+        """What this service holds that a refresh may hand on to the service replacing it (each with
+        a ``close()``): LoginService's directories, with their caches and connections."""
+        return []
+
     def close(self) -> None:
-        """The daemon stops (or this object was replaced by a refresh): release what it holds."""
+        """The daemon stops: release what it holds."""
+        for r in self.resources():
+            r.close()
 
 
 class Session:
@@ -287,6 +295,11 @@ class Session:
     def final_states(cls) -> FrozenSet[Any]:
         """The states in which the command loop stops: the end (LoginSession adds the pump's)."""
         return frozenset({cls.CLOSED})
+
+    def busy(self) -> bool:
+        """In the middle of something a stopping daemon lets finish within ShutdownGrace (SMTP: a
+        mail transaction); otherwise the session gets the protocol's goodbye at once."""
+        return False
 
     # ------------------------------------------------------------------ what a protocol provides
     def greet(self) -> None:

@@ -167,6 +167,7 @@ class SmtpState(State):
 
 _COMMAND_STATES = frozenset({SmtpState.GREETING, SmtpState.RELAYING, SmtpState.ENVELOPE})
 _OUTSIDE_MAIL = frozenset({SmtpState.GREETING, SmtpState.RELAYING})
+_IN_MAIL = frozenset({SmtpState.ENVELOPE, SmtpState.DATA})
 _ANY = _COMMAND_STATES | {SmtpState.TLS_STARTED}
 
 
@@ -233,6 +234,10 @@ class SmtpSession(Session):
 
     def describe(self) -> str:
         return "relay %s, %d message(s) relayed" % (self.relay_name or "-", self.messages)
+
+    def busy(self) -> bool:
+        """A mail transaction under way (after MAIL): a stopping daemon lets it finish within ShutdownGrace."""
+        return self.state in _IN_MAIL
 
     def greet(self) -> None:
         self.relay = self.open_relay()
@@ -707,8 +712,8 @@ class SmtpService(Service):
     kind = "smtp"
     session_class = SmtpSession
 
-    def __init__(self, entry: object) -> None:
-        super().__init__(entry)
+    def __init__(self, entry: object, previous: Optional[Service] = None) -> None:
+        super().__init__(entry, previous)
         self.hostname = socket.gethostname() or "localhost"
         self.turn = 0                                   # round-robin position
         self.avoid: Dict[Tuple[str, int], float] = {}   # relay -> monotonic time it is tried again

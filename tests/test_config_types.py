@@ -37,6 +37,7 @@ SUPPORTED += "LoginTimeout LoginIdleTimeout HandshakeTimeout StoreTimeout SmtpMe
 SUPPORTED += "AuthenticationServer AuthenticationLdapAttributes AuthenticationServerTimeout".split()  # issue 9
 SUPPORTED += "LdapCAFile LdapNegativeCacheTTL LdapStaleGrace".split()   # directory failover and caches (issue 9)
 SUPPORTED += ["MaxConcurrentConnectionAttempts"]                                       # issue 9
+SUPPORTED += ["ShutdownGrace"]                                                         # issue 10
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

@@ -76,11 +76,16 @@ _group(
     ("ServiceList", t.ServiceList(),
      "msg_svr_base/lib/ImapProxyAService@143|993 msg_svr_base/lib/PopProxyAService@110", "A",
      "services to start: DLLPATH[|INSTANCE]@[IP:]PORT|[IP:]PORT..., blank separated; the basename of "
-     "DLLPATH picks the service, INSTANCE.cfg holds its settings", dict(_SUP, reload=False)),
+     "DLLPATH picks the service, INSTANCE.cfg holds its settings; a refresh opens and closes listeners to match", _SUP),
     ("NumThreads", t.Int(min=1), 1, "A",
      "worker processes (one per processor is optimal), sharing the listeners", dict(_SUP, reload=False)),
     ("BeTheUser", t.Str(), None, "A", "user to run as once the ports are bound", dict(_SUP, reload=False)),
     ("BeTheGroup", t.Str(), None, "A", "group to run as once the ports are bound", dict(_SUP, reload=False)),
+    ("ShutdownGrace", t.Int(min=0), 5, "A",
+     "mmproxy extension: seconds relayed sessions get to finish when the daemon stops (listeners close at "
+     "once, sessions before login get the protocol's goodbye at once, a relayed session quiet for 2 s is "
+     "told at once); then IMAP * BYE / POP -ERR / SMTP 421 where it cannot cut a response in two, and a "
+     "close. A second stop signal ends it at once", _SUP),
 )
 _group(
     "Logging",
