@@ -122,17 +122,21 @@ def _signal(config_dir: str, sig: int) -> int:
 @main.command()
 @config_dir_option
 def stop(config_dir: str) -> None:
-    """Stop the proxy started with this configuration directory (legacy: stop-msg mmp); removes
-    the pid file when the daemon could not (BeTheUser) and it still names the stopped pid."""
+    """Stop the proxy started with this configuration directory (legacy: stop-msg mmp): sessions
+    before login are told at once, relayed ones get ShutdownGrace seconds (a second stop: none).
+    Removes the pid file when the daemon could not (BeTheUser) and it still names the stopped pid."""
     from mmproxy import pidfile
+    from mmproxy.config import load_config
     pid = _signal(config_dir, signal.SIGTERM)
-    for _ in range(150):
+    wait = int(load_config(config_dir).aservice.ShutdownGrace) + 15     # the grace, then the goodbyes
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
         if pidfile.running_pid(config_dir) != pid:
             pidfile.remove_stale(pidfile.path_for(config_dir), pid)
             click.echo("mmproxy (pid %d) stopped" % pid)
             return
         time.sleep(0.1)
-    raise click.ClickException("pid %d did not stop within 15 s" % pid)
+    raise click.ClickException("pid %d did not stop within %d s" % (pid, wait))
 
 
 @main.command()
