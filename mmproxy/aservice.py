@@ -446,7 +446,9 @@ class Master:
     the plain calls, so a worker inherits no greenlets and no signal watchers of its parent.
     """
 
-    RESPAWN_DELAY = 1.0
+    RESPAWN_DELAY = 0.2      # a worker that died is started again this soon (the poll adds up to POLL)...
+    CRASH_LOOP = 10.0        # ...unless it lived less than this: then the delay doubles each time, up to
+    MAX_DELAY = 30.0         # this (a worker that cannot start must not flood the log)
     POLL = 0.2
 
     def __init__(self, config: Config, workers: int, foreground: bool = True) -> None:
@@ -455,6 +457,8 @@ class Master:
         self.foreground = foreground
         self.pids: Dict[int, int] = {}          # pid -> worker number
         self.due: Dict[int, float] = {}         # worker number -> when to start it again
+        self.started: Dict[int, float] = {}     # worker number -> when it was last started
+        self.delay: Dict[int, float] = {}       # worker number -> its present respawn delay
         self.pending: List[int] = []
         self.stopping = False
         self.state: Optional[state.LocalState] = None      # the master's own handle on the store
@@ -532,6 +536,7 @@ class Master:
                 logging.shutdown()
                 os._exit(code)
         self.pids[pid] = i
+        self.started[i] = time.monotonic()
 
     def _forward(self, sig: int) -> None:
         for pid in list(self.pids):
@@ -570,7 +575,7 @@ class Master:
                 if i is not None and not self.stopping:
                     log.error("worker %d (pid %d) %s; starting a new one", i, pid, _ended(status))
                     self._forget(i)
-                    self.due[i] = time.monotonic() + self.RESPAWN_DELAY
+                    self.due[i] = time.monotonic() + self._respawn_delay(i)
             for i, when in list(self.due.items()):
                 if self.stopping:
                     self.due.clear()
@@ -582,6 +587,15 @@ class Master:
         state.store().remove()
         if self.state is not None:
             self.state.close()
+
+    def _respawn_delay(self, i: int) -> float:
+        """How long worker ``i``, just dead, waits for its replacement: RESPAWN_DELAY, doubling (up
+        to MAX_DELAY) while each replacement dies within CRASH_LOOP seconds of its start."""
+        if time.monotonic() - self.started.get(i, 0.0) >= self.CRASH_LOOP:
+            self.delay[i] = self.RESPAWN_DELAY
+        else:
+            self.delay[i] = min(self.MAX_DELAY, max(1.0, 2 * self.delay.get(i, 0.5)))
+        return self.delay[i]
 
     def refresh(self) -> None:
         """SIGHUP: the master reads the files too, so that a worker it starts from now on (one

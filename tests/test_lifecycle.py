@@ -323,3 +323,22 @@ def test_stop_gives_busy_sessions_the_grace_and_a_second_signal_ends_it(mail_sta
         running[0] = False
         g.join(5)
         assert "stopping now" in proxy_log(p)
+
+
+def test_a_worker_that_died_is_replaced_at_once_unless_it_keeps_dying(tmp_path, monkeypatch):
+    """Pure logic of the master's respawn delay: 0.2 s after a worker that ran a while; doubling
+    from 1 s (up to 30 s) while replacements die within 10 s of their start."""
+    from mmproxy import aservice
+    from mmproxy.config import load_config
+    now = [1000.0]
+    monkeypatch.setattr(aservice.time, "monotonic", lambda: now[0])
+    m = aservice.Master(load_config(str(tmp_path)), 2)
+    m.started[0] = now[0] - 3600
+    assert m._respawn_delay(0) == 0.2
+    delays = []
+    for _ in range(7):
+        m.started[0] = now[0] - 1                      # the replacement died a second after its start
+        delays.append(m._respawn_delay(0))
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    m.started[0] = now[0] - 60
+    assert m._respawn_delay(0) == 0.2
