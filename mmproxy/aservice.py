@@ -429,11 +429,12 @@ class AService:
             (("listening on", list(opened)), ("closed", closed)) if eps))
 
     def _release(self, svc: Service, keep: List[Service]) -> None:
-        """What ``svc`` holds and no service in ``keep`` took over is closed, in 60 s: lookups in
-        flight may still use it."""
+        """What ``svc`` holds and no service in ``keep`` took over is closed once no session that
+        started before the refresh can still need it: a session before login has at most
+        ``LoginTimeout`` seconds to get there (10 more for the login's own lookups)."""
         for d in svc.resources():
             if all(d not in k.resources() for k in keep):
-                gevent.spawn_later(60, d.close)
+                gevent.spawn_later(float(svc.cfg.LoginTimeout) + 10, d.close)
 
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
