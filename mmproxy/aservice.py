@@ -492,7 +492,12 @@ class Master:
             self.ready_w = None
         listening = _count_ready(ready_r, self.n)
         os.close(ready_r)
-        self.pidfile.write()
+        try:
+            self.pidfile.write()
+        except pidfile.PidfileError:
+            self._forward(signal.SIGTERM)           # no worker outlives a master that cannot start
+            self.pidfile.release()
+            raise
         log.info("mmproxy started (pid %d) with %d worker processes", os.getpid(), self.n)
         if listening < self.n:
             log.warning("%d of %d workers did not start listening", self.n - listening, self.n)

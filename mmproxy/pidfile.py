@@ -138,14 +138,15 @@ class Pidfile:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                other = _lock_holder(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
+                busy = e.errno in (errno.EACCES, errno.EAGAIN)
+                other = _lock_holder(fd) if busy else None
                 os.close(fd)
-                if other is None and e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise PidfileError("cannot lock the pid file %s: %s" % (self.path, e.strerror)) from None
-                if time.monotonic() >= deadline and other is not None:
+                if busy and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                if other is not None:
                     raise AlreadyRunning(other, self.path) from None
-                time.sleep(0.05)
-                continue
+                raise PidfileError("cannot lock the pid file %s: %s" % (self.path, e.strerror)) from None
             if _same_file(fd, self.path):
                 break
             os.close(fd)            # removed or replaced since we opened it: take what is there now

@@ -164,10 +164,11 @@ def test_be_the_user_after_binding(mail_stack, tmp_path):
     os.chmod(p.log_dir, 0o777)
     with p:
         deadline = time.monotonic() + 10
-        while "worker 1 started" not in proxy_log(p):
+        # the master says it started once its workers listen (it told systemd READY=1 then)
+        while "started (pid %d) with 2 worker processes" % p.proc.pid not in proxy_log(p):
             assert time.monotonic() < deadline, p.output()
             time.sleep(0.1)
-        assert "started (pid %d) with 2 worker processes" % p.proc.pid in proxy_log(p)
+        assert "worker 1 started" in proxy_log(p)
         assert "Permission denied" not in p.output()
         assert {os.stat(f).st_uid for f in glob.glob(os.path.join(p.log_dir, "*.log"))} == {nobody.pw_uid}
     write_cfg(str(tmp_path / "AService.cfg"), {"ServiceList": "/opt/lib/ImapProxyAService@%d" % free_port(),

@@ -84,7 +84,8 @@ def test_sdist_carries_what_building_and_running_need(dists):
         top = tar.getnames()[0].split("/")[0]
         names = {n[len(top) + 1:] for n in tar.getnames()}
         for name in ("setup.py", "pyproject.toml", "requirements.txt", "constraints.txt", "README.md",
-                     "mmproxy/testing/sunms.schema", "docs/parameters.md"):
+                     "mmproxy/testing/sunms.schema", "docs/parameters.md",
+                     "contrib/mmproxy.service", "scripts/start-msg"):
             assert name in names, name
         for name in TEMPLATES:
             committed = open(os.path.join(ROOT, "cfg", name), "rb").read()
