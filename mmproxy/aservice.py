@@ -257,6 +257,18 @@ class AService:
                  ", ".join("%s on %s" % (k, _eps(s.entry.spec.listeners)) for (k, _), s in self.services.items()))
         if self.worker is None:
             sdnotify.notify("READY=1", "STATUS=accepting connections")
+        else:
+            gevent.spawn(self._watch_master, os.getppid())
+
+    def _watch_master(self, master: int) -> None:
+        """A worker whose master is gone (killed with SIGKILL: nothing forwards signals or holds the
+        pid file any more) stops as on SIGTERM, instead of serving on as an orphan."""
+        while not self.stopping:
+            gevent.sleep(1.0)
+            if os.getppid() != master:
+                log.error("worker %s: the master process (pid %d) is gone; stopping", self.worker, master)
+                self.stop()
+                return
 
     def _sighup(self) -> None:
         """SIGHUP: refresh; systemd hears RELOADING=1 before and READY=1 after (sd_notify(3))."""

@@ -342,3 +342,31 @@ def test_a_worker_that_died_is_replaced_at_once_unless_it_keeps_dying(tmp_path, 
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     m.started[0] = now[0] - 60
     assert m._respawn_delay(0) == 0.2
+
+
+@pytest.mark.timeout(60)
+def test_workers_stop_when_the_master_is_killed(mail_stack):
+    """kill -9 of the master (nothing forwards signals any more, the pid file's lock is gone): its
+    workers stop within a few seconds instead of serving on as orphans."""
+    with Proxy(mail_stack.info(), aservice={"NumThreads": 2}) as p:
+        wait_for_log(p, "worker 1 started")
+        workers = worker_pids(p.proc.pid)
+        assert len(workers) == 2
+        os.kill(p.proc.pid, signal.SIGKILL)
+        p.proc.wait(5)
+        deadline = time.monotonic() + 10
+        while any(os.path.exists("/proc/%d" % w) and not zombie(w) for w in workers):
+            assert time.monotonic() < deadline, "workers still running"
+            time.sleep(0.1)
+        files = "".join(open(os.path.join(p.log_dir, f)).read() for f in os.listdir(p.log_dir))
+        assert files.count("the master process (pid %d) is gone; stopping" % p.proc.pid) == 2
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p.imap_port), 2)
+
+
+def zombie(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
