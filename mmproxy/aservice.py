@@ -54,7 +54,9 @@ def service_class(kind: str) -> Optional[type]:
 
 
 BACKLOG = 1024
-ServiceKey = Tuple[str, str]          # (kind, instance) of a ServiceList entry
+# A ServiceList entry: (kind, instance, section, n) where n counts the earlier entries with the same
+# kind, instance and section: two entries naming one .cfg file (or one section of it) are two services
+ServiceKey = Tuple[str, str, str, int]
 QUIET = 2.0          # seconds without traffic after which a relayed session is told at once when stopping
 
 
@@ -206,7 +208,7 @@ class AService:
         self.config = config
         self.foreground = foreground
         self.worker = worker
-        self.services: Dict[Tuple[str, str], Service] = {}
+        self.services: Dict[ServiceKey, Service] = {}
         self.routes: Dict[Tuple[str, int], Tuple[Service, bool]] = {}   # endpoint -> (service, implicit TLS)
         self.listeners: Dict[Tuple[str, int], Listener] = {}
         self.retired: List[Service] = []          # replaced by a refresh; their sessions may still run
@@ -254,7 +256,7 @@ class AService:
         gevent.signal_handler(signal.SIGHUP, self._sighup)
         log.info("mmproxy %s (pid %d): %s", "started" if self.worker is None else "worker %d started" % self.worker,
                  os.getpid(),
-                 ", ".join("%s on %s" % (k, _eps(s.entry.spec.listeners)) for (k, _), s in self.services.items()))
+                 ", ".join("%s on %s" % (s.kind, _eps(s.entry.spec.listeners)) for s in self.services.values()))
         if self.worker is None:
             sdnotify.notify("READY=1", "STATUS=accepting connections")
         else:
@@ -284,7 +286,7 @@ class AService:
         """A Service for each ServiceList entry a protocol module serves (its log configured); what a
         service of ``previous`` holds that the new settings leave as they were (the directory with
         its caches and connections) is taken over.  ConfigError when one cannot be made."""
-        out: Dict[Tuple[str, str], Service] = {}
+        out: Dict[ServiceKey, Service] = {}
         for entry in config.services:
             kind = entry.spec.kind
             cls = service_class(kind)
@@ -293,11 +295,14 @@ class AService:
                             kind, entry.spec.instance, _eps(entry.spec.listeners))
                 continue
             logs.configure(kind, entry.cfg.LogDir, entry.cfg.LogLevel, self.foreground)
-            out[(kind, entry.spec.instance)] = cls(entry, previous.get((kind, entry.spec.instance)))
+            key = (kind, entry.spec.instance, entry.spec.section.lower(), 0)
+            while key in out:
+                key = key[:3] + (key[3] + 1,)
+            out[key] = cls(entry, previous.get(key))
         return out
 
     @staticmethod
-    def _routes(services: Dict[Tuple[str, str], Service]) -> Dict[Tuple[str, int], Tuple[Service, bool]]:
+    def _routes(services: Dict[ServiceKey, Service]) -> Dict[Tuple[str, int], Tuple[Service, bool]]:
         return {(ep.host, ep.port): (service, service.implicit_tls(ep.host, ep.port))
                 for service in services.values() for ep in service.entry.spec.listeners}
 
@@ -477,6 +482,7 @@ class Master:
         self.state: Optional[state.LocalState] = None      # the master's own handle on the store
         self.pidfile = pidfile.Pidfile(pidfile.path_for(config.dir))
         self.ready_w: Optional[int] = None      # the first workers say on this pipe that they listen
+        self.ready_r: Optional[int] = None
 
     def start(self) -> None:
         a = self.config.aservice
@@ -495,15 +501,16 @@ class Master:
         self.state = state.LocalState(store.path, sleep=_orig("time", "sleep"))
         for sig in _SIGNALS:
             _orig("signal", "signal")(sig, lambda signum, frame: self.pending.append(signum))
-        ready_r, self.ready_w = os.pipe()
+        self.ready_r, self.ready_w = os.pipe()
         try:
             for i in range(self.n):
                 self._spawn(i)
         finally:
             os.close(self.ready_w)
             self.ready_w = None
-        listening = _count_ready(ready_r, self.n)
-        os.close(ready_r)
+        listening = _count_ready(self.ready_r, self.n)
+        os.close(self.ready_r)
+        self.ready_r = None
         try:
             self.pidfile.write()
         except pidfile.PidfileError:
@@ -515,10 +522,18 @@ class Master:
             log.warning("%d of %d workers did not start listening", self.n - listening, self.n)
         sdnotify.notify("READY=1", "STATUS=accepting connections (%d workers)" % self.n)
 
-    def _check_listeners(self) -> None:
-        for entry in self.config.services:      # fail here, once, rather than in every worker
+    def _check_listeners(self, config: Optional[Config] = None, held: Iterable[Tuple[str, int]] = ()) -> None:
+        """Fail here, once, rather than in every worker: ConfigError naming the file when an
+        endpoint of ``config`` (default: the one in force) that the workers do not hold already
+        (``held``) cannot be had.  Another process's listener counts even when it set SO_REUSEPORT
+        (another mmproxy with NumThreads > 1, under the same uid): the workers' SO_REUSEPORT would
+        share the port with it, and the kernel hand it part of our connections."""
+        held = set(held)
+        for entry in (config or self.config).services:
             if service_class(entry.spec.kind) is not None:
                 for ep in entry.spec.listeners:
+                    if (ep.host, ep.port) in held:
+                        continue
                     try:
                         _plain_listen_check(ep.host, ep.port)
                     except OSError as e:
@@ -540,21 +555,39 @@ class Master:
             gevent.reinit()
             code = 1
             try:
+                self._close_masters_descriptors()
                 worker = AService(self.config, self.foreground, worker=i)
-                worker.start()
+                try:
+                    worker.start()
+                except (ConfigError, pidfile.PidfileError) as e:    # e.g. a certificate file gone
+                    log.error("worker %d cannot start: %s", i, e)
+                    raise SystemExit(1) from None
                 if self.ready_w is not None:
                     os.write(self.ready_w, b".")
                     os.close(self.ready_w)
                 worker.serve_forever()
                 code = 0
+            except SystemExit:
+                pass
             finally:
                 # the child never returns into the master's code: what went wrong is logged here
-                if code:
-                    log.error("worker %d failed", i, exc_info=sys.exc_info()[0] is not None)
+                exc = sys.exc_info()[0]
+                if code and exc is not None and exc is not SystemExit:
+                    log.error("worker %d failed", i, exc_info=True)
                 logging.shutdown()
                 os._exit(code)
         self.pids[pid] = i
         self.started[i] = time.monotonic()
+
+    def _close_masters_descriptors(self) -> None:
+        """In a new worker: the pid file (a worker must not keep it open: the master's lock is the
+        daemon's, and a stale copy would outlive a replaced pid file) and the start-up pipe's read end."""
+        for fd in (self.pidfile.fd, self.ready_r):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _forward(self, sig: int) -> None:
         for pid in list(self.pids):
@@ -620,9 +653,15 @@ class Master:
         replacing a worker that died) runs the configuration in force, then the workers refresh.
         A configuration with errors changes nothing anywhere (each problem logged as file:line)."""
         config = reload_config(self.config, self.foreground)
-        if config is not None:
-            self.config = config
-            self._forward(signal.SIGHUP)
+        if config is None:
+            return
+        try:            # a listener the workers could not open: they would refuse, replacements die
+            self._check_listeners(config, held=_endpoints(self.config))
+        except ConfigError as e:
+            log.error("refresh refused: %s", e)
+            return
+        self.config = config
+        self._forward(signal.SIGHUP)
 
     def _forget(self, worker: int) -> None:
         """A worker died: the connections it counted (ConnLimits) are closed; give their slots back."""
@@ -653,16 +692,23 @@ def _orig(module: str, name: str) -> Any:
 
 
 def _plain_listen_check(host: str, port: int) -> None:
-    """Bind (SO_REUSEPORT) and close, with the unpatched socket module: the master has no hub."""
+    """Bind and close, with the unpatched socket module (the master has no hub); OSError when the
+    port is taken.  Without SO_REUSEPORT: a listener of another process fails it, with that
+    option set or not (socket(7): every socket must set it, and have the same effective uid)."""
     sock_cls = _orig("socket", "socket")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = sock_cls(family, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
     finally:
         s.close()
+
+
+def _endpoints(config: Config) -> List[Tuple[str, int]]:
+    """The (host, port) of every listener ``config`` opens."""
+    return [(ep.host, ep.port) for e in config.services if service_class(e.spec.kind) is not None
+            for ep in e.spec.listeners]
 
 
 def daemon(config: Config, foreground: bool = True) -> Union[AService, Master]:

@@ -171,9 +171,20 @@ def server_context(cfg: ServiceConfig) -> ssl.SSLContext:
         hint = "" if password else "; is the key encrypted and SSLKeyPasswdFile missing?"
         raise ConfigError("%s: cannot load certificate/key (%s)%s"
                           % (cert, getattr(e, "reason", None) or e, hint)) from None
-    except OSError as e:
-        raise ConfigError("%s: %s" % (e.filename or cert, e.strerror)) from None
+    except OSError as e:        # OpenSSL's error names no file: a missing SSLKeyFile was blamed on the certificate
+        raise ConfigError("%s: %s" % (e.filename or _unreadable(cert, keyfile) or cert, e.strerror)) from None
     return ctx
+
+
+def _unreadable(*paths: Optional[str]) -> Optional[str]:
+    """The first of ``paths`` (None ones skipped) that cannot be opened for reading, or None."""
+    for path in paths:
+        if path:
+            try:
+                open(path, "rb").close()
+            except OSError:
+                return path
+    return None
 
 
 def store_context(cfg: ServiceConfig) -> Optional[ssl.SSLContext]:

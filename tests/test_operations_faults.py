@@ -1,0 +1,174 @@
+"""Operating faults found by trying to break issue 10 (refresh, stop, legacy commands, workers):
+each test is the input that broke it and the exact lines the client or operator sees now.
+
+Against real slapd and Dovecot (the session's MailStack), mmproxy daemons started as operators do.
+"""
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from mmproxy.testing.base import free_port
+from mmproxy.testing.proxy import LIBDIR, Proxy
+
+from helpers import proxy_log, wait_for_log
+
+
+def greeting(port):
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.settimeout(5)
+        return s.recv(4096).decode()
+
+
+def refresh(p, needle):
+    """SIGHUP, then the n-th ``needle`` in the log for the n-th refresh."""
+    before = proxy_log(p).count(needle)
+    p.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while proxy_log(p).count(needle) <= before:
+        assert time.monotonic() < deadline, "no %r after SIGHUP:\n%s" % (needle, proxy_log(p)[-3000:])
+        time.sleep(0.05)
+
+
+def aservice_log(p):
+    """The AService log files only (proxy_log adds the terminal output, where errors show twice)."""
+    return "".join(open(os.path.join(p.log_dir, f)).read() for f in sorted(os.listdir(p.log_dir))
+                   if f.startswith("AService_"))
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.fixture
+def held_port():
+    """A port another program listens on (not ours), for as long as the test runs."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_servicelist_entries_of_one_service_file_both_listen(mail_stack, workers):
+    """``ImapProxyAService@A ImapProxyAService@B`` (one .cfg file, two entries): check-config
+    counts two services, and both ports answered before only at B, at start and after a refresh."""
+    a, b = free_port("127.0.0.1"), free_port("127.0.0.1")
+    entries = "%s/ImapProxyAService@127.0.0.1:%d %s/ImapProxyAService@127.0.0.1:%d" % (LIBDIR, a, LIBDIR, b)
+    p = Proxy(mail_stack.info(), imap={"Banner": "one"}, aservice={"ServiceList": entries, "NumThreads": workers})
+    p.ports["imap"] = b                              # what Proxy.start waits for
+    with p:
+        wait_for_log(p, "started")
+        for port in (a, b):
+            assert greeting(port).endswith("] one\r\n")
+        p.settings["imap"]["Banner"] = "two"
+        p.write_config()
+        refresh(p, "configuration refreshed")
+        time.sleep(0.3)
+        for port in (a, b):
+            assert greeting(port).endswith("] two\r\n")
+        assert "closed 127.0.0.1" not in proxy_log(p)
+
+
+def test_another_mmproxy_with_workers_on_the_port_is_refused(mail_stack):
+    """Two daemons with NumThreads 2 on one port (a staging copy started on production's port):
+    the second used to start, its SO_REUSEPORT sharing the port with the first's, and the kernel
+    sent it part of the first one's connections.  Now it refuses, as NumThreads 1 does."""
+    with Proxy(mail_stack.info(), imap={"Banner": "first"}, aservice={"NumThreads": 2}) as first:
+        second = Proxy(mail_stack.info(), imap={"Banner": "second"}, aservice={"NumThreads": 2},
+                       imap_port=first.imap_port)
+        try:
+            second.start()                  # returns at once: the port answers (the first's)
+            assert second.proc.wait(20) == 1
+            cfg = os.path.join(second.config_dir, "ImapProxyAService.cfg")
+            assert ("Error: %s: cannot listen on 127.0.0.1:%d: Address already in use\n" % (cfg, first.imap_port)
+                    in second.output())
+        finally:
+            second.stop()
+        assert {greeting(first.imap_port).rsplit("] ", 1)[1] for _ in range(20)} == {"first\r\n"}
+        # nor can a refresh of a daemon with workers take it
+        with Proxy(mail_stack.info(), aservice={"NumThreads": 2}) as third:
+            third.settings["pop"], third.ports["pop"] = {}, first.imap_port
+            third.write_config()
+            refresh(third, "refresh refused")
+            cfg = os.path.join(third.config_dir, "PopProxyAService.cfg")
+            assert ("ERROR [aservice] refresh refused: %s: cannot listen on 127.0.0.1:%d: Address already in use"
+                    % (cfg, first.imap_port) in proxy_log(third))
+            assert {greeting(first.imap_port).rsplit("] ", 1)[1] for _ in range(20)} == {"first\r\n"}
+
+
+@pytest.mark.timeout(60)
+def test_a_refresh_the_workers_cannot_apply_is_refused_by_the_master(mail_stack, held_port):
+    """NumThreads 2, a refresh adding a port another program holds: the workers refused it, but the
+    master took the configuration, so every worker that replaced a dead one failed to listen,
+    with a traceback, again and again (1, 2, 4... s).  Now the master refuses the refresh once
+    and a killed worker is replaced by one that serves."""
+    with Proxy(mail_stack.info(), imap={"Banner": "kept"}, aservice={"NumThreads": 2}) as p:
+        p.settings["pop"], p.ports["pop"] = {"Banner": "new"}, held_port
+        p.write_config()
+        refresh(p, "refresh refused")
+        cfg = os.path.join(p.config_dir, "PopProxyAService.cfg")
+        time.sleep(0.5)
+        assert aservice_log(p).count("refresh refused") == 1      # the master's line; no worker heard of it
+        assert ("ERROR [aservice] refresh refused: %s: cannot listen on 127.0.0.1:%d: Address already in use"
+                % (cfg, held_port)) in proxy_log(p)
+        workers = children(p.proc.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not set(children(p.proc.pid)) - set(workers):
+            assert time.monotonic() < deadline, proxy_log(p)[-3000:]
+            time.sleep(0.1)
+        wait_for_log(p, "started (pid %d)" % (set(children(p.proc.pid)) - set(workers)).pop())
+        assert {greeting(p.imap_port).rsplit("] ", 1)[1] for _ in range(10)} == {"kept\r\n"}
+        text = proxy_log(p)
+        assert "Traceback" not in text and "failed" not in text
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_start_says_why_in_one_line(mail_stack, tmp_path):
+    """A worker replaced while its certificate file is missing (a renewal half done): one line
+    naming the file, no traceback, and the next replacement serves once the file is back."""
+    from mmproxy.testing.proxy import make_cert
+    cert, key = make_cert(str(tmp_path))
+    with Proxy(mail_stack.info(), aservice={"NumThreads": 2}, tls=(cert, key)) as p:
+        os.rename(key, key + ".moved")
+        workers = children(p.proc.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        text = wait_for_log(p, "cannot start")
+        line = [x for x in text.splitlines() if "cannot start" in x][0]
+        assert line.split(" ", 2)[2].startswith("ERROR [aservice] worker ")
+        assert key in line and "Traceback" not in text
+        os.rename(key + ".moved", key)
+        deadline = time.monotonic() + 15
+        while len(children(p.proc.pid)) < 2 or proxy_log(p).count("started (pid") < 4:
+            assert time.monotonic() < deadline, proxy_log(p)[-3000:]
+            time.sleep(0.1)
+        assert "Traceback" not in proxy_log(p)
+
+
+def test_workers_do_not_keep_the_masters_pid_file_open(mail_stack):
+    """A worker inherited the master's descriptor of the pid file (the first, since-replaced
+    inode: ``mmproxy.pid (deleted)``)."""
+    with Proxy(mail_stack.info(), aservice={"NumThreads": 2}) as p:
+        wait_for_log(p, "with 2 worker processes")
+        for pid in children(p.proc.pid):
+            fds = os.listdir("/proc/%d/fd" % pid)
+            targets = []
+            for fd in fds:
+                try:
+                    targets.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+                except OSError:
+                    pass
+            assert not [t for t in targets if "mmproxy.pid" in t], targets
