@@ -217,12 +217,19 @@ class AService:
         self._finishing = False
         self.stopped = Event()
         self.pidfile = pidfile.Pidfile(pidfile.path_for(config.dir)) if worker is None else None
+        self.serving = False                      # start() is done: a SIGHUP before then waits for it
+        self._refresh_asked = False
 
     def start(self) -> None:
         a = self.config.aservice
         logs.set_owner(_run_as(a.BeTheUser, a.BeTheGroup))
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
         session.set_worker(self.worker)
+        # From the first moment: `refresh` finds a starting daemon by its pid file's lock (or the
+        # master passes a SIGHUP on to a worker it has just forked), and SIGHUP's default action
+        # would end it; the refresh runs once the daemon serves.
+        gevent.signal_handler(signal.SIGHUP, self._sighup)
+        self._refresh_asked = bool(_early_sighups)
         if self.pidfile is not None:
             self.pidfile.acquire()          # before anything of a running daemon's is touched
         if self.worker is None:
@@ -253,7 +260,6 @@ class AService:
         drop_privileges(a.BeTheUser, a.BeTheGroup)
         gevent.signal_handler(signal.SIGTERM, self.stop)
         gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else self._interrupt)
-        gevent.signal_handler(signal.SIGHUP, self._sighup)
         log.info("mmproxy %s (pid %d): %s", "started" if self.worker is None else "worker %d started" % self.worker,
                  os.getpid(),
                  ", ".join("%s on %s" % (s.kind, _eps(s.entry.spec.listeners)) for s in self.services.values()))
@@ -261,6 +267,9 @@ class AService:
             sdnotify.notify("READY=1", "STATUS=accepting connections")
         else:
             gevent.spawn(self._watch_master, os.getppid())
+        self.serving = True
+        if self._refresh_asked:
+            gevent.spawn(self._sighup)
 
     def _watch_master(self, master: int) -> None:
         """A worker whose master is gone (killed with SIGKILL: nothing forwards signals or holds the
@@ -273,7 +282,11 @@ class AService:
                 return
 
     def _sighup(self) -> None:
-        """SIGHUP: refresh; systemd hears RELOADING=1 before and READY=1 after (sd_notify(3))."""
+        """SIGHUP: refresh; systemd hears RELOADING=1 before and READY=1 after (sd_notify(3)).
+        Before the daemon serves, only noted: the refresh runs at the end of :meth:`start`."""
+        if not self.serving:
+            self._refresh_asked = True
+            return
         if self.worker is None:
             sdnotify.notify(*sdnotify.reloading())
         try:
@@ -455,6 +468,11 @@ class AService:
 
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_early_sighups: List[int] = []      # SIGHUPs a new worker got before its AService handles them
+
+
+def _note_sighup(signum: int, frame: Any) -> None:
+    _early_sighups.append(signum)
 
 
 class Master:
@@ -488,6 +506,8 @@ class Master:
         a = self.config.aservice
         logs.set_owner(_run_as(a.BeTheUser, a.BeTheGroup))
         logs.configure("aservice", a.LogDir, a.LogLevel, self.foreground)
+        for sig in _SIGNALS:            # before `refresh`/`stop` can find us by the pid file's lock
+            _orig("signal", "signal")(sig, lambda signum, frame: self.pending.append(signum))
         self.pidfile.acquire()
         try:
             self._check_listeners()
@@ -499,8 +519,6 @@ class Master:
         store = state.LocalState.create(_run_as(a.BeTheUser, a.BeTheGroup))
         state.use(store)
         self.state = state.LocalState(store.path, sleep=_orig("time", "sleep"))
-        for sig in _SIGNALS:
-            _orig("signal", "signal")(sig, lambda signum, frame: self.pending.append(signum))
         self.ready_r, self.ready_w = os.pipe()
         try:
             for i in range(self.n):
@@ -548,7 +566,7 @@ class Master:
             pid = _orig("os", "fork")()
             if pid == 0:
                 for sig in _SIGNALS:
-                    _orig("signal", "signal")(sig, signal.SIG_DFL)
+                    _orig("signal", "signal")(sig, _note_sighup if sig == signal.SIGHUP else signal.SIG_DFL)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         if pid == 0:
@@ -742,7 +760,9 @@ def reload_config(current: Config, foreground: bool, report: bool = True) -> Opt
     """The configuration of ``current``'s directory read again for a refresh, the AService log
     configured by it; None (each error logged as file:line, nothing changed) when it has errors.
     ``report``: log what only a restart applies (the process that owns the workers does)."""
-    config = load_config(current.dir, create_missing=True)
+    # never create_missing here: a file moved away for a moment (an editor's save, a deployment)
+    # would come back as the template, and its defaults (ports 143, 993, 110 on every address) apply
+    config = load_config(current.dir)
     problems = config.errors + [p for p in runtime_problems(config) if p.severity == "error"]
     if problems:
         for p in problems:

@@ -92,6 +92,7 @@ def start(config_dir: str, foreground: bool) -> None:
 def _daemonize(config_dir: str) -> None:
     argv = [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", config_dir]
     out = open(os.path.join(config_dir, "mmproxy.out"), "ab")
+    offset = out.seek(0, os.SEEK_END)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
     from mmproxy import pidfile
@@ -101,12 +102,23 @@ def _daemonize(config_dir: str) -> None:
             other = pidfile.holder(path)
             if other:                   # another start won the race for the pid file
                 raise click.ClickException(str(pidfile.AlreadyRunning(other, path)))
+            click.echo(_output_since(out.name, offset), err=True, nl=False)     # what to fix, on the terminal
             raise click.ClickException("mmproxy exited with status %d; see %s" % (proc.returncode, out.name))
         if pidfile.holder(path) == proc.pid and pidfile.read_pid(path) == proc.pid:
             click.echo("mmproxy started, pid %d (output in %s)" % (proc.pid, out.name))
             return
         time.sleep(0.1)
     raise click.ClickException("mmproxy did not start within 30 s; see %s" % out.name)
+
+
+def _output_since(path: str, offset: int, limit: int = 8192) -> str:
+    """What the daemon wrote to ``path`` after ``offset`` (its last ``limit`` bytes), as text."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(offset, os.path.getsize(path) - limit))
+            return f.read(limit).decode("utf-8", "backslashreplace")
+    except OSError:
+        return ""
 
 
 def _signal(config_dir: str, sig: int) -> int:

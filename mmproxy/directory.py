@@ -281,7 +281,9 @@ class Directory:
         for server in self.servers:
             if server.probe is not None:
                 server.probe.kill(block=False)
-        self.pool.kill()
+        # from the hub, ThreadPool.kill() does not wait for the threads: one stuck on a hung server
+        # would hold a stopping daemon until the operation times out
+        gevent.get_hub().loop.run_callback(self.pool.kill)
 
     # ------------------------------------------------------------------ servers
     def _order(self) -> List[_Server]:

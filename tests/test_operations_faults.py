@@ -6,14 +6,18 @@ Against real slapd and Dovecot (the session's MailStack), mmproxy daemons starte
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
+from mmproxy import pidfile
 from mmproxy.testing.base import free_port
 from mmproxy.testing.proxy import LIBDIR, Proxy
 
-from helpers import proxy_log, wait_for_log
+from helpers import RawClient, proxy_log, wait_for_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def greeting(port):
@@ -172,3 +176,98 @@ def test_workers_do_not_keep_the_masters_pid_file_open(mail_stack):
                 except OSError:
                     pass
             assert not [t for t in targets if "mmproxy.pid" in t], targets
+
+
+# ---------------------------------------------------------------------- refresh: what it may not do
+@pytest.mark.parametrize("workers,missing", [(1, "AService.cfg"), (2, "AService.cfg"), (1, "ImapProxyAService.cfg")])
+def test_a_refresh_while_a_file_is_missing_changes_nothing(mail_stack, workers, missing):
+    """AService.cfg moved away for a moment (an editor's save, a deployment that swaps files) when
+    the refresh came: the refresh created a fresh one from the template and applied it, closing
+    the configured ports and listening on 0.0.0.0:143, 993 and 110 instead.  A refresh writes
+    nothing into the configuration directory: a missing file is an error like any other."""
+    with Proxy(mail_stack.info(), imap={"Banner": "kept"}, aservice={"NumThreads": workers}) as p:
+        wait_for_log(p, "started")
+        before = sorted(os.listdir(p.config_dir))
+        path = os.path.join(p.config_dir, missing)
+        os.rename(path, os.path.join(p.dir, missing + ".editing"))
+        refresh(p, "refresh refused")
+        time.sleep(0.5)
+        assert ("ERROR [aservice] refresh refused: %s: cannot read: No such file or directory" % path
+                in aservice_log(p))
+        assert sorted(os.listdir(p.config_dir)) == sorted(set(before) - {missing})
+        assert {greeting(p.imap_port).rsplit("] ", 1)[1] for _ in range(6)} == {"kept\r\n"}
+        assert "configuration refreshed" not in proxy_log(p)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_refresh_asked_while_the_daemon_starts_does_not_kill_it(mail_stack, workers):
+    """``refresh mmp`` finds a daemon by its pid file's lock, which a starting daemon holds before
+    it handles SIGHUP: the default action of SIGHUP ended it (and a worker the master had just
+    forked).  Now the refresh runs once the daemon serves."""
+    p = Proxy(mail_stack.info(), imap={"Banner": "up"}, aservice={"NumThreads": workers})
+    p.write_config()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out = open(p.out_file, "ab")
+    p.proc = subprocess.Popen(p.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                              env=env, start_new_session=True)
+    out.close()
+    try:
+        deadline = time.monotonic() + 20
+        while True:                         # what `refresh mmp` does, the moment it can
+            pid = pidfile.running_pid(p.config_dir)
+            if pid:
+                os.kill(pid, signal.SIGHUP)
+                break
+            assert p.proc.poll() is None and time.monotonic() < deadline, p.output()
+        wait_for_log(p, "configuration refreshed", timeout=20)
+        assert p.proc.poll() is None
+        assert greeting(p.imap_port).endswith("] up\r\n")
+        assert "worker 0 (pid" not in proxy_log(p) and "worker 1 (pid" not in proxy_log(p)
+    finally:
+        p.stop()
+
+
+# ---------------------------------------------------------------------- stop
+def test_stop_does_not_wait_for_a_hung_directory(mail_stack, two_slapds):
+    """A login waits on a directory server that accepts and never answers (SIGSTOP) when the
+    daemon is told to stop: the client got its goodbye at once, but the daemon waited for the LDAP
+    thread until the operation timed out (10 s), more with lookups queued behind it."""
+    slapd = two_slapds[0]
+    with Proxy(mail_stack.info(), imap={"LdapURL": "%s/o=internet" % slapd.url}) as p:
+        c = RawClient("127.0.0.1", p.imap_port)
+        c.expect(b"* OK ")
+        os.kill(slapd.proc.pid, signal.SIGSTOP)
+        c.send(b"a LOGIN alice alice-pw\r\n")
+        time.sleep(1)
+        t = time.monotonic()
+        p.proc.send_signal(signal.SIGTERM)
+        c.expect_lines("* BYE [UNAVAILABLE] Server shutting down")
+        c.expect_close()
+        assert p.proc.wait(10) == 0
+        assert time.monotonic() - t < 3
+        assert "Traceback" not in proxy_log(p)
+
+
+# ---------------------------------------------------------------------- legacy commands
+def test_start_msg_with_a_bad_configuration_says_what_is_wrong(mail_stack):
+    """``start-msg mmp`` on a directory with an error said only "mmproxy exited with status 1; see
+    .../mmproxy.out": the operator saw nothing of what to fix.  The daemon's own words come first."""
+    p = Proxy(mail_stack.info())
+    p.write_config()
+    try:
+        cfg = os.path.join(p.config_dir, "ImapProxyAService.cfg")
+        with open(cfg, "a") as f:
+            f.write("default:LdapCacheTTL banana\n")
+        line = sum(1 for _ in open(cfg))
+        r = subprocess.run([os.path.join(ROOT, "scripts", "start-msg"), "mmp", "--config-dir", p.config_dir],
+                           capture_output=True, text=True, timeout=60, cwd="/",
+                           env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MMPROXY_CONFIG_DIR")})
+        d = p.config_dir
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == ("%s:%d: LdapCacheTTL: not a whole number\n"
+                            "%s: 1 error(s); fix them and run `mmproxy check-config --config-dir %s` again\n"
+                            "Error: mmproxy exited with status 1; see %s\n"
+                            % (cfg, line, d, d, os.path.join(d, "mmproxy.out")))
+    finally:
+        p.stop()
