@@ -1,4 +1,4 @@
-"""The operator commands: start, stop, refresh, status, check-config, params."""
+"""The operator commands: start, stop, refresh, status, check-config, params, rotate-logs."""
 from __future__ import annotations
 
 import json
@@ -65,7 +65,9 @@ def check_config(config_dir: str) -> None:
 @click.option("--foreground", is_flag=True,
               help="Stay in the foreground (as systemd's Type=notify wants) and write warnings and errors "
                    "to stderr too (everything when there is no LogDir).")
-def start(config_dir: str, foreground: bool) -> None:
+@click.option("--daemonized", is_flag=True, hidden=True,
+              help="Run by `start` without --foreground: the output goes to mmproxy.out, bounded.")
+def start(config_dir: str, foreground: bool, daemonized: bool) -> None:
     """Start the proxy (legacy: start-msg mmp). Refuses to start on configuration errors, and while
     another mmproxy runs on the same configuration directory (its pid file is locked)."""
     from mmproxy import pidfile
@@ -78,20 +80,29 @@ def start(config_dir: str, foreground: bool) -> None:
         _daemonize(config_dir)
         return
     config, line = _check(config_dir, create_missing=True, err=True)
+    from mmproxy import logs
     from mmproxy.aservice import daemon as make_daemon
     from mmproxy.errors import ConfigError
-    daemon = make_daemon(config, foreground=True)
+    if daemonized:                  # from here on Python's output goes to the AService log
+        logs.capture_output(os.path.join(config_dir, OUT_FILE))
+    daemon = make_daemon(config, foreground=not daemonized)
     try:
         daemon.start()
     except (ConfigError, pidfile.PidfileError) as e:
+        logs.release_output()       # why it cannot start: in mmproxy.out, where `start` looks
         raise click.ClickException(str(e))
-    click.echo(line, err=True)
+    click.echo(line, file=sys.__stderr__ if daemonized else sys.stderr)
     daemon.serve_forever()
 
 
+OUT_FILE = "mmproxy.out"       # in the configuration directory; the previous start's is mmproxy.out.1
+
+
 def _daemonize(config_dir: str) -> None:
-    argv = [sys.executable, "-m", "mmproxy", "start", "--foreground", "--config-dir", config_dir]
-    out = open(os.path.join(config_dir, "mmproxy.out"), "ab")
+    from mmproxy import logs
+    argv = [sys.executable, "-m", "mmproxy", "start", "--foreground", "--daemonized", "--config-dir", config_dir]
+    logs.keep_previous(os.path.join(config_dir, OUT_FILE))
+    out = open(os.path.join(config_dir, OUT_FILE), "ab")
     offset = out.seek(0, os.SEEK_END)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -213,3 +224,22 @@ def params(markdown: bool) -> None:
         click.echo("%-28s %-7s %-9s %-24s %s" % (p.name, "".join(p.files), status, d, p.doc))
 
 
+@main.command("rotate-logs")
+@config_dir_option
+@click.option("--compress-after", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="gzip the files dated N or more days ago (today's file never).")
+@click.option("--delete-after", type=click.IntRange(min=1), default=30, show_default=True, metavar="M",
+              help="Delete the files (.log or .gz) dated M or more days ago.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def rotate_logs(config_dir: str, compress_after: int, delete_after: int, dry_run: bool) -> None:
+    """Compress and delete old daily log files in every LogDir; safe while mmproxy runs (for cron:
+    15 0 * * * mmproxy rotate-logs --config-dir ...)."""
+    from mmproxy import rotate
+    dirs = []
+    for d in rotate.log_dirs(config_dir):
+        if os.path.isdir(d):
+            dirs.append(d)
+        else:
+            click.echo("LogDir %s does not exist: skipped" % d, err=True)
+    if rotate.rotate(dirs, compress_after, delete_after, dry_run, say=click.echo):
+        sys.exit(1)

@@ -44,7 +44,9 @@ class _NoLock(logging.Handler):
 
 
 class _Stderr(_NoLock, logging.StreamHandler):
-    pass
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        _check_output(int(record.created))
 
 
 _owner: Optional[Tuple[int, int]] = None      # (uid, gid) of BeTheUser/BeTheGroup, for files root makes
@@ -109,6 +111,7 @@ class DailyFile(_NoLock):
                     except OSError:
                         pass                      # a LogDir that keeps root's files: they still get written
             self.stream.write(self.format(record) + "\n")
+            _check_output(int(record.created))
         except (OSError, ValueError):             # disk full, no descriptors, a closed stream
             self.handleError(record)
 
@@ -145,8 +148,10 @@ def configure(kind: str, log_dir: Optional[str], log_level: int, foreground: boo
         print("mmproxy: LogDir %s does not exist: no %s log file" % (log_dir, kinds.BY_NAME[kind].log_prefix),
               file=sys.stderr)
     logger.propagate = kind == "aservice"      # a service's lines go to its own file only
-    if foreground:
-        err = _Stderr(sys.stderr)
+    if foreground or (_output is not None and not handlers):
+        # a daemon with no log file writes to its output file (mmproxy.out) as before: the
+        # descriptor itself, not the sys.stderr that capture_output() sends to this very log
+        err = _Stderr(sys.__stderr__ if _output is not None else sys.stderr)
         if handlers:
             err.setLevel(logging.WARNING)       # the file has everything; the terminal what needs a look
         handlers.append(err)
@@ -154,3 +159,101 @@ def configure(kind: str, log_dir: Optional[str], log_level: int, foreground: boo
         h.setFormatter(fmt)
         h.addFilter(_Context())
         logger.addHandler(h)
+
+
+OUTPUT_LIMIT = 1 << 20      # bytes: the daemon's own output file (mmproxy.out) is emptied beyond this
+
+
+class _Output:
+    """The daemon's own output file (``mmproxy.out``) on descriptors 1 and 2, kept under ``limit``
+    bytes: checked at most once a second, on a log line or a stray write."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path, self.limit = path, limit
+        self.checked = -1
+
+    def bound(self, now: int) -> None:
+        self.checked = now
+        try:
+            size = os.fstat(2).st_size
+            if size > self.limit:
+                os.ftruncate(2, 0)          # opened for appending: the next write lands at the new end
+                os.write(2, b"mmproxy: %s passed %d bytes at %s: emptied\n"
+                         % (self.path.encode(), self.limit, time.strftime("%Y-%m-%d %H:%M:%S").encode()))
+        except OSError:
+            pass
+
+
+class _StrayOutput:
+    """sys.stdout / sys.stderr of a daemon: what Python code writes there (a greenlet's traceback
+    that gevent prints, a warning, a print) goes to the AService log, one ERROR line per line, with
+    the context ``stderr``; a write while that very log fails goes to the descriptor."""
+
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = ""
+        self.busy = False
+        self.log = logging.getLogger("mmproxy.stderr")
+
+    def write(self, text: str) -> int:
+        if self.busy:                       # the log itself is failing: straight to the file
+            os.write(self.fd, text.encode("utf-8", "backslashreplace"))
+            return len(text)
+        self.busy = True
+        try:
+            lines = (self.pending + text).split("\n")
+            self.pending = lines.pop()[-MAX_STRAY_LINE:]
+            for line in lines:
+                if line.strip():
+                    self.log.error("%s", line[:MAX_STRAY_LINE])
+            _check_output(int(time.time()))
+        finally:
+            self.busy = False
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+MAX_STRAY_LINE = 4000
+_output: Optional[_Output] = None
+
+
+def _check_output(now: int) -> None:
+    """At most once a second (``now``: whole seconds): bound the daemon's output file."""
+    if _output is not None and now != _output.checked:
+        _output.bound(now)
+
+
+def capture_output(path: str, limit: int = OUTPUT_LIMIT) -> None:
+    """A daemon whose descriptors 1 and 2 are ``path`` (mmproxy.out): Python's sys.stdout and
+    sys.stderr go to the AService log from now on, and the file is kept under ``limit`` bytes (what
+    still reaches the descriptors: C libraries, a fatal error)."""
+    global _output
+    _output = _Output(path, limit)
+    sys.stdout = _StrayOutput(1)
+    sys.stderr = _StrayOutput(2)
+
+
+def release_output() -> None:
+    """Python's sys.stdout and sys.stderr back on the descriptors (a daemon that cannot start
+    says why in its output file); nothing changes when capture_output() was not called."""
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+def keep_previous(path: str) -> None:
+    """At a start: the previous run's output file becomes ``<path>.1`` (one generation kept)."""
+    try:
+        if os.path.getsize(path) > 0:
+            os.replace(path, path + ".1")
+    except OSError:
+        pass

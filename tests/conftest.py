@@ -5,11 +5,14 @@ monkey.patch_all()  # first, before any other import (STYLE §3.1)
 
 import os  # noqa: E402
 import signal  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
 from mmproxy.testing import MailStack  # noqa: E402
 from mmproxy.testing.slapd import Slapd  # noqa: E402
+
+import helpers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +39,17 @@ def two_slapds(mail_stack, tmp_path):
             if s.running:
                 os.kill(s.proc.pid, signal.SIGCONT)  # a test may leave one stopped (SIGSTOP: a hung server)
             s.close()
+
+
+@pytest.fixture
+def local_tz():
+    """The test process in helpers.TZ (a zone other than UTC); the previous zone back afterwards."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = helpers.TZ
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()

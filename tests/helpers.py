@@ -1,10 +1,12 @@
 """Client-side helpers for the end-to-end tests: real clients bound to chosen loopback addresses."""
+import glob
 import imaplib
+import os
 import poplib
 import socket
 import time
 
-from mmproxy.testing.base import free_port
+from mmproxy.testing.base import MissingBinary, free_port
 
 
 class _FromAddress:
@@ -138,3 +140,38 @@ def until_close(sock, timeout=5):
         if not chunk:
             return data
         data += chunk
+
+
+# ---------------------------------------------------------------------- a clock to move (libfaketime)
+TZ = "<+0530>-05:30"          # India's offset, written as a POSIX TZ (no tzdata needed): local midnight is 18:30 UTC
+
+
+def libfaketime():
+    """The LD_PRELOAD library of Debian's faketime package (MissingBinary with the install hint)."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        raise MissingBinary("libfaketime is not installed; the date-change test needs it. Install with:\n"
+                            "    sudo bash scripts/setup-system      (or: sudo apt-get install -y faketime)")
+    return found[0]
+
+
+def set_clock(path, when=None):
+    """The clock of a process under libfaketime reading ``path`` (FAKETIME_TIMESTAMP_FILE), from
+    now on: ``when`` ("YYYY-mm-dd HH:MM:SS", local time of this process: both run in the same TZ),
+    running on from there; None: the real time.  Written as an offset from the real time, so the
+    clock runs (libfaketime's "@" start time is taken again at every read with FAKETIME_NO_CACHE)."""
+    offset = 0 if when is None else int(time.mktime(time.strptime(when, "%Y-%m-%d %H:%M:%S")) - time.time())
+    with open(path + ".new", "w") as f:
+        f.write("%+d\n" % offset)
+    os.rename(path + ".new", path)          # libfaketime never reads half a line
+
+
+def open_logs(pid):
+    """The names of the .log files process ``pid`` holds open."""
+    out = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            out.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            pass
+    return sorted(os.path.basename(f) for f in out if f.endswith(".log"))

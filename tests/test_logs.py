@@ -5,42 +5,14 @@ The end-to-end test moves the clock of a real ``mmproxy start --foreground`` wit
 re-read on every call (``FAKETIME_NO_CACHE=1``), so the test sets the daemon's date while it runs.
 The daemon runs in a time zone other than UTC, so the local date, not UTC's, is proven to decide.
 """
-import glob
 import logging
 import os
 import time
 
-import pytest
-
 from mmproxy import logs
-from mmproxy.testing.base import MissingBinary
 from mmproxy.testing.proxy import Proxy
 
-from helpers import RawClient, wait_for_log
-
-TZ = "<+0530>-05:30"          # India's offset, written as a POSIX TZ (no tzdata needed): local midnight is 18:30 UTC
-
-
-def libfaketime():
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    if not found:
-        raise MissingBinary("libfaketime is not installed; the date-change test needs it. Install with:\n"
-                            "    sudo bash scripts/setup-system      (or: sudo apt-get install -y faketime)")
-    return found[0]
-
-
-@pytest.fixture
-def local_tz():
-    """The test process in TZ for the unit test; the previous zone back afterwards."""
-    old = os.environ.get("TZ")
-    os.environ["TZ"] = TZ
-    time.tzset()
-    yield
-    if old is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = old
-    time.tzset()
+from helpers import TZ, RawClient, libfaketime, open_logs, set_clock, wait_for_log
 
 
 def _record(msg, when):
@@ -64,23 +36,6 @@ def test_records_on_both_sides_of_local_midnight(tmp_path, local_tz):
     assert sorted(os.listdir(tmp_path)) == ["ImapProxy_20261231.log", "ImapProxy_20270101.log"]
     assert (tmp_path / "ImapProxy_20261231.log").read_text() == "2026-12-31 23:59:59,750 INFO [imap] before\n"
     assert (tmp_path / "ImapProxy_20270101.log").read_text() == "2027-01-01 00:00:00,250 INFO [imap] after\n"
-
-
-def set_clock(path, when):
-    """The daemon's clock from now on: ``when`` (local time), running on from there."""
-    with open(path + ".new", "w") as f:
-        f.write("@%s\n" % when)
-    os.rename(path + ".new", path)          # libfaketime never reads half a line
-
-
-def open_logs(pid):
-    out = []
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        try:
-            out.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
-        except OSError:
-            pass
-    return sorted(os.path.basename(f) for f in out if f.endswith(".log"))
 
 
 def imap_session(p, user, password, payload):
@@ -112,13 +67,12 @@ def imap_session(p, user, password, payload):
     r.expect(b"* BYE")
 
 
-def test_new_file_when_the_date_changes_in_a_running_daemon(mail_stack, tmp_path):
+def test_new_file_when_the_date_changes_in_a_running_daemon(mail_stack, tmp_path, local_tz):
     """A real daemon whose clock passes local midnight: lines just before it stay in the old day's
     file, lines just after go to a new one, and the old file's descriptor is closed."""
     info = mail_stack.info()
     clock = str(tmp_path / "faketime")
-    with open(clock, "w") as f:
-        f.write("+0\n")
+    set_clock(clock)
     p = Proxy(info, imap={"LogLevel": 2})
     p.wrapper = ["env", "TZ=" + TZ, "LD_PRELOAD=" + libfaketime(), "FAKETIME_TIMESTAMP_FILE=" + clock,
                  "FAKETIME_NO_CACHE=1"]
