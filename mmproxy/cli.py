@@ -99,10 +99,14 @@ OUT_FILE = "mmproxy.out"       # in the configuration directory; the previous st
 
 
 def _daemonize(config_dir: str) -> None:
-    from mmproxy import logs
+    from mmproxy import logs, safeopen
     argv = [sys.executable, "-m", "mmproxy", "start", "--foreground", "--daemonized", "--config-dir", config_dir]
-    logs.keep_previous(os.path.join(config_dir, OUT_FILE))
-    out = open(os.path.join(config_dir, OUT_FILE), "ab")
+    path = os.path.join(config_dir, OUT_FILE)
+    logs.keep_previous(path)
+    try:            # as root, in a directory BeTheUser may own: no link is followed
+        out = open(path, "ab", opener=safeopen.opener)
+    except OSError as e:
+        raise click.ClickException("%s: %s" % (path, e.strerror)) from None
     offset = out.seek(0, os.SEEK_END)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)

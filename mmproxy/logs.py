@@ -11,6 +11,7 @@ import sys
 import time
 from typing import List, Optional, TextIO, Tuple
 
+from mmproxy import safeopen
 from mmproxy.config import kinds
 
 FORMAT = "%(asctime)s %(levelname)s [%(ctx)s] %(message)s"
@@ -103,11 +104,12 @@ class DailyFile(_NoLock):
             if day != self.day or self.stream is None:
                 self.close_stream()
                 path = os.path.join(self.directory, "%s_%s.log" % (self.prefix, day))
-                self.stream = open(path, "a", buffering=1)
+                # root writes here too (the master, a daemon before BeTheUser): no link is followed
+                self.stream = open(path, "a", buffering=1, opener=safeopen.opener)
                 self.day = day
                 if _owner is not None and os.geteuid() == 0:
                     try:
-                        os.chown(path, *_owner)
+                        os.fchown(self.stream.fileno(), *_owner)
                     except OSError:
                         pass                      # a LogDir that keeps root's files: they still get written
             self.stream.write(self.format(record) + "\n")

@@ -33,6 +33,8 @@ import tempfile
 import time
 from typing import Dict, Optional
 
+from mmproxy import safeopen
+
 log = logging.getLogger("mmproxy.aservice")
 
 NAME = "mmproxy.pid"
@@ -70,7 +72,7 @@ def holder(path: str) -> Optional[int]:
     if mine is not None and mine.fd is not None:
         return os.getpid()          # opening it here would drop our own lock
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = safeopen.open_fd(path, os.O_RDONLY, replace=False)    # a FIFO planted there must not hang us
     except OSError:
         return None
     try:
@@ -83,7 +85,7 @@ def read_pid(path: str) -> Optional[int]:
     """The pid written in the file (None when there is none, or not a number); says nothing about
     whether it runs: :func:`holder` does."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=lambda p, fl: safeopen.open_fd(p, fl, replace=False)) as f:
             return _parse(f.read(64))
     except OSError:
         return None
@@ -94,7 +96,7 @@ def remove_stale(path: str, pid: int) -> bool:
     root, after the daemon ended: a daemon that dropped privileges with BeTheUser may not be
     allowed to remove it).  True when removed."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = safeopen.open_fd(path, os.O_RDWR, replace=False)
     except OSError:
         return False
     try:
@@ -132,7 +134,8 @@ class Pidfile:
         deadline = time.monotonic() + self.ATTEMPTS_FOR
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                # as root, in a directory BeTheUser may own: no link is followed (mmproxy/safeopen.py)
+                fd = safeopen.open_fd(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise PidfileError("cannot create the pid file %s: %s" % (self.path, e.strerror)) from None
             try:

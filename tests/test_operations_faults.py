@@ -271,3 +271,65 @@ def test_start_msg_with_a_bad_configuration_says_what_is_wrong(mail_stack):
                             % (cfg, line, d, d, os.path.join(d, "mmproxy.out")))
     finally:
         p.stop()
+
+
+# ---------------------------------------------------------------------- files root writes
+@pytest.mark.parametrize("workers", [1, 2])
+def test_root_follows_no_link_planted_where_it_writes(mail_stack, tmp_path, workers):
+    """The configuration directory and LogDir may be the BeTheUser account's (the legacy layout),
+    and mmproxy writes there as root.  A symbolic link planted as mmproxy.pid made the starting
+    daemon empty its target (any file: /etc/shadow), one planted as mmproxy.out or as a log file
+    of the day got the daemon's lines appended to its target.  Now each name is made anew as a
+    plain file and the targets are untouched."""
+    p = Proxy(mail_stack.info(), aservice={"NumThreads": workers})
+    p.write_config()
+    targets = {}
+    day = time.strftime("%Y%m%d")
+    names = [os.path.join(p.config_dir, "mmproxy.pid"), os.path.join(p.config_dir, "mmproxy.out"),
+             os.path.join(p.log_dir, "AService_%s.log" % day), os.path.join(p.log_dir, "ImapProxy_%s.log" % day)]
+    for i, name in enumerate(names):
+        target = str(tmp_path / ("precious%d" % i))
+        with open(target, "w") as f:
+            f.write("precious\n")
+        os.symlink(target, name)
+        targets[name] = target
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MMPROXY_CONFIG_DIR")}
+    try:
+        r = subprocess.run([os.path.join(ROOT, "scripts", "start-msg"), "mmp", "--config-dir", p.config_dir],
+                           capture_output=True, text=True, timeout=60, cwd="/", env=environ)
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+        assert greeting(p.imap_port).startswith("* OK ")
+        pid = pidfile.running_pid(p.config_dir)
+        deadline = time.monotonic() + 10            # the IMAP log's first line: the session's end
+        while os.path.islink(names[3]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for name in names:
+            assert not os.path.islink(name) and os.path.isfile(name), name
+        assert open(names[0]).read() == "%d\n" % pid
+        assert "started" in open(names[2]).read()
+        r = subprocess.run([os.path.join(ROOT, "scripts", "stop-msg"), "mmp", "--config-dir", p.config_dir],
+                           capture_output=True, text=True, timeout=60, cwd="/", env=environ)
+        assert r.returncode == 0, r.stderr
+        for target in targets.values():
+            assert open(target).read() == "precious\n", target
+    finally:
+        pid = pidfile.running_pid(p.config_dir)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        p.stop()
+
+
+def test_a_fifo_at_the_pid_file_hangs_no_command(mail_stack):
+    """A FIFO planted as mmproxy.pid: ``mmproxy status`` (and stop, refresh, start, which all ask
+    who holds the pid file) blocked for ever opening it."""
+    p = Proxy(mail_stack.info())
+    p.write_config()
+    try:
+        os.mkfifo(os.path.join(p.config_dir, "mmproxy.pid"))
+        environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MMPROXY_CONFIG_DIR")}
+        r = subprocess.run([os.path.join(ROOT, "scripts", "stop-msg"), "mmp", "--config-dir", p.config_dir],
+                           capture_output=True, text=True, timeout=30, cwd="/", env=environ)
+        assert (r.returncode, r.stdout, r.stderr) == (
+            1, "", "Error: not running (no process holds %s)\n" % os.path.join(p.config_dir, "mmproxy.pid"))
+    finally:
+        p.stop()
