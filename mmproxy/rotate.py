@@ -20,15 +20,18 @@ Safe while the daemon writes and against a crash or a second run at the same mom
 from __future__ import annotations
 
 import datetime
+import errno
 import gzip
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional
 
+from mmproxy import safeopen
 from mmproxy.config import kinds
 
 NAME = re.compile(r"(%s)_(\d{8})\.log(\.gz)?" % "|".join(re.escape(k.log_prefix) for k in kinds.BY_NAME.values()))
@@ -60,11 +63,18 @@ def log_dirs(config_dir: str) -> List[str]:
 
 def log_files(directory: str) -> List[LogFile]:
     """The legacy-named daily files in ``directory``, sorted by name; names with an impossible
-    date (``_20261399``) are not log files."""
+    date (``_20261399``) are not log files, nor is what is not a plain file (a symbolic link, a
+    FIFO, a directory: the daemon makes none of them, and root must not follow a link or hang on
+    a FIFO that the account owning LogDir put there)."""
     out = []
     for name in sorted(os.listdir(directory)):
         m = NAME.fullmatch(name)
         if not m:
+            continue
+        try:
+            if not stat.S_ISREG(os.lstat(os.path.join(directory, name)).st_mode):
+                continue
+        except OSError:
             continue
         try:
             day = datetime.datetime.strptime(m.group(2), "%Y%m%d").date()
@@ -113,10 +123,14 @@ def compress(path: str) -> Optional[str]:
     else why the file was left as it is.  The .gz is complete on disk (fsync) before it gets its
     name and before the original goes; OSError on a failure (the original then stays)."""
     directory, name = os.path.split(path)
-    try:
-        src = open(path, "rb")
+    try:            # no link followed, no FIFO waited on (mmproxy/safeopen.py): it may have changed since listed
+        src = os.fdopen(safeopen.open_fd(path, os.O_RDONLY, replace=False), "rb")
     except FileNotFoundError:
         return "gone (another run compressed it)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return safeopen.NOT_PLAIN
+        raise
     with src:
         st = os.fstat(src.fileno())
         fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".gz-partial", dir=directory)

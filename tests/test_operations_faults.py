@@ -333,3 +333,30 @@ def test_a_fifo_at_the_pid_file_hangs_no_command(mail_stack):
             1, "", "Error: not running (no process holds %s)\n" % os.path.join(p.config_dir, "mmproxy.pid"))
     finally:
         p.stop()
+
+
+# ---------------------------------------------------------------------- rotate-logs
+def test_rotate_logs_leaves_what_is_not_a_log_file(tmp_path):
+    """Named like old log files in LogDir (which may be the BeTheUser account's), but not files
+    the daemon made: a FIFO hung rotate-logs for ever (cron runs piled up), a symbolic link was
+    followed and its target (any file root can read) compressed into LogDir, a directory was an
+    error.  Now none of them is touched, and the run says nothing."""
+    config, logs = tmp_path / "config", tmp_path / "log"
+    config.mkdir()
+    logs.mkdir()
+    (config / "AService.cfg").write_text("default:ServiceList %s/ImapProxyAService@127.0.0.1:%d\n"
+                                         "default:LogDir %s\n" % (LIBDIR, free_port("127.0.0.1"), logs))
+    (config / "ImapProxyAService.cfg").write_text("default:LogDir %s\n" % logs)
+    secret = tmp_path / "secret"
+    secret.write_text("secret\n")
+    os.mkfifo(str(logs / "ImapProxy_20200102.log"))
+    os.symlink(str(secret), str(logs / "ImapProxy_20260101.log"))
+    os.symlink(str(secret), str(logs / "AService_20200101.log.gz"))
+    (logs / "PopProxy_20260103.log").mkdir()
+    before = sorted(os.listdir(str(logs)))
+    r = subprocess.run([os.path.join(ROOT, "scripts", "rotate-logs"), "--config-dir", str(config)],
+                       capture_output=True, text=True, timeout=30, cwd="/",
+                       env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MMPROXY_CONFIG_DIR")})
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert sorted(os.listdir(str(logs))) == before
+    assert secret.read_text() == "secret\n" and os.path.islink(str(logs / "ImapProxy_20260101.log"))
