@@ -360,3 +360,31 @@ def test_rotate_logs_leaves_what_is_not_a_log_file(tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     assert sorted(os.listdir(str(logs))) == before
     assert secret.read_text() == "secret\n" and os.path.islink(str(logs / "ImapProxy_20260101.log"))
+
+
+# ---------------------------------------------------------------------- files root creates at start
+def test_start_creates_no_file_through_a_link(mail_stack, tmp_path):
+    """A missing service file is created at start from ``<name>-def.cfg``, by root, in a directory
+    the BeTheUser account may own: a dangling link planted as ImapProxyAService.cfg, with a
+    -def.cfg of that account's, made root write that text where the link pointed (/etc/cron.d/x:
+    root runs it).  Now a link counts as the file being there (and it does not read)."""
+    p = Proxy(mail_stack.info())
+    p.write_config()
+    try:
+        cfg = os.path.join(p.config_dir, "ImapProxyAService.cfg")
+        os.unlink(cfg)
+        with open(os.path.join(p.config_dir, "ImapProxyAService-def.cfg"), "w") as f:
+            f.write("* * * * * root echo pwned\n")
+        victim = str(tmp_path / "cron-pwn")
+        os.symlink(victim, cfg)
+        r = subprocess.run([os.path.join(ROOT, "scripts", "start-msg"), "mmp", "--config-dir", p.config_dir],
+                           capture_output=True, text=True, timeout=60, cwd="/",
+                           env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MMPROXY_CONFIG_DIR")})
+        assert not os.path.lexists(victim)
+        assert r.returncode == 1
+        assert r.stderr.startswith("%s: cannot read: No such file or directory\n" % cfg), r.stderr
+    finally:
+        pid = pidfile.running_pid(p.config_dir)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        p.stop()

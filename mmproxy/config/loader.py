@@ -367,22 +367,29 @@ def _check_authserver(file: str, cfg: ServiceConfig, problems: List[Problem]) ->
 def _create(config_dir: str, stem: str, code: str, problems: List[Problem]) -> None:
     """Create ``stem.cfg`` from ``stem-def.cfg`` or the standard template; when the directory has
     neither, the standard one is put there first: mmproxy's own copy (cfg/, installed as
-    mmproxy/templates/), else rendered from the registry (the same text; a test keeps them equal)."""
+    mmproxy/templates/), else rendered from the registry (the same text; a test keeps them equal).
+
+    Root runs this at start, in a directory the BeTheUser account may own (the legacy layout): a
+    name that is a link, dangling or not, counts as there, and a file is only ever created new
+    (O_EXCL: no link followed), so that a link planted as a missing service file cannot make root
+    write a ``-def.cfg`` of that account's into a file of its choosing (/etc/cron.d/...)."""
     target = os.path.join(config_dir, stem + ".cfg")
-    if os.path.exists(target):
+    if os.path.lexists(target):
         return
     candidates = [os.path.join(config_dir, n + "-def.cfg") for n in dict.fromkeys((stem, FILE_NAMES[code]))]
-    template = next((c for c in candidates if os.path.exists(c)), candidates[-1])
+    template = next((c for c in candidates if os.path.lexists(c)), candidates[-1])
     from mmproxy.config.generate import render_template, shipped_template  # here: generate also runs as __main__
     try:
-        if not os.path.exists(template):
+        if not os.path.lexists(template):
             shipped = shipped_template(code)
-            if shipped is not None:
-                shutil.copyfile(shipped, template)
-            else:
-                with open(template, "w", encoding="utf-8") as f:
+            with open(template, "x", encoding="utf-8") as f:
+                if shipped is not None:
+                    with open(shipped, encoding="utf-8") as src:
+                        shutil.copyfileobj(src, f)
+                else:
                     f.write(render_template(code))
-        shutil.copyfile(template, target)
+        with open(template, "rb") as src, open(target, "xb") as dst:
+            shutil.copyfileobj(src, dst)
     except OSError as e:
         problems.append(error(target, None, "cannot create it from %s: %s" % (template, e.strerror or e)))
         return
