@@ -153,10 +153,18 @@ def runtime_problems(config: Config) -> List[Problem]:
             except KeyError:
                 out.append(problem(a, aservice_file, name, "error", "%s %s: no such %s on this system"
                                    % (name, value, "user" if name == "BeTheUser" else "group")))
+    try:
+        run_as = _run_as(a.BeTheUser, a.BeTheGroup)
+    except KeyError:
+        run_as = None                           # said above
     for cfg, file in [(a, aservice_file)] + [(e.cfg, e.file) for e in config.services]:
         if cfg.LogDir and not os.path.isdir(cfg.LogDir):
             out.append(problem(cfg, file, "LogDir", "warning",
                                "LogDir %s does not exist: no log file will be written" % cfg.LogDir))
+        elif cfg.LogDir and run_as is not None and not _can_create_in(cfg.LogDir, a.BeTheUser, *run_as):
+            out.append(problem(cfg, file, "LogDir", "warning",
+                               "LogDir %s: %s cannot create files there: each day's file after the start's is "
+                               "made by that account, so none would be written" % (cfg.LogDir, _who(a))))
     for entry in config.services:
         if service_class(entry.spec.kind) is None:
             continue
@@ -172,6 +180,28 @@ def runtime_problems(config: Config) -> List[Problem]:
                 out.append(problem(cfg, entry.file, "SSLBacksideCAFile", "error", str(e)))
             out += certmap_problems(cfg, entry.file, problem)
     return out
+
+
+def _can_create_in(directory: str, user: Optional[str], uid: int, gid: int) -> bool:
+    """Whether the account ``uid``/``gid`` (``user``'s supplementary groups too) may create files
+    in ``directory`` by its mode bits (write and search; ACLs are not looked at)."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        bits = 0o300
+    elif st.st_gid in (os.getgrouplist(user, gid) if user else [gid]):
+        bits = 0o030
+    else:
+        bits = 0o003
+    return st.st_mode & bits == bits
+
+
+def _who(a: Any) -> str:
+    return " ".join("%s %s" % (n, getattr(a, n)) for n in ("BeTheUser", "BeTheGroup") if getattr(a, n))
 
 
 def certmap_problems(cfg: Any, file: str, problem: Any) -> List[Problem]:

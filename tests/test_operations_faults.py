@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -387,4 +388,29 @@ def test_start_creates_no_file_through_a_link(mail_stack, tmp_path):
         pid = pidfile.running_pid(p.config_dir)
         if pid:
             os.kill(pid, signal.SIGKILL)
+        p.stop()
+
+
+def test_check_config_says_when_bethuser_cannot_write_logdir(mail_stack):
+    """BeTheUser nobody, LogDir root's (0755): the start's files are made by root and given to
+    nobody, but from the next day on the daemon (nobody by then) cannot make its new files and
+    logs nothing, saying so only in mmproxy.out.  check-config (and start) warn now."""
+    p = Proxy(mail_stack.info(), aservice={"BeTheUser": "nobody", "BeTheGroup": "nogroup"})
+    p.write_config()
+    try:
+        os.chmod(p.log_dir, 0o755)
+        r = subprocess.run([sys.executable, "-m", "mmproxy", "check-config",
+                            "--config-dir", p.config_dir], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        lines = [x for x in r.stdout.splitlines() if "cannot create files there" in x]
+        for name in ("AService.cfg", "ImapProxyAService.cfg"):
+            path = os.path.join(p.config_dir, name)
+            line = next(i for i, x in enumerate(open(path), 1) if x.startswith("default:LogDir "))
+            assert ("%s:%d: warning: LogDir %s: BeTheUser nobody BeTheGroup nogroup cannot create files there: "
+                    "each day's file after the start's is made by that account, so none would be written"
+                    % (path, line, p.log_dir)) in lines, r.stdout
+        os.chown(p.log_dir, 65534, 65534)
+        r = subprocess.run([sys.executable, "-m", "mmproxy", "check-config",
+                            "--config-dir", p.config_dir], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert "cannot create files there" not in r.stdout
+    finally:
         p.stop()
