@@ -317,6 +317,8 @@ class AService:
         if not self.serving:
             self._refresh_asked = True
             return
+        if self.stopping:               # nothing to refresh, and systemd must not hear READY=1 now
+            return
         if self.worker is None:
             sdnotify.notify(*sdnotify.reloading())
         try:

@@ -414,3 +414,27 @@ def test_check_config_says_when_bethuser_cannot_write_logdir(mail_stack):
         assert "cannot create files there" not in r.stdout
     finally:
         p.stop()
+
+
+def test_a_refresh_during_a_stop_tells_systemd_nothing(mail_stack, tmp_path, monkeypatch):
+    """``refresh`` (SIGHUP, systemctl reload) while the daemon stops: it did not refresh, but told
+    systemd RELOADING=1 and then READY=1 "accepting connections" after STOPPING=1."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(20)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    with Proxy(mail_stack.info(), aservice={"ShutdownGrace": 10}) as p:
+        assert manager.recv(4096) == b"READY=1\nSTATUS=accepting connections\n"
+        c = RawClient("127.0.0.1", p.imap_port)
+        c.expect(b"* OK ")
+        c.send(b"a LOGIN alice alice-pw\r\n")
+        c.skip_to(b"a OK")
+        p.proc.send_signal(signal.SIGTERM)              # the relayed session gets its grace
+        assert manager.recv(4096) == b"STOPPING=1\n"
+        p.proc.send_signal(signal.SIGHUP)
+        c.expect_lines("* BYE [UNAVAILABLE] Server shutting down")
+        assert p.proc.wait(15) == 0
+        manager.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            manager.recv(4096)
+    manager.close()
