@@ -33,7 +33,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from mmproxy import logs, pidfile, pump, sdnotify, session, state
+from mmproxy import control, logs, pidfile, pump, sdnotify, session, state
 from mmproxy.config import Config, Problem, load_config
 from mmproxy.config.params import PARAMS
 from mmproxy.config.types import Endpoint
@@ -249,6 +249,8 @@ class AService:
         self.pidfile = pidfile.Pidfile(pidfile.path_for(config.dir)) if worker is None else None
         self.serving = False                      # start() is done: a SIGHUP before then waits for it
         self._refresh_asked = False
+        self.started = time.time()
+        self.control = control.ControlServer(control.socket_path(config.dir, worker), control.Control(self))
 
     def start(self) -> None:
         a = self.config.aservice
@@ -287,7 +289,9 @@ class AService:
                 self.pidfile.release()
                 state.store().remove()
                 raise
+        self._open_control(_run_as(a.BeTheUser, a.BeTheGroup))
         drop_privileges(a.BeTheUser, a.BeTheGroup)
+        self.control.start()
         gevent.signal_handler(signal.SIGTERM, self.stop)
         gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else self._interrupt)
         log.info("mmproxy %s (pid %d): %s", "started" if self.worker is None else "worker %d started" % self.worker,
@@ -345,6 +349,16 @@ class AService:
                 key = key[:3] + (key[3] + 1,)
             out[key] = cls(entry, previous.get(key))
         return out
+
+    def _open_control(self, owner: Optional[Tuple[int, int]]) -> None:
+        """The control socket (status, who, kick), made while still root.  Without it the proxy
+        still serves: the log says why ``mmproxy status`` cannot see this process."""
+        try:
+            if self.worker is None:
+                control.prepare(self.config.dir, owner)
+            self.control.open(owner)
+        except OSError as e:
+            log.error("control socket %s not opened: %s", self.control.path, e.strerror or e)
 
     @staticmethod
     def _routes(services: Dict[ServiceKey, Service]) -> Dict[Tuple[str, int], Tuple[Service, bool]]:
@@ -424,6 +438,9 @@ class AService:
         pump.close_all("server shutting down")
         for svc in self._all_services():
             svc.close()
+        self.control.close()
+        if self.worker is None:
+            control.remove(self.config.dir)
         if self.pidfile is not None:
             self.pidfile.release()
             state.store().remove()
@@ -550,6 +567,7 @@ class Master:
         # of a worker that died (through its own handle: the master has no hub to wait on)
         store = state.LocalState.create(_run_as(a.BeTheUser, a.BeTheGroup))
         state.use(store)
+        control.prepare(self.config.dir, _run_as(a.BeTheUser, a.BeTheGroup))     # the workers' sockets go there
         self.state = state.LocalState(store.path, sleep=_orig("time", "sleep"))
         self.ready_r, self.ready_w = os.pipe()
         try:
@@ -685,6 +703,7 @@ class Master:
                     self._spawn(i)
             sleep(self.POLL)
         self.pidfile.release()
+        control.remove(self.config.dir)
         state.store().remove()
         if self.state is not None:
             self.state.close()

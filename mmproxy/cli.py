@@ -1,4 +1,4 @@
-"""The operator commands: start, stop, refresh, status, check-config, params, rotate-logs."""
+"""The operator commands: start, stop, refresh, status, who, kick, check-config, params, rotate-logs."""
 from __future__ import annotations
 
 import json
@@ -178,7 +178,11 @@ def refresh(config_dir: str) -> None:
 @config_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_dir: str, as_json: bool) -> None:
-    """Whether the proxy is running, and what it listens on."""
+    """Whether the proxy is running (exit 3 when not), its listeners, sessions and logins.
+
+    Sessions per service (before login, relaying) and logins (ok, failed) since start, per worker
+    process and in total, as the running processes say over their control sockets."""
+    from mmproxy import control
     from mmproxy.config import load_config
     from mmproxy.pidfile import running_pid
     pid = running_pid(config_dir)
@@ -186,17 +190,128 @@ def status(config_dir: str, as_json: bool) -> None:
     services = [{"service": e.spec.kind, "instance": e.spec.instance,
                  "listeners": ["%s:%d" % (ep.host or "*", ep.port) for ep in e.spec.listeners]}
                 for e in config.services]
-    info = {"config_dir": config_dir, "running": bool(pid), "pid": pid, "services": services}
+    info: dict = {"config_dir": config_dir, "running": bool(pid), "pid": pid, "services": services}
     if pid:
         info["uptime_s"] = _uptime(pid)
+        workers, errors = _answers(control.ask(config_dir, {"cmd": "status"}))
+        info["workers"] = [_worker_summary(name, a) for name, a in workers]
+        info["total"] = _total(info["workers"])
+        if errors:
+            info["errors"] = errors
     if as_json:
         click.echo(json.dumps(info, indent=1))
     else:
-        click.echo("mmproxy %s" % ("running, pid %d, up %ss" % (pid, info["uptime_s"]) if pid else "not running"))
-        for s in services:
-            click.echo("  %-5s %-22s %s" % (s["service"], s["instance"], " ".join(s["listeners"])))
+        _print_status(info)
     if not pid:
         sys.exit(3)
+
+
+def _answers(answers: list) -> Tuple[list, list]:
+    """The control sockets' good answers and the errors ("w1: permission denied")."""
+    good = [(name, a) for name, a in answers if a.get("ok")]
+    return good, ["%s: %s" % (name, a.get("error")) for name, a in answers if not a.get("ok")]
+
+
+def _worker_summary(name: str, a: dict) -> dict:
+    """One process's status answer as ``status`` shows it: sessions and logins per service."""
+    logins = a["stats"].get("logins", {})
+    per_service = {}
+    for kind in sorted(set(a["sessions"]) | set(logins)):
+        outcomes = logins.get(kind, {})
+        per_service[kind] = dict(a["sessions"].get(kind, {"pre_login": 0, "relaying": 0}),
+                                 logins=outcomes.get("ok", 0),
+                                 failures=sum(n for o, n in outcomes.items() if o != "ok"))
+    return {"worker": name, "pid": a["pid"], "uptime_s": int(time.time() - a["started"]),
+            "listeners": a["listeners"], "services": per_service, "failures": logins}
+
+
+def _total(workers: list) -> dict:
+    out: dict = {}
+    for w in workers:
+        for kind, row in w["services"].items():
+            t = out.setdefault(kind, {})
+            for k, v in row.items():
+                t[k] = t.get(k, 0) + v
+    return out
+
+
+def _print_status(info: dict) -> None:
+    pid = info["pid"]
+    click.echo("mmproxy %s" % ("running, pid %d, up %ss" % (pid, info["uptime_s"]) if pid else "not running"))
+    for s in info["services"]:
+        click.echo("  %-5s %-22s %s" % (s["service"], s["instance"], " ".join(s["listeners"])))
+    if not pid:
+        return
+    for e in info.get("errors", []):
+        click.echo("  control socket %s" % e)
+    if not info["workers"]:
+        click.echo("  no process answers on %s" % info["config_dir"].rstrip("/") + "/mmproxy.control")
+        return
+    click.echo("  %-8s %-7s %-8s %-6s %9s %8s %7s %8s" % ("process", "pid", "up", "service", "pre-login",
+                                                      "relaying", "logins", "failures"))
+    rows = [(w["worker"], str(w["pid"]), "%ss" % w["uptime_s"], w["services"]) for w in info["workers"]]
+    if len(info["workers"]) > 1:
+        rows.append(("total", "", "", info["total"]))
+    for name, wpid, up, per_service in rows:
+        for kind, r in sorted(per_service.items()):
+            click.echo("  %-8s %-7s %-8s %-6s %9d %8d %7d %8d" % (name, wpid, up, kind, r["pre_login"],
+                                                              r["relaying"], r["logins"], r["failures"]))
+            name, wpid, up = "", "", ""
+
+
+def _ask_running(config_dir: str, request: dict) -> list:
+    """``request`` to every serving process; ClickException when none runs or none answers."""
+    from mmproxy import control
+    from mmproxy.pidfile import running_pid
+    if not running_pid(config_dir):
+        raise click.ClickException("not running (no live pid in %s)" % os.path.join(config_dir, "mmproxy.pid"))
+    good, errors = _answers(control.ask(config_dir, request))
+    for e in errors:
+        click.echo("control socket %s" % e, err=True)
+    if not good:
+        raise click.ClickException("no mmproxy process answered on %s" % control.directory(config_dir))
+    return good
+
+
+@main.command()
+@config_dir_option
+@click.option("--user", help="Only this login id (or, without @domain, its part before the @).")
+@click.option("--ip", help="Only clients from this address or network (10.0.0.0/8).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def who(config_dir: str, user: Optional[str], ip: Optional[str], as_json: bool) -> None:
+    """List logged-in (relayed) IMAP and POP sessions: user, client, store, service, since, bytes."""
+    rows = [s for _, a in _ask_running(config_dir, {"cmd": "who", "user": user, "ip": ip}) for s in a["sessions"]]
+    rows.sort(key=lambda r: (r["user"], r["since"]))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo("%-24s %-22s %-22s %-5s %-20s %9s %9s %s" % ("USER", "CLIENT", "STORE", "SERV", "SINCE (UTC)",
+                                                         "IN", "OUT", "WORKER"))
+    for r in rows:
+        click.echo("%-24s %-22s %-22s %-5s %-20s %9d %9d %s" % (
+            r["user"], r["client"], r["store"], r["service"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["since"])), r["bytes_in"], r["bytes_out"],
+            "-" if r["worker"] is None else r["worker"]))
+    click.echo("%d session(s)" % len(rows))
+
+
+@main.command()
+@config_dir_option
+@click.argument("target")
+def kick(config_dir: str, target: str) -> None:
+    """Close the logged-in sessions of a user (login id) or of a client address or network:
+    IMAP clients get "* BYE", POP clients "-ERR", where it cannot cut a response in two."""
+    import ipaddress
+    try:
+        ipaddress.ip_network(target, strict=False)
+        request = {"cmd": "kick", "ip": target}
+    except ValueError:
+        request = {"cmd": "kick", "user": target}
+    answers = _ask_running(config_dir, request)
+    for name, a in answers:
+        click.echo("%s: %d session(s) closed" % (name, a["kicked"]))
+    if len(answers) > 1:
+        click.echo("total: %d session(s) closed" % sum(a["kicked"] for _, a in answers))
 
 
 def _uptime(pid: int) -> Optional[int]:

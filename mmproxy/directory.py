@@ -29,7 +29,7 @@ from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 from gevent.threadpool import ThreadPool
 
-from mmproxy import ldaptls
+from mmproxy import ldaptls, stats
 from mmproxy.addresses import is_host_name
 from mmproxy.config import ServiceConfig
 from mmproxy.config.optiondat import MtaOptions
@@ -397,6 +397,14 @@ class Directory:
             timer.close()
 
     def _job(self, conns: _Conns, service_bind: bool, fn: Callable[[Any], Any]) -> Any:
+        """_attempts, timed (stats: the directory's latency as a login sees it, failover included)."""
+        start = time.monotonic()
+        try:
+            return self._attempts(conns, service_bind, fn)
+        finally:
+            stats.directory_time("search" if service_bind else "bind", time.monotonic() - start)
+
+    def _attempts(self, conns: _Conns, service_bind: bool, fn: Callable[[Any], Any]) -> Any:
         """fn(conn) on the LDAP thread pool with a connection of ``conns``; greenlet side.
 
         Failover: when the connection or its host turns out dead (``outcome`` says which errors),
@@ -520,9 +528,12 @@ class Directory:
         LdapNegativeCacheTTL seconds.  Concurrent misses share one request."""
         value = self.cache.get(key)
         if value is not _MISS:
+            stats.cache("ldap", True)
             return value
         if key in self.negative:
+            stats.cache("ldap", True)
             return None
+        stats.cache("ldap", False)
 
         def load() -> Any:
             value, fresh = self._or_stale(self.cache, key, fn, "a cached entry past LdapCacheTTL")
@@ -726,7 +737,9 @@ class Directory:
             raise AuthFailed("empty password")      # an empty password would be an anonymous bind
         key = hmac.new(self._auth_key, user.dn.encode() + b"\0" + password, hashlib.sha256).digest()
         if self.auth_cache.get(key) is not _MISS:
+            stats.cache("auth", True)
             return
+        stats.cache("auth", False)
 
         def bind(conn: Any) -> None:
             conn.simple_bind_s(user.dn, password)

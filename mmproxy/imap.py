@@ -72,6 +72,7 @@ BYE_TOO_BIG = "* BYE Command too long, closing connection"
 BYE_IDLE = "* BYE Disconnected for inactivity."
 BYE_DEADLINE = "* BYE Time limit for login exceeded"
 BYE_SHUTDOWN = "* BYE [UNAVAILABLE] Server shutting down"
+BYE_KICK = "* BYE Disconnected by the administrator."      # mmproxy kick (Dovecot's: "Kicked by admin")
 BYE_INTERNAL = "* BYE [UNAVAILABLE] Internal error, closing connection"
 BYE_LOGOUT = "* BYE Logging out"
 TOO_MANY_CONNECTIONS = "* BYE [UNAVAILABLE] Too many connections from your address"
@@ -219,7 +220,8 @@ class ImapSession(LoginSession):
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
     ACCESS_DENIED = ACCESS_DENIED
     INTERNAL_ERROR = BYE_INTERNAL
-    GOODBYES = {"idle": BYE_IDLE.encode() + b"\r\n", "shutdown": BYE_SHUTDOWN.encode() + b"\r\n"}
+    GOODBYES = {"idle": BYE_IDLE.encode() + b"\r\n", "shutdown": BYE_SHUTDOWN.encode() + b"\r\n",
+                "kick": BYE_KICK.encode() + b"\r\n"}
 
     # ------------------------------------------------------------------ capabilities and greeting
     def capabilities(self) -> str:

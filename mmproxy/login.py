@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
-from mmproxy import access, hostnames, sasl, tls
+from mmproxy import access, hostnames, sasl, stats, tls
 from mmproxy.authserver import AuthServer, Request
 from mmproxy.backend import Store
 from mmproxy.certmap import Certmap, normalise_dn, subject_dn
@@ -39,6 +40,7 @@ from mmproxy.session import (
     failure_kind,
     is_login_failure,
     log_end_line,
+    outcome_of,
 )
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -157,7 +159,7 @@ class LoginSession(Session):
     LOGIN_STATE: Any = None          # waiting for credentials (IMAP not authenticated, POP authorization)
     AUTHENTICATING: Any = None       # a SASL exchange or a login in progress
     RELAYING: Any = None             # the pump has the connection
-    GOODBYES: Mapping[str, bytes] = {}   # the pump's goodbyes: "idle" (Timeout) and "shutdown"
+    GOODBYES: Mapping[str, bytes] = {}   # the pump's goodbyes: "idle" (Timeout), "shutdown", "kick"
 
     @classmethod
     def final_states(cls) -> FrozenSet[Any]:
@@ -185,8 +187,10 @@ class LoginSession(Session):
     # ------------------------------------------------------------------ failures
     def fail(self, e: BaseException) -> None:
         if is_login_failure(e):
+            stats.login(self.kind, outcome_of(e))
             self.bad_guys(failed=True, wait=not self.waited)
         elif self.state is self.AUTHENTICATING and isinstance(e, LOGIN_OUTCOMES):
+            stats.login(self.kind, outcome_of(e))
             self.bad_guys(failed=False, forgive=False, wait=not self.waited)    # any answer to a login waits alike
         super().fail(e)
         if self.state is self.AUTHENTICATING:
@@ -429,6 +433,7 @@ class LoginSession(Session):
             if allowed:
                 return
         error = AccessDenied if verified else AuthFailed
+        stats.refused(self.kind, "access_filter")
         raise error("%s of %s: %s %s" % (attr, target.user.dn, service, why))
 
     def enter_store(self, target: Target, password: bytes, verified: bool) -> None:
@@ -438,15 +443,20 @@ class LoginSession(Session):
         if verified:
             self.bad_guys(failed=False, forgive=False)
             self.waited = True
-        store = self.connect_store(target)
+        start = time.monotonic()
         reply = None
         try:
-            reply = self.replay(store, target, password, verified)
+            store = self.connect_store(target)
+            try:
+                reply = self.replay(store, target, password, verified)
+            finally:
+                if reply is None:                      # refused, failed, or the session was killed
+                    store.close()
         finally:
-            if reply is None:                      # refused, failed, or the session was killed
-                store.close()
+            stats.store_time(self.kind, time.monotonic() - start)
         self.bad_guys(failed=False, wait=not verified)
         self.logged_in(target)
+        stats.login(self.kind, "ok")
         self.send(reply)
         self.log.info("login user=%s store=%s%s", target.login.canonical, target,
                       " as=%s" % target.replay if target.rewritten else "")
@@ -462,7 +472,8 @@ class LoginSession(Session):
 
         Bytes either side already sent past the login go first: the client's to the store, the
         store's to the client.  The pump keeps no reference to this session (memory per idle
-        session is the figure that matters): what the end line needs is copied.
+        session is the figure that matters): what ``who`` and the end line need is copied into a
+        :class:`Relayed`.
         """
         self.reader.set_deadline(None)          # logged in: the login's deadline is over
         self.flush()
@@ -470,17 +481,34 @@ class LoginSession(Session):
         to_client = store.reader.take_pending()
         self.state, self.pumping = self.RELAYING, True
         self.user = target.login.canonical
-        received, sent = self.reader.received, self.sent + len(to_client)
-        log, release, started, state = self.log, self.release, self.started, self.state.value
-        user, host, port = self.user, target.host, target.port     # no formatting before it is needed
-
-        def closed(p: Pump) -> None:
-            release()
-            if log.isEnabledFor(DETAIL):
-                log_end_line(log, p.reason or "closed", state, "user %s, store %s:%d" % (user, host, port), started,
-                             received + p.bytes_up, sent + p.bytes_down)
+        closed = Relayed(self, target, len(to_client))
         Pump(self.sock, store.sock, float(target.cfg.Timeout), closed, to_store, to_client, self.GOODBYES)
 
+
+class Relayed:
+    """A relayed session as the pump's ``on_close``: who it is (for ``mmproxy who``/``kick``,
+    control.py) and what its end line says.  Slots, and only references to what the login made
+    already: an idle session's memory is the figure that matters."""
+
+    __slots__ = ("log", "release", "started", "state", "user", "host", "port", "client_ip", "client_port",
+                 "service", "instance", "received", "sent")
+
+    def __init__(self, session: LoginSession, target: Target, to_client: int) -> None:
+        self.log, self.release, self.started = session.log, session.release, session.started
+        self.state = session.RELAYING.value
+        self.user, self.host, self.port = target.login.canonical, target.host, target.port
+        self.client_ip, self.client_port = session.client_ip, session.client_port
+        self.service, self.instance = session.kind, session.service.entry.spec.instance
+        self.received, self.sent = session.reader.received, session.sent + to_client
+
+    def __call__(self, p: Pump) -> None:
+        """The pump closed: the ConnLimits slot back, the bytes counted, the end line."""
+        self.release()
+        stats.relayed(self.service, p.bytes_up, p.bytes_down)
+        if self.log.isEnabledFor(DETAIL):
+            log_end_line(self.log, p.reason or "closed", self.state, "user %s, store %s:%d"
+                         % (self.user, self.host, self.port), self.started,
+                         self.received + p.bytes_up, self.sent + p.bytes_down)
 
 
 def _login_of(attrs: Mapping[str, List[str]], hosted: bool) -> str:

@@ -56,6 +56,7 @@ ERR_NOT_NOW = "Command not valid before login"
 ERR_TOO_MANY = "-ERR Too many errors, closing connection"
 ERR_AUTH_FAILURES = "-ERR [AUTH] Too many authentication failures, closing connection"
 ERR_SHUTDOWN = "-ERR [SYS/TEMP] Server shutting down"
+ERR_KICK = "-ERR Disconnected by the administrator."       # mmproxy kick
 TOO_MANY_CONNECTIONS = "-ERR [SYS/TEMP] Too many connections from your address"
 ACCESS_DENIED = "-ERR [SYS/PERM] Access denied"
 ERR_ACCESS = ACCESS_DENIED
@@ -127,7 +128,8 @@ class PopSession(LoginSession):
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
     ACCESS_DENIED = ACCESS_DENIED
     INTERNAL_ERROR = ERR_INTERNAL
-    GOODBYES = {"idle": ERR_IDLE.encode() + b"\r\n", "shutdown": ERR_SHUTDOWN.encode() + b"\r\n"}
+    GOODBYES = {"idle": ERR_IDLE.encode() + b"\r\n", "shutdown": ERR_SHUTDOWN.encode() + b"\r\n",
+                "kick": ERR_KICK.encode() + b"\r\n"}
     service: PopService
 
     def __init__(self, *args: object) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tupl
 
 import gevent
 
-from mmproxy import hostnames, state, tls
+from mmproxy import hostnames, state, stats, tls
 from mmproxy.access import Host
 from mmproxy.addresses import address_key
 from mmproxy.badguys import BadGuys
@@ -154,6 +154,7 @@ class Service:
             return
         admitted, release = self.limits.admit(addr[0])
         if not admitted:
+            stats.refused(self.kind, "connlimits")
             self.log.warning("[%s:%d] refused: this address holds its %s connection(s) already (ConnLimits)",
                              addr[0], addr[1], self.limits.limit_for(addr[0]))
             self.refuse(sock, self.session_class.TOO_MANY_CONNECTIONS, implicit_tls)
@@ -213,6 +214,7 @@ class Service:
         decision = flt.decide(service, Host(addr[0], hostnames.lookup), Host(server[0], hostnames.lookup))
         if decision.allowed:
             return True
+        stats.refused(self.kind, "tcpaccess")
         self.log.info("[%s:%d] refused: TCPAccess %s: %s", addr[0], addr[1], service, decision.why)
         self.refuse(sock, self.session_class.ACCESS_DENIED, implicit_tls, handshake=True)
         return False
@@ -316,6 +318,12 @@ class Session:
     def describe(self) -> str:
         """What the session-end line says beyond state, time and bytes (user, store or relay)."""
         return ""
+
+    @property
+    def relaying(self) -> bool:
+        """Whether ``mmproxy status`` counts the session as relaying (else as before login):
+        IMAP and POP hand relayed sessions to the pump, SMTP relays once the client is introduced."""
+        return self.pumping
 
     # ------------------------------------------------------------------ output
     def send(self, line: Line) -> None:
@@ -550,6 +558,7 @@ class Session:
             self.log.warning("BadGuys not applied: %s", e)
             return
         if delay > 0:
+            stats.refused(self.kind, "badguys")
             self.log.info("BadGuys: answer delayed %.1fs (recent failed logins from this address)", delay)
             gevent.sleep(delay)
         if not failed and forgive and sentence is not None:
@@ -611,6 +620,19 @@ def is_login_failure(e: BaseException) -> bool:
     """A login refused for its credentials (by the directory or by the store): counted per
     connection (MAX_AUTH_FAILURES) and per client address (BadGuys)."""
     return isinstance(e, AuthFailed) or (isinstance(e, StoreRefused) and e.bad_credentials)
+
+
+_OUTCOMES: Dict[type, str] = {}
+
+
+def outcome_of(e: BaseException) -> str:
+    """A failed login's outcome as the metrics name it: failure_kind's words with underscores
+    ("auth_failed", "store_unavailable"), worked out once per exception class."""
+    try:
+        return _OUTCOMES[type(e)]
+    except KeyError:
+        words = _OUTCOMES[type(e)] = failure_kind(e).replace(" ", "_")
+        return words
 
 
 def failure_kind(e: BaseException) -> str:

@@ -168,6 +168,7 @@ class SmtpState(State):
 _COMMAND_STATES = frozenset({SmtpState.GREETING, SmtpState.RELAYING, SmtpState.ENVELOPE})
 _OUTSIDE_MAIL = frozenset({SmtpState.GREETING, SmtpState.RELAYING})
 _IN_MAIL = frozenset({SmtpState.ENVELOPE, SmtpState.DATA})
+_RELAYED = frozenset({SmtpState.RELAYING, SmtpState.ENVELOPE, SmtpState.DATA})
 _ANY = _COMMAND_STATES | {SmtpState.TLS_STARTED}
 
 
@@ -221,6 +222,12 @@ class SmtpSession(Session):
         self.message_by: Optional[float] = None   # the monotonic time its text must be in by
 
     # ------------------------------------------------------------------ life cycle
+
+    @property
+    def relaying(self) -> bool:
+        """Introduced (EHLO): the relay answers the commands now."""
+        return self.state in _RELAYED
+
     def run(self, implicit_tls: bool) -> None:
         try:
             super().run(implicit_tls)
