@@ -251,6 +251,7 @@ class AService:
         self._refresh_asked = False
         self.started = time.time()
         self.control = control.ControlServer(control.socket_path(config.dir, worker), control.Control(self))
+        self.metrics: Any = None                # metrics.MetricsServer when MetricsAddress is set
 
     def start(self) -> None:
         a = self.config.aservice
@@ -275,8 +276,11 @@ class AService:
             self.routes = self._routes(self.services)
             for endpoint in self.routes:
                 self.listeners[endpoint] = self._listen(endpoint)
+            if a.MetricsAddress:
+                self._open_metrics(a.MetricsAddress)
         except (ConfigError, OSError, pidfile.PidfileError):
             self.close_listeners()
+            self.close_metrics()
             if self.pidfile is not None:
                 self.pidfile.release()
                 state.store().remove()
@@ -292,6 +296,8 @@ class AService:
         self._open_control(_run_as(a.BeTheUser, a.BeTheGroup))
         drop_privileges(a.BeTheUser, a.BeTheGroup)
         self.control.start()
+        if self.metrics is not None:
+            self.metrics.start()
         gevent.signal_handler(signal.SIGTERM, self.stop)
         gevent.signal_handler(signal.SIGINT, self.stop if self.worker is None else self._interrupt)
         log.info("mmproxy %s (pid %d): %s", "started" if self.worker is None else "worker %d started" % self.worker,
@@ -359,6 +365,25 @@ class AService:
             self.control.open(owner)
         except OSError as e:
             log.error("control socket %s not opened: %s", self.control.path, e.strerror or e)
+
+    def _open_metrics(self, address: Endpoint) -> None:
+        """MetricsAddress: the Prometheus endpoint, bound while still root (SO_REUSEPORT in every
+        worker: whichever takes a scrape answers for all).  ConfigError when it cannot listen."""
+        from mmproxy.metrics import MetricsServer
+        host, port = address
+        try:
+            sock = listen_socket(host, port, self.worker is not None)
+        except OSError as e:
+            raise ConfigError("%s: MetricsAddress: cannot listen on %s:%d: %s"
+                              % (self.config.aservice.where("MetricsAddress") or "AService.cfg", host, port,
+                                 e.strerror)) from None
+        self.metrics = MetricsServer(self.config.dir)
+        self.metrics.open(sock)
+
+    def close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     @staticmethod
     def _routes(services: Dict[ServiceKey, Service]) -> Dict[Tuple[str, int], Tuple[Service, bool]]:
@@ -439,6 +464,7 @@ class AService:
         for svc in self._all_services():
             svc.close()
         self.control.close()
+        self.close_metrics()
         if self.worker is None:
             control.remove(self.config.dir)
         if self.pidfile is not None:
@@ -607,6 +633,14 @@ class Master:
                     except OSError as e:
                         raise ConfigError("%s: cannot listen on %s:%d: %s"
                                           % (entry.file, ep.host or "*", ep.port, e.strerror)) from None
+        a = self.config.aservice
+        if a.MetricsAddress:
+            try:
+                _plain_listen_check(*a.MetricsAddress)
+            except OSError as e:
+                raise ConfigError("%s: MetricsAddress: cannot listen on %s:%d: %s"
+                                  % (a.where("MetricsAddress") or "AService.cfg", *a.MetricsAddress,
+                                     e.strerror)) from None
 
     def _spawn(self, i: int) -> None:
         # Signals wait until the child has dropped the master's handlers (they would queue the

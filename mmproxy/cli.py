@@ -222,7 +222,7 @@ def _worker_summary(name: str, a: dict) -> dict:
                                  logins=outcomes.get("ok", 0),
                                  failures=sum(n for o, n in outcomes.items() if o != "ok"))
     return {"worker": name, "pid": a["pid"], "uptime_s": int(time.time() - a["started"]),
-            "listeners": a["listeners"], "services": per_service, "failures": logins}
+            "listeners": a["listeners"], "services": per_service, "logins_by_outcome": logins}
 
 
 def _total(workers: list) -> dict:

@@ -175,3 +175,29 @@ def open_logs(pid):
         except OSError:
             pass
     return sorted(os.path.basename(f) for f in out if f.endswith(".log"))
+
+
+def imap_login(p, user, password, source="127.0.0.1"):
+    """A logged-in raw IMAP client (relayed by the proxy)."""
+    c = RawClient(p.host, p.imap_port, source=source)
+    c.expect(b"* OK")
+    c.send(b'a LOGIN %s "%s"\r\n' % (user.encode(), password.encode()))
+    assert c.expect(b"a ").startswith(b"a OK")
+    return c
+
+
+def pop_login(p, user, password, source="127.0.0.1"):
+    c = RawClient(p.host, p.pop_port, source=source)
+    c.expect(b"+OK")
+    c.send(b"USER %s\r\n" % user.encode())
+    c.expect(b"+OK")
+    c.send(b"PASS %s\r\n" % password.encode())
+    c.expect(b"+OK")
+    return c
+
+
+def until(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within %ss" % timeout
+        time.sleep(0.1)

@@ -38,6 +38,7 @@ SUPPORTED += "AuthenticationServer AuthenticationLdapAttributes AuthenticationSe
 SUPPORTED += "LdapCAFile LdapNegativeCacheTTL LdapStaleGrace".split()   # directory failover and caches (issue 9)
 SUPPORTED += ["MaxConcurrentConnectionAttempts"]                                       # issue 9
 SUPPORTED += ["ShutdownGrace"]                                                         # issue 10
+SUPPORTED += ["MetricsAddress"]                                                         # issue 10
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

@@ -12,7 +12,7 @@ import time
 from mmproxy import control
 from mmproxy.testing.proxy import Proxy
 
-from helpers import RawClient
+from helpers import RawClient, imap_login, pop_login, until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,25 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def mmproxy(p, *args, timeout=30):
     return subprocess.run([sys.executable, "-m", "mmproxy", *args, "--config-dir", p.config_dir],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def imap_login(p, user, password, source="127.0.0.1"):
-    """A logged-in raw IMAP client (relayed by the proxy)."""
-    c = RawClient(p.host, p.imap_port, source=source)
-    c.expect(b"* OK")
-    c.send(b'a LOGIN %s "%s"\r\n' % (user.encode(), password.encode()))
-    assert c.expect(b"a ").startswith(b"a OK")
-    return c
-
-
-def pop_login(p, user, password, source="127.0.0.1"):
-    c = RawClient(p.host, p.pop_port, source=source)
-    c.expect(b"+OK")
-    c.send(b"USER %s\r\n" % user.encode())
-    c.expect(b"+OK")
-    c.send(b"PASS %s\r\n" % password.encode())
-    c.expect(b"+OK")
-    return c
 
 
 def status(p):
@@ -51,13 +32,6 @@ def who(p, *args):
     r = mmproxy(p, "who", "--json", *args)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout)
-
-
-def until(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "not within %ss" % timeout
-        time.sleep(0.1)
 
 
 def test_status_who_kick_imap_and_pop(mail_stack):
@@ -81,7 +55,7 @@ def test_status_who_kick_imap_and_pop(mail_stack):
             ("imap", "127.0.0.1:%d" % p.imap_port, False), ("pop", "127.0.0.1:%d" % p.pop_port, False)}
         assert w["services"]["imap"] == {"pre_login": 1, "relaying": 2, "logins": 2, "failures": 1}
         assert w["services"]["pop"] == {"pre_login": 1, "relaying": 1, "logins": 1, "failures": 0}
-        assert w["failures"]["imap"] == {"ok": 2, "auth_failed": 1}
+        assert w["logins_by_outcome"]["imap"] == {"ok": 2, "auth_failed": 1}
         assert info["total"] == w["services"]
         text = mmproxy(p, "status").stdout
         assert "running, pid %d" % p.proc.pid in text

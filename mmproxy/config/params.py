@@ -86,6 +86,9 @@ _group(
      "once, sessions before login get the protocol's goodbye at once, a relayed session quiet for 2 s is "
      "told at once); then IMAP * BYE / POP -ERR / SMTP 421 where it cannot cut a response in two, and a "
      "close. A second stop signal ends it at once", _SUP),
+    ("MetricsAddress", t.HostPort(), None, "A",
+     "mmproxy extension: host:port where Prometheus metrics are served over HTTP (every worker's figures "
+     "added up); unset: no metrics endpoint", dict(_SUP, reload=False)),
 )
 _group(
     "Logging",
