@@ -271,6 +271,7 @@ class AService:
             state.store().worker = self.worker
         _raise_nofile()
         gevent.get_hub().NOT_ERROR += (AcceptBackoff,)     # paused accepts are not worth a traceback
+        self._open_control(_run_as(a.BeTheUser, a.BeTheGroup))     # before the listeners: status sees them all
         try:
             self.services = self._make_services(self.config, {})
             self.routes = self._routes(self.services)
@@ -281,6 +282,7 @@ class AService:
         except (ConfigError, OSError, pidfile.PidfileError):
             self.close_listeners()
             self.close_metrics()
+            self.control.close()
             if self.pidfile is not None:
                 self.pidfile.release()
                 state.store().remove()
@@ -290,10 +292,11 @@ class AService:
                 self.pidfile.write()
             except pidfile.PidfileError:
                 self.close_listeners()
+                self.close_metrics()
+                self.control.close()
                 self.pidfile.release()
                 state.store().remove()
                 raise
-        self._open_control(_run_as(a.BeTheUser, a.BeTheGroup))
         drop_privileges(a.BeTheUser, a.BeTheGroup)
         self.control.start()
         if self.metrics is not None:
@@ -381,6 +384,7 @@ class AService:
         self.metrics.open(sock)
 
     def close_metrics(self) -> None:
+        """The metrics endpoint closes (the process stops, or its start failed)."""
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

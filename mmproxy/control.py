@@ -97,9 +97,11 @@ class Filter:
 
     @property
     def empty(self) -> bool:
+        """Neither a user nor an address: every session."""
         return self.user is None and self.net is None
 
     def matches(self, r: Relayed) -> bool:
+        """Whether the relayed session ``r`` is one the filter means."""
         if self.user is not None:
             user = r.user.lower()
             if user != self.user and ("@" in self.user or user.partition("@")[0] != self.user):
@@ -223,10 +225,12 @@ class ControlServer:
         self.server = StreamServer(sock, self._serve, spawn=Pool(CONCURRENT))
 
     def start(self) -> None:
+        """Serve (after :meth:`open`, once privileges are dropped)."""
         if self.server is not None:
             self.server.start()
 
     def close(self) -> None:
+        """Stop serving and remove the socket (the process stops)."""
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -41,6 +41,7 @@ class Collector:
         self.config_dir = config_dir
 
     def collect(self) -> Iterator[Metric]:
+        """prometheus_client's collector interface: every family, the processes' figures added up."""
         answers = [a for _, a in control.ask(self.config_dir, {"cmd": "status"}, SCRAPE_TIMEOUT) if a.get("ok")]
         total = stats.combine([a["stats"] for a in answers])
         sessions: Dict[str, Dict[str, int]] = {}
@@ -121,10 +122,12 @@ class MetricsServer:
         self.server = WSGIServer(sock, self.app, log=None, error_log=log)
 
     def start(self) -> None:
+        """Serve on the hub."""
         if self.server is not None:
             self.server.start()
 
     def close(self) -> None:
+        """Stop serving (the process stops)."""
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -86,6 +86,8 @@ def snapshot(directory):
     for root, _, files in os.walk(directory):
         for f in files:
             path = os.path.join(root, f)
+            if not os.path.isfile(path):             # the control sockets
+                continue
             with open(path, "rb") as fh:
                 out[path] = fh.read()
     return out
