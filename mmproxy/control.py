@@ -61,23 +61,52 @@ def socket_path(config_dir: str, worker: Optional[int]) -> str:
 def prepare(config_dir: str, owner: Optional[Tuple[int, int]]) -> None:
     """Before the daemon serves (and before any worker is forked): the directory exists, is private
     (0700) and belongs to ``owner`` (uid, gid: BeTheUser/BeTheGroup; None: as it runs), and holds
-    no socket of an earlier run.  OSError when it cannot be made."""
+    no socket of an earlier run.  Root follows no link there (the configuration directory may be
+    the BeTheUser account's, see safeopen.py): a link or a file at the directory's name is removed,
+    and the directory is changed through a descriptor opened with O_NOFOLLOW.  OSError when it
+    cannot be made."""
     path = directory(config_dir)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if owner is not None:
-        os.chown(path, *owner)
-    os.chmod(path, 0o700)
-    for old in glob.glob(os.path.join(path, "*.sock")):
-        _unlink(old)
+    fd = _open_dir(path)
+    try:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, 0o700)
+        for entry in os.scandir(fd):
+            if entry.name.endswith(".sock"):
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _open_dir(path: str) -> int:
+    for attempt in (1, 2):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR) or attempt == 2:
+                raise
+            os.unlink(path)                   # our name, not our directory: the link goes, not its target
+    raise AssertionError("unreachable")
 
 
 def remove(config_dir: str) -> None:
     """The daemon has stopped: its sockets and their directory go (what is not ours stays)."""
-    path = directory(config_dir)
-    for old in glob.glob(os.path.join(path, "*.sock")):
-        _unlink(old)
     try:
-        os.rmdir(path)
+        fd = os.open(directory(config_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return                                # gone, or not our directory
+    try:
+        for entry in os.scandir(fd):
+            if entry.name.endswith(".sock"):
+                _unlink(entry.name, fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(directory(config_dir))
     except OSError:
         pass
 
@@ -216,8 +245,8 @@ class ControlServer:
                 sock.bind(self.path)
             finally:
                 os.umask(old)
-            if owner is not None:
-                os.chown(self.path, *owner)
+            if owner is not None:             # never through a link (the directory may be owner's)
+                os.chown(self.path, *owner, follow_symlinks=False)
             sock.listen(CONCURRENT)
         except OSError:
             sock.close()
@@ -340,8 +369,8 @@ def _order(path: str) -> Tuple[int, str]:
     return (int(name[1:]), name) if name[:1] == "w" and name[1:].isdigit() else (-1, name)
 
 
-def _unlink(path: str) -> None:
+def _unlink(path: str, dir_fd: Optional[int] = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass

@@ -140,8 +140,14 @@ def test_two_workers_listed_and_kicked(mail_stack):
 
 def test_control_socket_only_for_root_and_the_run_as_user(mail_stack, tmp_path):
     nobody = pwd.getpwnam("nobody")
-    with Proxy(mail_stack.info(), aservice={"BeTheUser": "nobody", "BeTheGroup": "nogroup"}) as p:
-        os.chmod(p.log_dir, 0o777)
+    p = Proxy(mail_stack.info(), aservice={"BeTheUser": "nobody", "BeTheGroup": "nogroup"})
+    os.chmod(p.log_dir, 0o777)
+    target = tmp_path / "not-yours"                # a link planted at the directory's name is not followed
+    target.mkdir(mode=0o755)
+    os.symlink(str(target), control.directory(p.config_dir))
+    with p:
+        assert os.stat(target).st_uid == 0 and stat.S_IMODE(os.stat(target).st_mode) == 0o755
+        assert not os.path.islink(control.directory(p.config_dir)) and os.listdir(target) == []
         path = control.socket_path(p.config_dir, None)
         until(lambda: os.path.exists(path))
         d, s = os.stat(control.directory(p.config_dir)), os.stat(path)
