@@ -119,6 +119,24 @@ def wait_for_log(p, needle, timeout=10):
         time.sleep(0.05)
 
 
+def refresh(p, needle="configuration refreshed"):
+    """SIGHUP, then the n-th ``needle`` in the proxy's logs for the n-th refresh."""
+    import signal
+    before = proxy_log(p).count(needle)
+    p.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while proxy_log(p).count(needle) <= before:
+        assert time.monotonic() < deadline, "no %r after SIGHUP:\n%s" % (needle, proxy_log(p)[-3000:])
+        time.sleep(0.05)
+
+
+def greeting(port, host="127.0.0.1"):
+    """The first thing a plain connection to ``host:port`` receives, as text."""
+    with socket.create_connection((host, port), 5) as s:
+        s.settimeout(5)
+        return s.recv(4096).decode()
+
+
 def tcp_pair():
     """Both ends of one loopback TCP connection: (client end, server end); gevent sockets where the
     socket module is patched (the tests' conftest patches it)."""

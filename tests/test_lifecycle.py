@@ -19,7 +19,7 @@ from mmproxy.testing import MailStack
 from mmproxy.testing.base import free_port
 from mmproxy.testing.proxy import Proxy, make_cert
 
-from helpers import RawClient, proxy_log, wait_for_log
+from helpers import RawClient, greeting, proxy_log, refresh, wait_for_log
 
 # Dovecot as the bench runs it: imap processes that hold many idle sessions each
 STORE_CONF = """
@@ -69,22 +69,6 @@ def imap_login(port, i, source="127.0.0.1"):
     r.send(b"a LOGIN %s %s\r\n" % (name.encode(), pw.encode()))
     r.skip_to(b"a OK")
     return r
-
-
-def refresh(p, needle="configuration refreshed"):
-    """SIGHUP, then the log line that says it is done (the n-th such line for the n-th refresh)."""
-    before = proxy_log(p).count(needle)
-    p.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while proxy_log(p).count(needle) <= before:
-        assert time.monotonic() < deadline, "no %r after SIGHUP:\n%s" % (needle, proxy_log(p)[-3000:])
-        time.sleep(0.05)
-
-
-def greeting(port, host="127.0.0.1"):
-    with socket.create_connection((host, port), 5) as s:
-        s.settimeout(5)
-        return s.recv(4096).decode()
 
 
 MANY_SETTINGS = {"ConnLimits": "0.0.0.0|0.0.0.0:100000", "LogLevel": 1, "Banner": "first"}

@@ -16,25 +16,9 @@ from mmproxy import pidfile
 from mmproxy.testing.base import free_port
 from mmproxy.testing.proxy import LIBDIR, Proxy
 
-from helpers import RawClient, proxy_log, wait_for_log
+from helpers import RawClient, greeting, proxy_log, refresh, wait_for_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def greeting(port):
-    with socket.create_connection(("127.0.0.1", port), 5) as s:
-        s.settimeout(5)
-        return s.recv(4096).decode()
-
-
-def refresh(p, needle):
-    """SIGHUP, then the n-th ``needle`` in the log for the n-th refresh."""
-    before = proxy_log(p).count(needle)
-    p.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while proxy_log(p).count(needle) <= before:
-        assert time.monotonic() < deadline, "no %r after SIGHUP:\n%s" % (needle, proxy_log(p)[-3000:])
-        time.sleep(0.05)
 
 
 def aservice_log(p):
