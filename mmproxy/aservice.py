@@ -279,24 +279,11 @@ class AService:
                 self.listeners[endpoint] = self._listen(endpoint)
             if a.MetricsAddress:
                 self._open_metrics(a.MetricsAddress)
-        except (ConfigError, OSError, pidfile.PidfileError):
-            self.close_listeners()
-            self.close_metrics()
-            self.control.close()
             if self.pidfile is not None:
-                self.pidfile.release()
-                state.store().remove()
-            raise
-        if self.pidfile is not None:
-            try:
                 self.pidfile.write()
-            except pidfile.PidfileError:
-                self.close_listeners()
-                self.close_metrics()
-                self.control.close()
-                self.pidfile.release()
-                state.store().remove()
-                raise
+        except (ConfigError, OSError, pidfile.PidfileError):
+            self._abandon_start()
+            raise
         drop_privileges(a.BeTheUser, a.BeTheGroup)
         self.control.start()
         if self.metrics is not None:
@@ -313,6 +300,16 @@ class AService:
         self.serving = True
         if self._refresh_asked:
             gevent.spawn(self._sighup)
+
+    def _abandon_start(self) -> None:
+        """A start that failed gives back what it had opened: listeners, metrics, the control
+        socket, and (one process, or the master) the pid file and the state store."""
+        self.close_listeners()
+        self.close_metrics()
+        self.control.close()
+        if self.pidfile is not None:
+            self.pidfile.release()
+            state.store().remove()
 
     def _watch_master(self, master: int) -> None:
         """A worker whose master is gone (killed with SIGKILL: nothing forwards signals or holds the

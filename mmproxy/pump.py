@@ -339,9 +339,6 @@ def close_all(reason: str, quiet: float = 1.0) -> None:
     """End every pump of this process (the daemon is stopping): with its shutdown goodbye where it
     has moved nothing for ``quiet`` seconds, so that the goodbye cannot land inside a response
     still streaming; with a plain close otherwise."""
-    now = get_hub().loop.now()
+    end_quiet(quiet, "shutdown", reason)
     for p in list(_PUMPS):
-        if now - p.last >= quiet:
-            p.end("shutdown", reason)
-        else:
-            p.close(reason)
+        p.close(reason)
