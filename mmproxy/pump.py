@@ -215,6 +215,7 @@ class Pump:
             return
         except OSError as e:
             return self._error(self._other(side), e)
+        self.last = get_hub().loop.now()      # a slow reader taking held-back bytes is activity too
         if side.blocked:
             return
         side.wr.stop()
@@ -327,9 +328,9 @@ def count() -> int:
 
 def end_quiet(quiet: float, why: str, reason: str) -> int:
     """End, with ``goodbyes[why]``, every pump that has moved nothing either way for ``quiet``
-    seconds (a stop's grace: Dovecot's proxy lets sessions idle for 2 s go at once); how many."""
+    seconds and holds no bytes a destination has not taken yet (a stop's grace: Dovecot's proxy lets sessions idle for 2 s go at once); how many."""
     now = get_hub().loop.now()
-    quiet_ones = [p for p in _PUMPS if now - p.last >= quiet]
+    quiet_ones = [p for p in _PUMPS if now - p.last >= quiet and not (p.up.blocked or p.down.blocked)]
     for p in quiet_ones:
         p.end(why, reason)
     return len(quiet_ones)

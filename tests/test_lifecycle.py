@@ -354,3 +354,34 @@ def zombie(pid):
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.timeout(60)
+def test_stop_gives_the_grace_to_a_download_a_slow_client_has_not_taken_yet(mail_stack):
+    """A client reading its answers slowly holds the store's bytes in the proxy (the destination
+    blocked): that session is busy, not quiet, and gets ShutdownGrace; it is cut only then, with
+    no goodbye inside the stream."""
+    with Proxy(mail_stack.info(), aservice={"ShutdownGrace": 8}) as p:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", p.imap_port))
+        s.sendall(b"a LOGIN alice alice-pw\r\nb SELECT INBOX\r\n" + b"c FETCH 1 BODY[]\r\n" * 20000)
+        time.sleep(3)                                  # everything the client does not read piles up
+        p.proc.send_signal(signal.SIGTERM)
+        time.sleep(4)                                  # longer than a quiet session is kept
+        assert p.proc.poll() is None, "the blocked download was ended as if quiet"
+        s.settimeout(10)
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+        assert p.proc.wait(10) == 0
+        assert data.startswith(b"* OK [CAPABILITY") and b"a OK" in data and b"* 1 FETCH" in data
+        body, bye, rest = data.partition(imap.BYE_SHUTDOWN.encode() + b"\r\n")
+        assert rest == b""                             # the goodbye, if any, comes last...
+        assert not bye or body.rsplit(b"\r\n", 2)[-2].startswith(b"c OK")     # ...after a whole response
