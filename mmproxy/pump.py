@@ -328,9 +328,11 @@ def count() -> int:
 
 def end_quiet(quiet: float, why: str, reason: str) -> int:
     """End, with ``goodbyes[why]``, every pump that has moved nothing either way for ``quiet``
-    seconds and holds no bytes a destination has not taken yet (a stop's grace: Dovecot's proxy lets sessions idle for 2 s go at once); how many."""
+    seconds and holds no bytes a destination has not taken yet (a stop's grace: Dovecot's proxy
+    lets sessions idle for 2 s go at once); how many."""
     now = get_hub().loop.now()
-    quiet_ones = [p for p in _PUMPS if now - p.last >= quiet and not (p.up.blocked or p.down.blocked)]
+    quiet_ones = [p for p in _PUMPS
+                  if now - p.last >= quiet and not (p.up.blocked or p.down.blocked)]
     for p in quiet_ones:
         p.end(why, reason)
     return len(quiet_ones)
