@@ -17,7 +17,7 @@ from gevent import socket as gsocket
 
 from mmproxy import tls as tlsmod
 from mmproxy.errors import BackendUnavailable
-from mmproxy.linereader import BackendReader
+from mmproxy.linereader import BackendReader, send_now
 
 STORE_TIMEOUT = 30.0      # the default of StoreTimeout
 STORE_PHASE = "the store's part of the login (connect, greeting, login)"
@@ -160,6 +160,14 @@ class Store:
     def send(self, data: bytes, timeout: Optional[float] = None) -> None:
         """Write ``data`` within ``timeout`` seconds (default: the reader's idle limit), and before
         the phase's deadline; BackendUnavailable otherwise."""
+        if not isinstance(self.sock, ssl.SSLSocket):
+            try:
+                n = send_now(self.sock, data)
+            except OSError as e:
+                raise BackendUnavailable("%s: write failed: %s" % (self, _why(e))) from None
+            if n == len(data):
+                return
+            data = data[n:]
         wait = self.reader.idle if timeout is None else timeout
         if self.reader.deadline is not None:
             left = self.reader.deadline - time.monotonic()

@@ -1,11 +1,17 @@
 """The directory: find a user's domain, entry and mail host in LDAP, and check the password (PreAuth).
 
-libldap is C and does its own socket I/O, which monkey-patching cannot reach: a python-ldap call made
-in a greenlet would freeze every session in the process.  So every call runs on a PRIVATE native
-thread pool (python-ldap releases the GIL inside libldap), each connection serves one job at a time,
-and a job that outlives its deadline costs its connection (it may still be inside libldap).  Results
-are cached in cachetools TTL caches that only greenlets touch, and concurrent lookups of one key
-share one request (single flight), so a reconnect storm does not become a search storm.
+libldap is C and does its own socket I/O, which monkey-patching cannot reach: a python-ldap call that
+waits, made in a greenlet, would freeze every session in the process.  So what may wait runs on a
+PRIVATE native thread pool (python-ldap releases the GIL inside libldap): opening a connection
+(connect, TLS, the BindDN bind) and its first request.  A pooled connection's requests run on the
+hub with libldap's asynchronous calls: the request is sent (``search_ext``, ``simple_bind``: a few
+hundred bytes into an idle socket, which never waits), the greenlet waits for the connection's
+descriptor to turn readable, and ``result3(msgid, timeout=0)`` only takes what has arrived (the
+descriptor is non-blocking: a message that arrives in pieces is never waited for inside libldap).
+That saves the two thread hand-offs a request would cost.  Each connection serves one request at
+a time, and a request that outlives its deadline costs its connection.  Results are cached in
+cachetools TTL caches that only greenlets touch, and concurrent lookups of one key share one
+request (single flight), so a reconnect storm does not become a search storm.
 
 This module is the only importer of ``ldap``.
 """
@@ -27,6 +33,7 @@ import ldap.filter
 from cachetools import TTLCache
 from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
+from gevent.socket import wait_read
 from gevent.threadpool import ThreadPool
 
 from mmproxy import ldaptls, stats
@@ -197,12 +204,52 @@ class _Server:
 
 
 class _Conn:
-    """A pooled python-ldap connection and where it goes."""
+    """A pooled python-ldap connection and where it goes.  Its descriptor is made non-blocking: from
+    now on its requests run on the hub (:func:`_on_hub`)."""
 
     __slots__ = ("ldap", "server", "generation", "opened")
 
     def __init__(self, conn: Any, server: _Server) -> None:
         self.ldap, self.server, self.generation, self.opened = conn, server, server.generation, time.monotonic()
+        os.set_blocking(conn.fileno(), False)
+
+
+# One LDAP request: ``start(conn)`` sends it and returns its message id; ``done(get)`` makes the
+# value of its answer, ``get()`` returning result3's tuple or raising its ldap.LDAPError.
+Start = Callable[[Any], int]
+Done = Callable[[Callable[[], Any]], Any]
+Op = Tuple[Start, Done]
+
+
+def _on_thread(conn: Any, op: Op) -> Any:
+    """``op`` on ``conn``, waiting inside libldap (a pool thread only); ldap.LDAPError."""
+    start, done = op
+    msgid = start(conn)
+    return done(lambda: conn.result3(msgid, 1, OP_TIMEOUT))
+
+
+def _on_hub(conn: Any, op: Op, seconds: float) -> Any:
+    """``op`` on the pooled ``conn`` from a greenlet: sent at once, its answer collected as it
+    arrives, never waiting inside libldap.  ldap.LDAPError; ldap.TIMEOUT when no whole answer came
+    within ``seconds`` (as libldap's own OPT_TIMEOUT would say)."""
+    start, done = op
+    msgid = start(conn)
+    deadline = time.monotonic() + seconds
+    fd = conn.fileno()
+
+    def get() -> Any:
+        while True:
+            answer = conn.result3(msgid, 1, 0)          # timeout 0: what has arrived, no waiting
+            if answer[0] is not None:
+                return answer
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ldap.TIMEOUT({"desc": "Timed out", "info": "no answer in %gs" % seconds})
+            try:
+                wait_read(fd, left)
+            except TimeoutError:                     # socket.timeout: the loop says so
+                pass
+    return done(get)
 
 
 class _Conns:
@@ -396,16 +443,17 @@ class Directory:
         finally:
             timer.close()
 
-    def _job(self, conns: _Conns, service_bind: bool, fn: Callable[[Any], Any]) -> Any:
+    def _job(self, conns: _Conns, service_bind: bool, op: Op) -> Any:
         """_attempts, timed (stats: the directory's latency as a login sees it, failover included)."""
         start = time.monotonic()
         try:
-            return self._attempts(conns, service_bind, fn)
+            return self._attempts(conns, service_bind, op)
         finally:
             stats.directory_time("search" if service_bind else "bind", time.monotonic() - start)
 
-    def _attempts(self, conns: _Conns, service_bind: bool, fn: Callable[[Any], Any]) -> Any:
-        """fn(conn) on the LDAP thread pool with a connection of ``conns``; greenlet side.
+    def _attempts(self, conns: _Conns, service_bind: bool, op: Op) -> Any:
+        """The request ``op`` on a connection of ``conns``: a pooled one from the hub, a fresh one
+        (opened, bound as BindDN when ``service_bind``) on the LDAP thread pool; greenlet side.
 
         Failover: when the connection or its host turns out dead (``outcome`` says which errors),
         the request is tried again on a fresh connection, to the next host when a fresh one
@@ -438,21 +486,28 @@ class Directory:
             else:
                 server = conn.server
 
-            def work(c: Optional[_Conn] = conn, s: _Server = server) -> Tuple[Any, Any, Optional[BaseException]]:
+            def first(s: _Server = server) -> Tuple[Any, Any, Optional[BaseException]]:
                 # Errors come back as values: gevent's pool prints a traceback for every exception
                 # that leaves a job, and neither a wrong password nor a dead server may put one in the log.
-                raw = c.ldap if c is not None else None
+                raw = None
                 try:
-                    if raw is None:
-                        raw = self._open(s, service_bind)
-                    return raw, fn(raw), None
+                    raw = self._open(s, service_bind)
+                    return raw, _on_thread(raw, op), None
                 except ldap.LDAPError as e:
                     return raw, None, e
 
             try:
-                answer = self._run(work, left)
-            except BaseException:                 # killed, or an outer deadline: the job goes on
-                conns.lose()                      # without us, and its connection is lost
+                if conn is None:
+                    answer = self._run(first, left)
+                else:
+                    try:
+                        answer = conn.ldap, _on_hub(conn.ldap, op, min(left, OP_TIMEOUT)), None
+                    except ldap.LDAPError as e:
+                        answer = conn.ldap, None, e
+            except BaseException:                 # killed, or an outer deadline: the request goes
+                conns.lose()                      # on without us, and its connection is lost
+                if conn is not None:
+                    self.pool.spawn(_unbind, conn.ldap)
                 raise
             if answer is _LATE:
                 conns.lose()                      # it may still be inside libldap: never reuse it
@@ -507,14 +562,17 @@ class Directory:
         """The entries (DN, attributes as the server sent them) of one search as BindDN, search
         references left out: none when ``base`` does not exist; past ``sizelimit`` entries, that
         many placeholder rows ("", {}) (more than one match: ambiguous)."""
-        def fn(conn: Any) -> Any:
+        def start(conn: Any) -> int:
+            return int(conn.search_ext(base, scope, flt, attrs, timeout=OP_TIMEOUT, sizelimit=sizelimit))
+
+        def done(get: Callable[[], Any]) -> Any:
             try:
-                return conn.search_ext_s(base, scope, flt, attrs, timeout=OP_TIMEOUT, sizelimit=sizelimit)
+                return get()[1]
             except ldap.NO_SUCH_OBJECT:
                 return []
             except ldap.SIZELIMIT_EXCEEDED:
                 return [("", {})] * sizelimit
-        return [(dn, a) for dn, a in self._job(self.searchers, True, fn) if dn is not None]
+        return [(dn, a) for dn, a in self._job(self.searchers, True, (start, done)) if dn is not None]
 
     def _search(self, base: str, scope: int, flt: str,
                 attrs: Optional[List[str]]) -> List[Tuple[str, Dict[str, List[str]]]]:
@@ -741,9 +799,7 @@ class Directory:
             return
         stats.cache("auth", False)
 
-        def bind(conn: Any) -> None:
-            conn.simple_bind_s(user.dn, password)
-
+        bind: Op = (lambda conn: int(conn.simple_bind(user.dn, password)), lambda get: get() and None)
         try:
             _, fresh = self._or_stale(self.auth_cache, key,
                                       lambda: self._single(("bind", key), lambda: self._job(self.binders, False, bind)),

@@ -200,9 +200,12 @@ def parse_args(text: bytes) -> List[Arg]:
     return p.finish()
 
 
+_NOT_QUOTABLE = re.compile(rb"[^\x20-\x7e]")
+
+
 def quote(value: bytes) -> Optional[bytes]:
     """An IMAP quoted string, or None when the value needs a literal (8-bit, CR/LF, long)."""
-    if len(value) > 1000 or any(b > 0x7E or b < 0x20 for b in value):
+    if len(value) > 1000 or _NOT_QUOTABLE.search(value):
         return None
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 

@@ -33,6 +33,16 @@ from mmproxy.errors import (
 RECV_SIZE = 16384
 
 
+def send_now(sock: socket.socket, data: bytes) -> int:
+    """Send what the kernel takes of ``data`` at once, without waiting (the usual case: the whole
+    reply fits the socket buffer, in one system call); how many bytes it took.  The caller sends
+    the rest under its own bounds.  Plain (gevent) sockets only; OSError when the peer is gone."""
+    try:
+        return sock.send(data, 0, 0.0)        # type: ignore[call-arg]  # gevent's timeout argument
+    except BlockingIOError:
+        return 0
+
+
 class LineReader:
     """Reads CRLF (or bare LF) terminated lines and exact byte counts from a client.
 

@@ -9,9 +9,10 @@ all is decided before, in ``login.credentials``; a domain name is checked before
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -64,28 +65,52 @@ def expand(fmt: str, values: Mapping[str, str], escape: Callable[[str], str] = l
     were refused when the configuration was read, so here they are kept literally.
     """
     out = []
+    for text, code, name in _pieces(fmt):
+        if code is None:
+            out.append(text)
+        elif code == "A" and attr is not None and name is not None:
+            out.append(escape(attr(name)))
+        elif code in values:
+            out.append(escape(values[code]))
+        else:
+            out.append(text)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _pieces(fmt: str) -> Tuple[Tuple[str, Optional[str], Optional[str]], ...]:
+    """A format split once (the same few recur at every login) into (text, code, attribute name):
+    literal text with code None, or an escape (its own text, kept when nothing answers it; "A" with
+    the name in %A[name])."""
+    pieces: List[Tuple[str, Optional[str], Optional[str]]] = []
+    literal: List[str] = []
     i, n = 0, len(fmt)
+
+    def piece(text: str, code: Optional[str], name: Optional[str] = None) -> None:
+        if literal:
+            pieces.append(("".join(literal), None, None))
+            literal.clear()
+        pieces.append((text, code, name))
     while i < n:
         ch = fmt[i]
         if ch != "%" or i + 1 >= n:
-            out.append(ch)
+            literal.append(ch)
             i += 1
             continue
         code = fmt[i + 1]
         if code == "%":
-            out.append("%")
+            literal.append("%")
             i += 2
-        elif code == "A" and attr is not None and fmt.startswith("[", i + 2) and "]" in fmt[i + 3:]:
+        elif code == "A" and fmt.startswith("[", i + 2) and "]" in fmt[i + 3:]:
             end = fmt.index("]", i + 3)
-            out.append(escape(attr(fmt[i + 3:end])))
+            piece(fmt[i:end + 1], "A", fmt[i + 3:end])
             i = end + 1
-        elif code in values:
-            out.append(escape(values[code]))
-            i += 2
         else:
-            out.append(fmt[i:i + 2])
+            piece(fmt[i:i + 2], code)
             i += 2
-    return "".join(out)
+    if literal:
+        pieces.append(("".join(literal), None, None))
+    return tuple(pieces)
 
 
 def format_attrs(fmt: str) -> Sequence[str]:

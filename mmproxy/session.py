@@ -58,7 +58,7 @@ from mmproxy.errors import (
     UnknownCommand,
     UnknownUser,
 )
-from mmproxy.linereader import LineReader
+from mmproxy.linereader import LineReader, send_now
 from mmproxy.logs import DETAIL
 
 MAX_BAD_COMMANDS = 10      # then the session is closed (nginx max_errors, aiosmtpd BOGUS_LIMIT)
@@ -339,6 +339,15 @@ class Session:
             return
         data = b"".join(self.out)
         self.out.clear()
+        if not isinstance(self.sock, ssl.SSLSocket):
+            try:
+                n = send_now(self.sock, data)
+            except OSError as e:
+                raise ClientGone("write failed: %s" % e) from None
+            self.sent += n
+            if n == len(data):
+                return
+            data = data[n:]
         seconds, r = SEND_TIMEOUT, self.reader
         by_deadline = r.deadline is not None and r.deadline - time.monotonic() < SEND_TIMEOUT
         if r.deadline is not None and by_deadline:

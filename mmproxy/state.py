@@ -37,6 +37,7 @@ log = logging.getLogger("mmproxy.state")
 
 BUSY_LIMIT = 2.0             # seconds an operation retries a busy database before it gives up
 POP_RECORDS = 65536          # POP-before-SMTP records kept after each sweep (those that expire last)
+MEMORY = ":memory:"          # the path of a private store (LocalState.private)
 PURGE_EVERY = 60.0           # seconds between sweeps of empty connection counts and expired rows
 
 SCHEMA = """
@@ -131,10 +132,20 @@ class LocalState:
                 os.chown(name, *owner)
         return state
 
+    @classmethod
+    def private(cls) -> "LocalState":
+        """A store only this process uses (one process serves every session: ``NumThreads 1``), in
+        SQLite's memory: the same statements, without a file's locks and writes (some twenty
+        system calls a login fewer)."""
+        state = cls(MEMORY)
+        state.db().executescript(SCHEMA)
+        return state
+
     def remove(self) -> None:
         """Delete the store (the daemon stops)."""
         self.close()
-        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+        if self.path != MEMORY:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
     def close(self) -> None:
         if self._db is not None and self._pid == os.getpid():
