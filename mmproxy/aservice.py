@@ -266,7 +266,7 @@ class AService:
         if self.pidfile is not None:
             self.pidfile.acquire()          # before anything of a running daemon's is touched
         if self.worker is None:
-            state.use(state.LocalState.private())      # one process: nobody else reads the store
+            state.use(state.MemoryState())      # one process: nobody else reads the store
         else:
             state.store().worker = self.worker
         _raise_nofile()

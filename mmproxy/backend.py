@@ -5,19 +5,26 @@ replaying the login); this module only knows sockets, deadlines and the failure 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import logging
+import os
+import select
 import socket
 import ssl
 import time
 from typing import Dict, Optional, Union
 
+import gevent.monkey
 from gevent import socket as gsocket
+from gevent.socket import wait_write
 
 from mmproxy import tls as tlsmod
 from mmproxy.errors import BackendUnavailable
 from mmproxy.linereader import BackendReader, send_now
+
+_poll = gevent.monkey.get_original("select", "poll")     # a poll that never waits (timeout 0)
 
 STORE_TIMEOUT = 30.0      # the default of StoreTimeout
 STORE_PHASE = "the store's part of the login (connect, greeting, login)"
@@ -160,6 +167,12 @@ class Store:
     def send(self, data: bytes, timeout: Optional[float] = None) -> None:
         """Write ``data`` within ``timeout`` seconds (default: the reader's idle limit), and before
         the phase's deadline; BackendUnavailable otherwise."""
+        wait = self.reader.idle if timeout is None else timeout
+        if self.reader.deadline is not None:
+            left = self.reader.deadline - time.monotonic()
+            if left <= 0:
+                raise self.reader.deadline_passed()
+            wait = left if wait is None else min(wait, left)
         if not isinstance(self.sock, ssl.SSLSocket):
             try:
                 n = send_now(self.sock, data)
@@ -168,12 +181,6 @@ class Store:
             if n == len(data):
                 return
             data = data[n:]
-        wait = self.reader.idle if timeout is None else timeout
-        if self.reader.deadline is not None:
-            left = self.reader.deadline - time.monotonic()
-            if left <= 0:
-                raise self.reader.deadline_passed()
-            wait = left if wait is None else min(wait, left)
         try:
             self.sock.settimeout(wait)
             self.sock.sendall(data)
@@ -198,17 +205,31 @@ def address_family(host: str) -> Optional[int]:
 
 
 def _connect(host: str, port: int, timeout: float) -> gsocket.socket:
-    """mailHost is usually an address: then skip the resolver (a thread-pool round trip per login)."""
+    """mailHost is usually an address: then skip the resolver (a thread-pool round trip per login).
+
+    A connection to a store nearby is usually made before the non-blocking connect() returns
+    (EINPROGRESS): one poll without waiting says so, and the greenlet goes on at once instead of
+    waiting for the event loop to report the socket writable.  Otherwise it waits, within
+    ``timeout`` seconds.  OSError (socket.timeout included) when it fails."""
     family = address_family(host)
     if family is None:
         return gsocket.create_connection((host, port), timeout=timeout)
     sock = gsocket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect((host, port))
+        # gevent's socket is non-blocking underneath: its own socket connects without waiting
+        err = sock._sock.connect_ex((host, port))      # type: ignore[attr-defined]
+        if err == errno.EINPROGRESS:
+            ready = _poll()
+            ready.register(sock.fileno(), select.POLLOUT)
+            if not ready.poll(0):
+                wait_write(sock.fileno(), timeout)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
     except OSError:                        # socket.timeout included
         sock.close()
         raise
+    sock.settimeout(timeout)
     return sock
 
 

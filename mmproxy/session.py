@@ -261,7 +261,7 @@ class Session:
         self.server_ip, self.server_port = local[0], local[1]
         self.id = "%s%d" % (_worker, next(_ids))
         self.greenlet = gevent.getcurrent()
-        self.log = logging.LoggerAdapter(logging.getLogger("mmproxy." + self.kind), {
+        self.log = logging.LoggerAdapter(service.log, {
             "ctx": "%s %s:%d #%s" % (self.kind, self.client_ip, self.client_port, self.id)})
         self.cfg = service.cfg
         over = service.overrides_for(self.server_ip)

@@ -18,7 +18,9 @@ Connection counts are kept per worker process, so that the master can give back 
 worker that died (:meth:`LocalState.forget_worker`) before it starts its replacement.
 
 :class:`ClientState` is the small interface; :class:`LocalState` implements it for one box, a
-networked store (several boxes) can implement it too.
+networked store (several boxes) can implement it too.  A daemon of one process (``NumThreads 1``)
+shares its state with nobody: :class:`MemoryState` keeps it in dictionaries, the same rules
+without a database (a login touches the store three or four times).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple, Union
 
 import gevent
 
@@ -37,7 +39,6 @@ log = logging.getLogger("mmproxy.state")
 
 BUSY_LIMIT = 2.0             # seconds an operation retries a busy database before it gives up
 POP_RECORDS = 65536          # POP-before-SMTP records kept after each sweep (those that expire last)
-MEMORY = ":memory:"          # the path of a private store (LocalState.private)
 PURGE_EVERY = 60.0           # seconds between sweeps of empty connection counts and expired rows
 
 SCHEMA = """
@@ -132,20 +133,10 @@ class LocalState:
                 os.chown(name, *owner)
         return state
 
-    @classmethod
-    def private(cls) -> "LocalState":
-        """A store only this process uses (one process serves every session: ``NumThreads 1``), in
-        SQLite's memory: the same statements, without a file's locks and writes (some twenty
-        system calls a login fewer)."""
-        state = cls(MEMORY)
-        state.db().executescript(SCHEMA)
-        return state
-
     def remove(self) -> None:
         """Delete the store (the daemon stops)."""
         self.close()
-        if self.path != MEMORY:
-            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
     def close(self) -> None:
         if self._db is not None and self._pid == os.getpid():
@@ -293,16 +284,115 @@ class LocalState:
         return [Record(*row) for row in rows]
 
 
-_store: Optional[LocalState] = None
+class MemoryState:
+    """:class:`ClientState` for a daemon of one process: the same rules as :class:`LocalState`,
+    in this process's dictionaries (greenlets only: nothing here waits, so every method is atomic
+    on the hub).  Never raises StateBusy."""
+
+    def __init__(self, worker: int = 0, clock: Callable[[], float] = time.time) -> None:
+        self.worker = worker
+        self.clock = clock
+        self.conns: Dict[Tuple[str, str], int] = {}
+        self.badguys: Dict[str, Dict[str, Penalty]] = {}         # service -> ip -> sentence
+        self.popauth: Dict[str, Record] = {}
+        self._next_purge = 0.0
+
+    def remove(self) -> None:
+        """Nothing to delete: the state goes with the process."""
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ ConnLimits
+    def acquire(self, service: str, ip: str, limit: int) -> bool:
+        key = (service, ip)
+        n = self.conns.get(key, 0)
+        if n >= limit:
+            return False
+        self.conns[key] = n + 1
+        return True
+
+    def release(self, service: str, ip: str) -> None:
+        key = (service, ip)
+        n = self.conns.get(key, 0) - 1
+        if n > 0:
+            self.conns[key] = n
+        else:
+            self.conns.pop(key, None)
+
+    def connections(self, service: str, ip: str) -> int:
+        return self.conns.get((service, ip), 0)
+
+    def forget_worker(self, worker: int) -> int:
+        return 0                  # one process: no worker of its own to outlive
+
+    # ------------------------------------------------------------------ BadGuys
+    def penalty(self, service: str, ip: str) -> Optional[Penalty]:
+        return self.badguys.get(service, {}).get(ip)
+
+    def add_penalty(self, service: str, ip: str, update: Callable[[Optional[Penalty], float], float],
+                    keep: int, expiry: float) -> float:
+        now = self.clock()
+        table = self.badguys.setdefault(service, {})
+        old = table.get(ip)
+        badness = update(old, now)
+        table[ip] = Penalty(badness, now)
+        if old is None:
+            for gone in [k for k, p in table.items() if p.last <= now - expiry]:
+                del table[gone]
+            over = len(table) - keep
+            if over > 0:
+                for gone in sorted(table, key=lambda k: table[k].last)[:over]:
+                    del table[gone]
+        return badness
+
+    def forgive(self, service: str, ip: str) -> None:
+        self.badguys.get(service, {}).pop(ip, None)
+
+    # ------------------------------------------------------------------ AuthService
+    def record_login(self, ip: str, user: str, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        now = self.clock()
+        self.popauth[ip] = Record(ip, user, now, now + ttl)
+        self._maybe_purge()
+
+    def login_record(self, ip: str) -> Optional[Record]:
+        r = self.popauth.get(ip)
+        return r if r is not None and r.expires > self.clock() else None
+
+    def login_records(self) -> Iterable[Record]:
+        now = self.clock()
+        return [r for r in self.popauth.values() if r.expires > now]
+
+    def _maybe_purge(self) -> None:
+        """Now and then (and at once past twice POP_RECORDS: a flood of addresses costs a sort per
+        POP_RECORDS logins, not per login): drop expired POP records, then those that expire first
+        beyond POP_RECORDS."""
+        now = time.monotonic()
+        if now < self._next_purge and len(self.popauth) <= 2 * POP_RECORDS:
+            return
+        self._next_purge = now + PURGE_EVERY
+        wall = self.clock()
+        for ip in [ip for ip, r in self.popauth.items() if r.expires <= wall]:
+            del self.popauth[ip]
+        over = len(self.popauth) - POP_RECORDS
+        if over > 0:
+            for ip in sorted(self.popauth, key=lambda k: self.popauth[k].expires)[:over]:
+                del self.popauth[ip]
 
 
-def use(store: Optional[LocalState]) -> None:
+Store = Union[LocalState, MemoryState]
+_store: Optional[Store] = None
+
+
+def use(store: Optional[Store]) -> None:
     """Make ``store`` the one this process uses (the daemon, before it forks its workers)."""
     global _store
     _store = store
 
 
-def store() -> LocalState:
+def store() -> Store:
     """The store this process uses; one is made on first use where the daemon made none (a
     process serving sessions without ``mmproxy start``), and removed at exit."""
     global _store

@@ -1,6 +1,7 @@
 """The per-client state store shared by worker processes (state.py), the BadGuys rules
 (badguys.py) and POP-before-SMTP records (authservice.py): with real forked processes and the
-real SQLite store, no mocks."""
+real SQLite store, no mocks.  The rules that hold in one process hold for the one-process store
+(MemoryState) alike."""
 import os
 import time
 
@@ -10,7 +11,7 @@ from gevent import monkey
 from mmproxy import authservice, state
 from mmproxy.badguys import BadGuys
 from mmproxy.config.types import parse_network
-from mmproxy.state import LocalState, Penalty
+from mmproxy.state import LocalState, MemoryState, Penalty
 
 fork = monkey.get_original("os", "fork")
 real_sleep = monkey.get_original("time", "sleep")
@@ -23,6 +24,32 @@ def store():
     yield s
     state.use(None)
     s.remove()
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def any_store(request):
+    """Either store, made the process's: the shared SQLite one and a one-process daemon's."""
+    s = LocalState.create() if request.param == "sqlite" else MemoryState()
+    state.use(s)
+    yield s
+    state.use(None)
+    s.remove()
+
+
+def clocked(s, clock):
+    """A store like ``s`` whose clock is ``clock``."""
+    return LocalState(s.path, clock=clock) if isinstance(s, LocalState) else MemoryState(clock=clock)
+
+
+def test_connection_counts_in_one_process(any_store):
+    s = any_store
+    assert s.acquire("imap", "127.0.0.5", 2) and s.acquire("imap", "127.0.0.5", 2)
+    assert not s.acquire("imap", "127.0.0.5", 2)
+    assert s.acquire("pop", "127.0.0.5", 2) and s.acquire("imap", "127.0.0.6", 2)   # per service, per address
+    for _ in range(3):
+        s.release("imap", "127.0.0.5")                                # more releases than acquires: no negative count
+    assert s.connections("imap", "127.0.0.5") == 0
+    assert s.acquire("imap", "127.0.0.5", 1) and not s.acquire("imap", "127.0.0.5", 1)
 
 
 def children(n, work):
@@ -150,7 +177,7 @@ def test_busy_store_gives_up_after_the_limit(store, monkeypatch):
         db.rollback()
 
 
-def test_pop_before_smtp_records(store):
+def test_pop_before_smtp_records(any_store):
     authservice.record("127.0.0.9", "alice@example.com", 60)
     authservice.record("::ffff:127.0.0.10", "bob@example.com", 0.2)
     assert authservice.lookup("127.0.0.9").user == "alice@example.com"
@@ -193,9 +220,9 @@ def test_excluded_networks():
     assert not rules.exempt("127.0.0.1") and not rules.exempt("11.0.0.1")
 
 
-def test_penalties_bounded_by_bgmax_oldest_forgotten_first(store):
+def test_penalties_bounded_by_bgmax_oldest_forgotten_first(any_store):
     clock = iter(range(1000, 2000))
-    s = LocalState(store.path, clock=lambda: float(next(clock)))
+    s = clocked(any_store, lambda: float(next(clock)))
     rules = BadGuys(penalty=2, max_badness=60, decay=900)
     for i in range(5):
         s.add_penalty("imap", "10.0.0.%d" % i, rules.after_failure, keep=3, expiry=900)
@@ -254,3 +281,15 @@ def test_a_busy_store_never_blocks_the_hub(store):
     waited = time.monotonic() - t
     assert 0.4 < waited < 2.0
     assert len([x for x in ticks if t <= x <= t + waited]) >= 10
+
+
+def test_pop_records_bounded_in_one_process(monkeypatch):
+    """A flood of POP logins from new addresses: at most twice POP_RECORDS are held, those that
+    expire first go first, and the expired go at the next sweep."""
+    monkeypatch.setattr(state, "POP_RECORDS", 10)
+    clock = iter(range(1000, 2000))
+    s = MemoryState(clock=lambda: float(next(clock)))
+    for i in range(25):
+        s.record_login("10.0.%d.1" % i, "u%d" % i, 100 + i)
+        assert len(s.popauth) <= 20
+    assert s.login_record("10.0.24.1").user == "u24" and s.login_record("10.0.0.1") is None
