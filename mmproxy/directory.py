@@ -17,7 +17,7 @@ This module is the only importer of ``ldap``.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import hmac
 import logging
 import os
@@ -671,8 +671,7 @@ class Directory:
         its own inetDomainBaseDN and inetCanonicalDomainName) keeps its own settings and users'
         base, and names the canonical domain.
         """
-        dn = ",".join("dc=" + ldap.dn.escape_dn_chars(label) for label in name.split("."))
-        dn = dn + "," + self.base if self.base else dn
+        dn = _dc_dn(name, self.base)
 
         def load() -> Optional[Domain]:
             a = self._dc_node(dn)
@@ -737,11 +736,10 @@ class Directory:
         login = domain.login_id(login)        # an alias domain's users are searched in the canonical one
         fmt = domain.search_filter or search_format
         flt = search_filter(fmt, login, client_ip, server_ip)
-        attrs = sorted({"uid", *self.mailhost_attrs, *extra_attrs, *format_attrs(domain.replay or ""),
-                        *USER_STATUS_ATTRS})
+        attrs = _user_attrs(tuple(self.mailhost_attrs), tuple(extra_attrs), domain.replay or "")
 
         def load() -> Optional[User]:
-            rows = self._search(domain.user_base, ldap.SCOPE_SUBTREE, flt, attrs)
+            rows = self._search(domain.user_base, ldap.SCOPE_SUBTREE, flt, list(attrs))
             if len(rows) > 1:
                 raise AmbiguousUser("search %s under %s matched more than one entry" % (flt, domain.user_base))
             if not rows:
@@ -750,7 +748,7 @@ class Directory:
             host = next((a[h.lower()][0] for h in self.mailhost_attrs if a.get(h.lower())), None)
             status = account_status(domain.status, *(v for k in USER_STATUS_ATTRS for v in a.get(k.lower(), [])))
             return User(dn, a, host, status)
-        return domain, self._cached(("user", domain.user_base, flt, tuple(attrs)), load)
+        return domain, self._cached(("user", domain.user_base, flt, attrs), load)
 
     def certificate_entries(self, base: str, base_only: bool, terms: Sequence[Tuple[str, str]],
                             cert_der: Optional[bytes] = None) -> List[Tuple[str, Dict[str, List[str]]]]:
@@ -793,7 +791,7 @@ class Directory:
         is not asked again."""
         if not password:
             raise AuthFailed("empty password")      # an empty password would be an anonymous bind
-        key = hmac.new(self._auth_key, user.dn.encode() + b"\0" + password, hashlib.sha256).digest()
+        key = hmac.digest(self._auth_key, user.dn.encode() + b"\0" + password, "sha256")
         if self.auth_cache.get(key) is not _MISS:
             stats.cache("auth", True)
             return
@@ -810,6 +808,14 @@ class Directory:
             self.auth_cache.put(key, True)
 
 
+@functools.lru_cache(maxsize=4096)
+def _dc_dn(name: str, base: str) -> str:
+    """The DC-tree DN of domain ``name`` under ``base`` ("example.com" -> "dc=example,dc=com,<base>"),
+    worked out once per name."""
+    dn = ",".join("dc=" + ldap.dn.escape_dn_chars(label) for label in name.split("."))
+    return dn + "," + base if base else dn
+
+
 def _dc_name(dn: str) -> str:
     """The domain name of a DC-tree DN: its leading dc= values ("dc=example,dc=com,o=internet" ->
     "example.com"); "" when it starts with no dc=."""
@@ -819,6 +825,13 @@ def _dc_name(dn: str) -> str:
             break
         labels.append(rdn[0][1])
     return ".".join(labels).lower()
+
+
+@functools.lru_cache(maxsize=256)
+def _user_attrs(mailhost_attrs: Tuple[str, ...], extra: Tuple[str, ...], replay: str) -> Tuple[str, ...]:
+    """The attributes a user search asks for, sorted (they are part of the cache key), worked out
+    once per combination of settings."""
+    return tuple(sorted({"uid", *mailhost_attrs, *extra, *format_attrs(replay), *USER_STATUS_ATTRS}))
 
 
 def _unbind(conn: Any) -> None:
