@@ -97,10 +97,14 @@ class DailyFile(_NoLock):
         self.directory, self.prefix = directory, prefix
         self.day = ""
         self.stream: Optional[TextIO] = None
+        self._second, self._date = -1, ""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            day = time.strftime("%Y%m%d", time.localtime(record.created))
+            sec = int(record.created)
+            if sec != self._second:                       # the date, worked out once per second
+                self._second, self._date = sec, time.strftime("%Y%m%d", time.localtime(sec))
+            day = self._date
             if day != self.day or self.stream is None:
                 self.close_stream()
                 path = os.path.join(self.directory, "%s_%s.log" % (self.prefix, day))
