@@ -39,6 +39,7 @@ from mmproxy.testing.base import find_binary, make_tempdir  # noqa: E402
 from mmproxy.testing.proxy import Proxy, make_cert  # noqa: E402
 
 LOAD = os.path.join(HERE, "load.py")
+PEERS = os.path.join(HERE, "peers-lab.json")      # the lab run behind RESULTS.md (--peers)
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -482,7 +483,9 @@ class Bench:
 
     def profile_start(self, label, duration):
         """--profile DIR: py-spy samples the proxy (every process of it) during one run, into
-        DIR/<label>.txt as collapsed stacks; None without --profile."""
+        DIR/<label>.txt as collapsed stacks; None without --profile.  Only samples that hold the
+        GIL count: the CPU of the Python side (a thread in a system call, or waiting for the CPU
+        after it woke a peer, is not sampled; ``strace -c`` counts the system calls)."""
         if not self.args.profile:
             return None
         os.makedirs(self.args.profile, exist_ok=True)
@@ -490,7 +493,7 @@ class Bench:
         exe = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
         if exe is None:
             raise SystemExit("--profile needs py-spy (pip install py-spy)")
-        p = subprocess.Popen([exe, "record", "--pid", str(self.proxy.proc.pid), "--subprocesses",
+        p = subprocess.Popen([exe, "record", "--pid", str(self.proxy.proc.pid), "--subprocesses", "--gil",
                               "--rate", "250", "--format", "raw", "--nonblocking", "--threads",
                               "--duration", str(int(math.ceil(duration))), "--output", out],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -655,6 +658,7 @@ class Bench:
                         p.kill()
                         p.wait()
         self.proxy.aservice_settings["NumThreads"] = self.args.threads
+        self.login("mmproxy", "imap", 16, "cold", label="warm-up NumThreads %d" % self.args.threads)   # restarts it
 
     def record(self, r, quiet=False):
         self.runs.append(r)
@@ -739,11 +743,48 @@ def profile_summary(path, top=12):
             groups[g] = groups.get(g, 0) + n
     if not total:
         return None
+    phases = profile_phases(path)
 
     def rows(d):
         return [[k, round(100.0 * v / total, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
     return {"file": os.path.basename(path), "samples": total, "self": rows(self_n), "inclusive": rows(incl),
-            "groups_self": rows(groups)}
+            "groups_self": rows(groups), "phases": rows(phases)}
+
+
+# What a login's samples are spent on, by the first of these found in the stack, innermost first.
+PHASES = (("LDAP (search, bind, thread pool)", ("mmproxy/directory.py:_attempts", "mmproxy/directory.py:_run",
+                                                "threadpool.py", "ldap/")),
+          ("client state (ConnLimits, BadGuys)", ("mmproxy/state.py", "mmproxy/connlimits.py")),
+          ("logging", ("logging/", "mmproxy/logs.py")),
+          ("store: connect", ("mmproxy/backend.py:_connect", "mmproxy/backend.py:_open")),
+          ("store: login dialogue", ("mmproxy/backend.py", "replay", "_greeting")),
+          ("relay after login (pump)", ("mmproxy/pump.py",)),
+          ("client: reads and replies", ("mmproxy/linereader.py", "Session.flush", "read_request", "send_now")),
+          ("login logic (caches, checks)", ("mmproxy/login.py", "mmproxy/directory.py", "mmproxy/loginid.py")),
+          ("accept, session set-up and close", ("mmproxy/aservice.py", "mmproxy/session.py", "baseserver.py",
+                                                "server.py")),
+          ("event loop (wake-ups, timers)", ("hub.py",)))
+
+
+def profile_phases(path):
+    """{phase: samples} of a collapsed-stack file (PHASES)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            frames = [fr for fr in stack.split(";") if not fr.startswith(("process ", "thread "))][::-1]
+            # "func (file.py:line)" -> "file.py:func" for matching
+            keys = ["%s:%s" % (fr.rpartition(" (")[2].split(":")[0], fr.partition(" (")[0].rpartition(".")[2])
+                    + " " + fr for fr in frames]
+            name = "other"
+            for key in keys:
+                name = next((ph for ph, marks in PHASES if any(mk in key for mk in marks)), None) or name
+                if name != "other":
+                    break
+            out[name] = out.get(name, 0) + int(n)
+    return out
 
 
 def log(msg):
@@ -1101,6 +1142,11 @@ def render(b, runs, meta):
         w("")
         for o in obs:
             w("- " + o)
+    profiles = os.path.join(HERE, "profiles.md")
+    if os.path.exists(profiles):
+        w("")
+        with open(profiles) as f:
+            w(f.read().rstrip("\n"))
     notes = [(r["label"], r["err_samples"]) for r in runs if r.get("err_samples")]
     notes += [(r["label"], [r["note"]]) for r in runs if r.get("note")]
     notes += [(r["label"] + " (dead after)", r["dead_samples"]) for r in runs if r.get("dead_samples")]
@@ -1140,9 +1186,10 @@ def main():
     ap.add_argument("--no-pop", action="store_true", help="run mmproxy without its POP service")
     ap.add_argument("--out", help="report file (default bench/RESULTS.md, quick: bench/RESULTS-quick.md); "
                                   "the raw runs go next to it as .json")
-    ap.add_argument("--peers", metavar="JSON",
+    ap.add_argument("--peers", metavar="JSON", default=PEERS if os.path.exists(PEERS) else None,
                     help="a lab run's JSON (../shared/lab/bench.py with mmproxy as a peer): its figures beside "
-                         "this run's, and the login targets judged against the peers in it (bench/peers-lab.json)")
+                         "this run's, and the login targets judged against the peers in it (default "
+                         "bench/peers-lab.json; '' for none)")
     ap.add_argument("--profile", metavar="DIR",
                     help="sample mmproxy with py-spy during its login runs: collapsed stacks in DIR, summaries "
                          "in the .json (the sampling costs the proxy CPU: not for the figures)")
