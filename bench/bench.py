@@ -718,13 +718,10 @@ class Bench:
 
 
 def profile_summary(path, top=12):
-    """A py-spy collapsed-stack file in a few figures: samples, the share of the hub thread, the
-    functions with most samples of their own (self) and in their subtree (inclusive), and the
-    shares of a few groups of code (gevent's machinery, python-ldap, ssl, logging, mmproxy)."""
-    self_n, incl, groups, total = {}, {}, {}, 0
-    group_of = (("mmproxy/", "mmproxy"), ("gevent/", "gevent"), ("ldap/", "python-ldap"), ("ssl.py", "ssl"),
-                ("logging/", "logging"), ("socket.py", "socket"), ("cachetools/", "cachetools"),
-                ("threading.py", "threading"), ("sqlite3", "sqlite3"))
+    """A py-spy collapsed-stack file in a few figures: samples, the functions with most samples of
+    their own (self) and in their subtree (inclusive), and the share of each phase of a login
+    (PHASES); one pass over the file."""
+    self_n, incl, phases, total = {}, {}, {}, 0
     with open(path) as f:
         for line in f:
             stack, _, n = line.rstrip("\n").rpartition(" ")
@@ -739,19 +736,18 @@ def profile_summary(path, top=12):
             self_n[leaf] = self_n.get(leaf, 0) + n
             for fr in set(frames):
                 incl[fr] = incl.get(fr, 0) + n
-            g = next((name for key, name in group_of if key in leaf), "other")
-            groups[g] = groups.get(g, 0) + n
+            phase = phase_of(frames)
+            phases[phase] = phases.get(phase, 0) + n
     if not total:
         return None
-    phases = profile_phases(path)
 
     def rows(d):
         return [[k, round(100.0 * v / total, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
     return {"file": os.path.basename(path), "samples": total, "self": rows(self_n), "inclusive": rows(incl),
-            "groups_self": rows(groups), "phases": rows(phases)}
+            "phases": rows(phases)}
 
 
-# What a login's samples are spent on, by the first of these found in the stack, innermost first.
+# What a login's samples are spent on: the phase of the innermost frame that names one.
 PHASES = (("LDAP (search, bind, thread pool)", ("mmproxy/directory.py:_attempts", "mmproxy/directory.py:_run",
                                                 "threadpool.py", "ldap/")),
           ("client state (ConnLimits, BadGuys)", ("mmproxy/state.py", "mmproxy/connlimits.py")),
@@ -766,25 +762,15 @@ PHASES = (("LDAP (search, bind, thread pool)", ("mmproxy/directory.py:_attempts"
           ("event loop (wake-ups, timers)", ("hub.py",)))
 
 
-def profile_phases(path):
-    """{phase: samples} of a collapsed-stack file (PHASES)."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            stack, _, n = line.rstrip("\n").rpartition(" ")
-            if not stack or not n.isdigit():
-                continue
-            frames = [fr for fr in stack.split(";") if not fr.startswith(("process ", "thread "))][::-1]
-            # "func (file.py:line)" -> "file.py:func" for matching
-            keys = ["%s:%s" % (fr.rpartition(" (")[2].split(":")[0], fr.partition(" (")[0].rpartition(".")[2])
-                    + " " + fr for fr in frames]
-            name = "other"
-            for key in keys:
-                name = next((ph for ph, marks in PHASES if any(mk in key for mk in marks)), None) or name
-                if name != "other":
-                    break
-            out[name] = out.get(name, 0) + int(n)
-    return out
+def phase_of(frames):
+    """The PHASES name of one stack (py-spy frames "func (file.py:line)", outermost first)."""
+    for fr in reversed(frames):
+        # "Class.func (path/file.py:12)" is matched as "path/file.py:func Class.func (path/file.py:12)"
+        key = "%s:%s %s" % (fr.rpartition(" (")[2].split(":")[0], fr.partition(" (")[0].rpartition(".")[2], fr)
+        for name, marks in PHASES:
+            if any(mk in key for mk in marks):
+                return name
+    return "other"
 
 
 def log(msg):
@@ -970,7 +956,7 @@ def render_peers(lab):
             ("IMAP logins/s (C=16), random / hot50", None, 0))
     eps = [e for e in ("nginx", "dovecot", "mmproxy", "direct") if e in peers]
     L = ["", "## Beside the peers (one lab run)", "",
-         "The lab (`../shared/lab/bench.py`, kept outside this project) ran nginx, the Dovecot proxy and mmproxy "
+         "The peers' lab (a separate benchmark, not part of this project) ran nginx, the Dovecot proxy and mmproxy "
          "(through its plugin, this tree) in one run on this machine, %s, %s mode, %s users: the same clients, "
          "directory and stores for all, so its figures compare directly (its method: the lab's README). Its JSON is "
          "`%s`." % (meta.get("date", "?"), meta.get("mode", "?"), meta.get("users", "?"), lab.get("_path", "?")),
@@ -1187,7 +1173,7 @@ def main():
     ap.add_argument("--out", help="report file (default bench/RESULTS.md, quick: bench/RESULTS-quick.md); "
                                   "the raw runs go next to it as .json")
     ap.add_argument("--peers", metavar="JSON", default=PEERS if os.path.exists(PEERS) else None,
-                    help="a lab run's JSON (../shared/lab/bench.py with mmproxy as a peer): its figures beside "
+                    help="a peers' lab run's JSON (nginx, Dovecot and mmproxy in one run): its figures beside "
                          "this run's, and the login targets judged against the peers in it (default "
                          "bench/peers-lab.json; '' for none)")
     ap.add_argument("--profile", metavar="DIR",
