@@ -239,7 +239,7 @@ def default_password(uid: str) -> str:
     return "pw-" + uid
 
 
-SCHEMA2_NOTE = "Schema 2: LDAP_SCHEMALEVEL=2 in config/option.dat"
+SCHEMA2_NOTE = "Schema 2 only: refused unless config/option.dat says LDAP_SCHEMALEVEL=2 (the demo does not)"
 
 
 def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Directory:
@@ -279,7 +279,7 @@ def default_directory(n_users: int = 10, store_ips: tuple = STORE_IPS) -> Direct
              attrs={"mailAllowedServiceAccess": ["+imap:ALL EXCEPT 127.0.0.22"]},
              note="IMAP only (mailAllowedServiceAccess)"),
         User("hank", "example.com", "hank-pw", a, "hank", attrs={"mailAllowedServiceAccess": ["+imap:ALL$+popx:ALL"]},
-             note="IMAP only (mailAllowedServiceAccess)"),
+             note="refused: his mailAllowedServiceAccess names an unknown service (popx)"),
         User("ivan", "example.com", "ivan-pw", a, "ivan", attrs={"inetUserStatus": ["inactive"]},
              note="inactive: refused as a wrong password"),
         User("judy", "example.com", "judy-pw", a, "judy", attrs={"mailUserStatus": ["hold"]},
