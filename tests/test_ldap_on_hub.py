@@ -26,15 +26,15 @@ NO_TEMP = b"a " + imap.NO_TEMP.encode() + b"\r\n"
 
 
 class Chopper:
-    """A native-thread TCP forwarder: server bytes go on in ``piece``-byte pieces ``gap`` s apart;
-    ``cut_at`` (bytes of one server chunk >= that size): the connection is cut in the middle."""
+    """A native-thread TCP forwarder: server bytes go on in ``piece``-byte pieces ``gap`` s apart.
+    Once ``hold_big`` is set, a connection that has carried that many server bytes since (counted
+    across reads: TLS records and TCP segments split an answer anywhere) passes half of the read
+    that crossed the mark and then nothing more, like a server hung in the middle of an answer."""
 
     def __init__(self, host, port, piece=1000, gap=0.002):
         self.target = (host, port)
         self.piece, self.gap = piece, gap
-        self.cut_big = None           # a server read of at least this many bytes: cut halfway
-        self.cuts = 0
-        self.hold_big = None          # the same, then nothing more (a server hung mid-answer)
+        self.hold_big = None          # server bytes on one connection after which it hangs
         self.holds = 0
         self.ls = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
         self.ls.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
@@ -63,22 +63,21 @@ class Chopper:
             _start_thread(self._pump, (c, s, False))
 
     def _pump(self, src, dst, chop):
+        seen = 0
         try:
             while True:
                 data = src.recv(262144)
                 if not data:
                     break
                 if chop:
-                    if self.hold_big is not None and len(data) >= self.hold_big:
-                        dst.sendall(data[:len(data) // 2])
-                        self.holds += 1
-                        while not self.stopped:
-                            _sleep(0.1)
-                        raise OSError("held")
-                    if self.cut_big is not None and len(data) >= self.cut_big:
-                        dst.sendall(data[:len(data) // 2])
-                        self.cuts += 1
-                        raise OSError("cut")
+                    if self.hold_big is not None:
+                        seen += len(data)
+                        if seen >= self.hold_big:
+                            dst.sendall(data[:len(data) // 2])
+                            self.holds += 1
+                            while not self.stopped:
+                                _sleep(0.1)
+                            raise OSError("held")
                     for i in range(0, len(data), self.piece):
                         dst.sendall(data[i:i + self.piece])
                         _sleep(self.gap)
