@@ -280,6 +280,8 @@ class Bench:
         self.best_cal = None
         self.slowdown = None                         # at the start of the last run, see quiesce()
         self.lab = None                              # --peers: a lab run's JSON (nginx, Dovecot, mmproxy)
+        self.fleet_pids = None                       # the fleet test: {"proxy": [a, b], "haproxy": ..., "redis": ...}
+        self.balancer = None                         # ... its HAProxy
         if getattr(args, "peers", None):
             with open(args.peers) as f:
                 self.lab = json.load(f)
@@ -374,12 +376,17 @@ class Bench:
         if ep == "direct":
             port = self.info["imap_port" if proto.startswith("imap") else "pop3_port"]
             return [u["mailhost"], port, u["store_login"], u["password"]]
+        if ep == "fleet":
+            return ["127.0.0.1", self.balancer.port_of(proto), uid, u["password"]]
         port = {"imap": self.proxy.imap_port, "imaps": self.proxy.imaps_port, "pop3": self.proxy.pop_port}[proto]
         return ["127.0.0.1", port, uid, u["password"]]
 
     def groups(self):
-        return {"proxy": [self.proxy.proc.pid], "slapd": [self.stack.slapd.proc.pid],
-                "stores": [s.proc.pid for s in self.stack.stores.values()]}
+        out = {"proxy": [self.proxy.proc.pid], "slapd": [self.stack.slapd.proc.pid],
+               "stores": [s.proc.pid for s in self.stack.stores.values()]}
+        if self.fleet_pids:                       # the fleet test: both instances are "proxy"
+            out.update(self.fleet_pids)
+        return out
 
     def snap(self):
         kids = proc_children()
@@ -660,6 +667,72 @@ class Bench:
         self.proxy.aservice_settings["NumThreads"] = self.args.threads
         self.login("mmproxy", "imap", 16, "cold", label="warm-up NumThreads %d" % self.args.threads)   # restarts it
 
+    def fleet(self):
+        """Two mmproxy instances behind HAProxy (send-proxy-v2, round robin), their per-client state
+        first each its own, then shared through Redis: logins at C=16 (CPU per 1000 of both
+        instances, HAProxy and Redis; Redis commands per login, by command), then relayed FETCHes of
+        the large message (Redis commands while relaying)."""
+        from mmproxy.testing.haproxy import Frontend, HAProxy
+        from mmproxy.testing.redis import RedisServer
+        d = os.path.join(self.dir, "fleet")
+        redis = RedisServer(workdir=os.path.join(d, "redis"))
+        redis.start()
+        pair = []
+        try:
+            for name in ("a", "b"):
+                svc = dict(PROXY_SERVICE, ProxyProtocolFrom="127.0.0.1", BGPenalty=2)    # BadGuys on: read per login
+                p = Proxy(self.info, imap=dict(svc), pop=dict(svc) if self.pop_ok else None,
+                          aservice={"LogLevel": 1, "InstanceName": name}, workdir=os.path.join(d, name))
+                for kind in p.settings:
+                    p.settings[kind]["ProxyProtocolPorts"] = "%s:%d" % (p.host, p.ports[kind])
+                pair.append(p)
+            self.balancer = HAProxy([Frontend(proto, [(p.host, p.ports[kind]) for p in pair], send_proxy="v2")
+                                     for proto, kind in (("imap", "imap"), ("pop3", "pop"))
+                                     if kind in pair[0].settings], workdir=os.path.join(d, "haproxy"))
+            self.balancer.start()
+            for mode in ("local", "redis"):
+                for p in pair:
+                    p.stop()
+                    if mode == "redis":
+                        p.aservice_settings.update(StateRedisURL=redis.url, StateRedisPrefix="bench:")
+                    p.start(timeout=30)
+                self.fleet_pids = {"proxy": [p.proc.pid for p in pair], "haproxy": [self.balancer.proc.pid],
+                                   "redis": [redis.proc.pid]}
+                for proto in ("imap", "pop3") if self.pop_ok else ("imap",):
+                    self.login("fleet", proto, 16, "cold", label="warm-up fleet %s" % mode)
+                    before, trips = _redis_commands(redis), _round_trips(pair)
+                    r = self.login("fleet", proto, 16, "random", label="fleet %s %s C=16 random" % (mode, proto),
+                                   extra={"test": "fleet", "state": mode, "proto": proto})
+                    spent, trips = _diff(_redis_commands(redis), before), _diff(_round_trips(pair), trips)
+                    n = max(1, r["ops"])
+                    r["redis_commands"], r["redis_round_trips"] = spent, trips
+                    r["redis_commands_per_login"] = round(sum(spent.values()) / n, 3)
+                    r["redis_round_trips_per_login"] = {op: round(k / n, 3) for op, k in sorted(trips.items())}
+                    r["redis_round_trips_waited_per_login"] = round(
+                        sum(k for op, k in trips.items() if op in WAITED_FOR) / n, 3)
+                    log("    Redis per login: %s round trips waited for, %s in all (%s); %s commands on the server"
+                        % (r["redis_round_trips_waited_per_login"], round(sum(trips.values()) / n, 3),
+                           ", ".join("%s %.2f" % kv for kv in r["redis_round_trips_per_login"].items()),
+                           r["redis_commands_per_login"]))
+            before, trips = _redis_commands(redis), _round_trips(pair)
+            res, cpu, wall, _ = self.fetch("fleet", self.large_users, len(self.large_users) * 2)
+            spent, trips = _diff(_redis_commands(redis), before), _diff(_round_trips(pair), trips)
+            moved = sum(x[0] for x in res["runs"])
+            logins = res.get("logins") or len(self.large_users)
+            self.record({"test": "fleet_relay", "endpoint": "fleet", "label": "fleet redis relay",
+                         "errors": res["errors"], "bytes": moved, "fetches": len(res["runs"]), "logins": logins,
+                         "redis_commands": spent, "redis_round_trips": trips, "seconds": round(wall, 2)},
+                        quiet=True)
+            log("  fleet relay: %d FETCHes, %.0f MB: Redis round trips %s"
+                % (len(res["runs"]), moved / 1e6, trips or "none"))
+        finally:
+            self.fleet_pids = None
+            if self.balancer is not None:
+                self.balancer.close()
+            for p in pair:
+                p.stop()
+            redis.close()
+
     def record(self, r, quiet=False):
         self.runs.append(r)
         if not quiet:
@@ -696,6 +769,8 @@ class Bench:
                 steps.append(lambda cc=cc: self.login("mmproxy", "imaps", cc, "random"))
         if "contention" in tests:
             steps.append(self.contention)
+        if "fleet" in tests:
+            steps.append(self.fleet)
         if "bulk" in tests:
             steps.append(lambda: self.fetch("direct", self.large_users, len(self.large_users), quiesce=False))
             steps.append(lambda: self.bulk(c["reps"]))    # after one untimed pass: page cache, indexes
@@ -715,6 +790,30 @@ class Bench:
                 self.calibration.append(("step %d" % i, calibrate()))
         self.calibration.append(("end", calibrate()))
         self.runs = [r for r in self.runs if not r["label"].startswith("warm-up")]
+
+
+def _redis_commands(redis):
+    """{command: calls} since the Redis server started (INFO commandstats; INFO itself left out)."""
+    out = {}
+    for line in redis.cli("INFO", "commandstats").splitlines():
+        m = re.match(r"cmdstat_([a-z|]+):calls=(\d+)", line)
+        if m and m.group(1) != "info":
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+WAITED_FOR = ("admit", "penalty", "add_penalty", "login_record")   # round trips a login waits for
+
+
+def _round_trips(proxies):
+    """{op: round trips to Redis} the proxies have counted (their status over the control socket)."""
+    from mmproxy import control, stats
+    snaps = [a["stats"] for p in proxies for _, a in control.ask(p.config_dir, {"cmd": "status"}) if a.get("ok")]
+    return stats.combine(snaps).get("redis_requests", {})
+
+
+def _diff(after, before):
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def profile_summary(path, top=12):
@@ -778,7 +877,7 @@ def log(msg):
 
 
 def line_of(r):
-    if r["test"].endswith("_login") or r["test"] == "contention":
+    if r["test"].endswith("_login") or r["test"] in ("contention", "fleet"):
         return "  %-34s %8s/s  p50/p99 %s/%s ms  err %s  proxy CPU-s/1000 %s" % (
             r["label"], r["rate"], r["lat_ms"]["p50"], r["lat_ms"]["p99"], r["errors"],
             (r["cpu_s_per_1000"] or {}).get("proxy"))
@@ -933,6 +1032,12 @@ def targets(b, runs, lab=None):
                         fmt(p99), fmt(g(m, "probe", "login_ms", "p50")), g(m, "probe", "ops") or 0,
                         g(m, "probe", "errors") or 0, m["alive_after"], m["held_during_probes"]),
                     verdict_n))
+    for r in [r for r in runs if r["test"] == "fleet" and r["state"] == "redis"]:
+        x = r.get("redis_round_trips_waited_per_login")
+        out.append(("Redis round trips a %s login waits for ≤ 1 (two instances behind HAProxy)" % r["proto"].upper(),
+                    "%s (all: %s)" % (fmt(x, 2), ", ".join("%s %.2f" % kv
+                                                          for kv in r["redis_round_trips_per_login"].items())),
+                    verdict(x, x is not None and x <= 1.0)))
     return out
 
 
@@ -1050,6 +1155,34 @@ def render(b, runs, meta):
                       "cpu_s_per_1000", "proxy")
                 if t is not None and p is not None:
                     w("- C=%d: %s − %s = **%s ms CPU** per login" % (cc, fmt(t, 3), fmt(p, 3), fmt(t - p, 3)))
+    frows = [r for r in runs if r["test"] == "fleet"]
+    if frows:
+        w("")
+        w("## A fleet: two instances behind HAProxy, state local or shared through Redis")
+        w("")
+        w("Two mmproxy processes (NumThreads 1 each) behind HAProxy (TCP mode, `send-proxy-v2`, round robin), "
+          "logins at C=16 through HAProxy, random users after a cold pass; first each instance keeps its "
+          "per-client state to itself, then both share it through one redis-server (`StateRedisURL`). CPU per "
+          "1000 logins: both instances together, HAProxy, Redis. Redis commands are counted by the server "
+          "(INFO commandstats, commands run by scripts included); the configuration has ConnLimits and BadGuys on.")
+        w("")
+        w("| state | protocol | logins/s | login p50 / p99 ms | errors | CPU-s per 1000: proxies | HAProxy | "
+          "Redis | round trips per login waited for (all, by operation) | Redis commands per login |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
+        for r in frows:
+            k = r["cpu_s_per_1000"] or {}
+            trips = r.get("redis_round_trips_per_login") or {}
+            w("| %s | %s | %s | %s / %s | %s | **%s** | %s | %s | **%s** (%s) | %s |" % (
+                r["state"], r["proto"], r["rate"], fmt(r["login_ms"]["p50"]), fmt(r["login_ms"]["p99"]),
+                r["errors"], fmt(k.get("proxy"), 3), fmt(k.get("haproxy"), 3), fmt(k.get("redis"), 3),
+                r.get("redis_round_trips_waited_per_login", 0),
+                ", ".join("%s %.2f" % kv for kv in trips.items()) or "none", r["redis_commands_per_login"]))
+        for r in runs:
+            if r["test"] == "fleet_relay":
+                w("")
+                w("Relaying: %d FETCHes of the large message (%.0f MB) through HAProxy with Redis, in %s s: the "
+                  "proxies' round trips %s, all of them their logins' and lease renewals (every 10 s); none per "
+                  "relayed byte." % (r["fetches"], r["bytes"] / 1e6, r["seconds"], r["redis_round_trips"] or "none"))
     crows = [r for r in runs if r["test"] == "contention"]
     if crows:
         w("")
@@ -1167,8 +1300,8 @@ def main():
     ap.add_argument("--max-sessions", type=int, help="the largest idle test (full 10000, quick 1000)")
     ap.add_argument("--reps", type=int, help="bulk FETCHes per endpoint (full 8, quick 4)")
     ap.add_argument("--large-mb", type=float, help="size of the bulk message in MB (20)")
-    ap.add_argument("--tests", default="pop,imap,tls,contention,bulk,idle",
-                    help="subset of pop,imap,tls,contention,bulk,idle")
+    ap.add_argument("--tests", default="pop,imap,tls,contention,fleet,bulk,idle",
+                    help="subset of pop,imap,tls,contention,fleet,bulk,idle")
     ap.add_argument("--no-pop", action="store_true", help="run mmproxy without its POP service")
     ap.add_argument("--out", help="report file (default bench/RESULTS.md, quick: bench/RESULTS-quick.md); "
                                   "the raw runs go next to it as .json")

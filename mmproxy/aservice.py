@@ -33,7 +33,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from mmproxy import control, logs, pidfile, pump, sdnotify, session, state
+from mmproxy import control, fleet, logs, pidfile, pump, redisstate, sdnotify, session, state
 from mmproxy.config import Config, Problem, load_config
 from mmproxy.config.params import PARAMS
 from mmproxy.config.types import Endpoint
@@ -239,7 +239,7 @@ class AService:
         self.foreground = foreground
         self.worker = worker
         self.services: Dict[ServiceKey, Service] = {}
-        self.routes: Dict[Tuple[str, int], Tuple[Service, bool]] = {}   # endpoint -> (service, implicit TLS)
+        self.routes: Dict[Tuple[str, int], Tuple[Service, bool, bool]] = {}   # endpoint -> _routes()
         self.listeners: Dict[Tuple[str, int], Listener] = {}
         self.retired: List[Service] = []          # replaced by a refresh; their sessions may still run
         self.stopping = False
@@ -251,6 +251,8 @@ class AService:
         self._refresh_asked = False
         self.started = time.time()
         self.control = control.ControlServer(control.socket_path(config.dir, worker), control.Control(self))
+        self.shared: Optional[redisstate.SharedState] = None     # with StateRedisURL: the fleet's state
+        self.fleet: Optional[fleet.Subscriber] = None             # ... and its control requests
         self.metrics: Any = None                # metrics.MetricsServer when MetricsAddress is set
 
     def start(self) -> None:
@@ -266,9 +268,16 @@ class AService:
         if self.pidfile is not None:
             self.pidfile.acquire()          # before anything of a running daemon's is touched
         if self.worker is None:
-            state.use(state.MemoryState())      # one process: nobody else reads the store
+            state.use(state.MemoryState())      # one process: nobody else on this box reads the store
         else:
             state.store().worker = self.worker
+        if a.StateRedisURL:                     # a fleet: shared through Redis, this box's store behind it
+            self.shared = redisstate.SharedState(redisstate.RedisState(
+                a.StateRedisURL, a.StateRedisPrefix, fleet.instance_name(a), self.worker, a.StateRedisCAFile),
+                state.store())
+            state.use(self.shared)
+            self.fleet = fleet.Subscriber(a.StateRedisURL, a.StateRedisPrefix, a.StateRedisCAFile,
+                                          self.control.control, fleet.instance_name(a))
         _raise_nofile()
         gevent.get_hub().NOT_ERROR += (AcceptBackoff,)     # paused accepts are not worth a traceback
         self._open_control(_run_as(a.BeTheUser, a.BeTheGroup))     # before the listeners: status sees them all
@@ -286,6 +295,9 @@ class AService:
             raise
         drop_privileges(a.BeTheUser, a.BeTheGroup)
         self.control.start()
+        if self.shared is not None and self.fleet is not None:
+            self.shared.start()
+            self.fleet.start()
         if self.metrics is not None:
             self.metrics.start()
         gevent.signal_handler(signal.SIGTERM, self.stop)
@@ -377,7 +389,7 @@ class AService:
             raise ConfigError("%s: MetricsAddress: cannot listen on %s:%d: %s"
                               % (self.config.aservice.where("MetricsAddress") or "AService.cfg", host, port,
                                  e.strerror)) from None
-        self.metrics = MetricsServer(self.config.dir)
+        self.metrics = MetricsServer(self.config.dir, fleet.instance_name(self.config.aservice))
         self.metrics.open(sock)
 
     def close_metrics(self) -> None:
@@ -387,8 +399,10 @@ class AService:
             self.metrics = None
 
     @staticmethod
-    def _routes(services: Dict[ServiceKey, Service]) -> Dict[Tuple[str, int], Tuple[Service, bool]]:
-        return {(ep.host, ep.port): (service, service.implicit_tls(ep.host, ep.port))
+    def _routes(services: Dict[ServiceKey, Service]) -> Dict[Tuple[str, int], Tuple[Service, bool, bool]]:
+        """listener (host, port) -> (its service, TLS on accept, a PROXY header first)."""
+        return {(ep.host, ep.port): (service, service.implicit_tls(ep.host, ep.port),
+                                     service.proxy_protocol(ep.host, ep.port))
                 for service in services.values() for ep in service.entry.spec.listeners}
 
     def _listen(self, endpoint: Tuple[str, int]) -> Listener:
@@ -410,8 +424,8 @@ class AService:
         if route is None or self.stopping:          # its listener is being closed
             sock.close()
             return
-        service, implicit = route
-        service.handle(sock, addr, implicit)
+        service, implicit, proxied = route
+        service.handle(sock, addr, implicit, proxied)
 
     def serve_forever(self) -> None:
         self.stopped.wait()
@@ -466,11 +480,15 @@ class AService:
             svc.close()
         self.control.close()
         self.close_metrics()
+        if self.fleet is not None:
+            self.fleet.close()
         if self.worker is None:
             control.remove(self.config.dir)
         if self.pidfile is not None:
             self.pidfile.release()
             state.store().remove()
+        elif self.shared is not None:
+            self.shared.remote.remove()         # this worker's slots stop counting in the fleet now
         log.info("stopped")
         self.stopped.set()
 

@@ -1,4 +1,4 @@
-"""The operator commands: start, stop, refresh, status, who, kick, check-config, params, rotate-logs."""
+"""The operator commands: start, stop, refresh, status, who, kick, flush, check-config, params, rotate-logs."""
 from __future__ import annotations
 
 import json
@@ -174,17 +174,32 @@ def refresh(config_dir: str) -> None:
     click.echo("asked mmproxy (pid %d) to refresh; problems, if any, are in its AService log" % pid)
 
 
+all_option = click.option("--all", "fleet_wide", is_flag=True,
+                          help="Every proxy of the fleet, through the Redis of StateRedisURL.")
+
+
 @main.command()
 @config_dir_option
+@all_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(config_dir: str, as_json: bool) -> None:
+def status(config_dir: str, fleet_wide: bool, as_json: bool) -> None:
     """Whether the proxy is running (exit 3 when not), its listeners, sessions and logins.
 
     Sessions per service (before login, relaying) and logins (ok, failed) since start, per worker
-    process and in total, as the running processes say over their control sockets."""
+    process and in total, as the running processes say over their control sockets (with --all:
+    every process of every proxy sharing StateRedisURL, named INSTANCE/PROCESS)."""
     from mmproxy import control
     from mmproxy.config import load_config
     from mmproxy.pidfile import running_pid
+    if fleet_wide:
+        answers = _ask_fleet(config_dir, {"cmd": "status"})
+        workers = [_worker_summary(name, a) for name, a in answers]
+        info_all = {"config_dir": config_dir, "fleet": True, "workers": workers, "total": _total(workers)}
+        if as_json:
+            click.echo(json.dumps(info_all, indent=1))
+        else:
+            _print_workers(info_all)
+        return
     pid = running_pid(config_dir)
     config = load_config(config_dir)
     services = [{"service": e.spec.kind, "instance": e.spec.instance,
@@ -247,6 +262,10 @@ def _print_status(info: dict) -> None:
     if not info["workers"]:
         click.echo("  no process answers on %s" % info["config_dir"].rstrip("/") + "/mmproxy.control")
         return
+    _print_workers(info)
+
+
+def _print_workers(info: dict) -> None:
     click.echo("  %-8s %-7s %-8s %-6s %9s %8s %7s %8s" % ("process", "pid", "up", "service", "pre-login",
                                                       "relaying", "logins", "failures"))
     rows = [(w["worker"], str(w["pid"]), "%ss" % w["uptime_s"], w["services"]) for w in info["workers"]]
@@ -257,6 +276,54 @@ def _print_status(info: dict) -> None:
             click.echo("  %-8s %-7s %-8s %-6s %9d %8d %7d %8d" % (name, wpid, up, kind, r["pre_login"],
                                                               r["relaying"], r["logins"], r["failures"]))
             name, wpid, up = "", "", ""
+
+
+def _fleet_settings(config_dir: str) -> Optional[Tuple[str, str, Optional[str]]]:
+    """(StateRedisURL, StateRedisPrefix, StateRedisCAFile) of the configuration, None when unset."""
+    from mmproxy.config import load_config
+    a = load_config(config_dir).aservice
+    return (a.StateRedisURL, a.StateRedisPrefix, a.StateRedisCAFile) if a.StateRedisURL else None
+
+
+def _ask_fleet(config_dir: str, request: dict) -> list:
+    """``request`` to every serving process of the fleet through Redis: [(INSTANCE/PROCESS, answer)];
+    ClickException when StateRedisURL is unset, Redis does not answer, or no process does."""
+    import redis
+
+    from mmproxy import fleet
+    from mmproxy.redisstate import redacted
+    settings = _fleet_settings(config_dir)
+    if settings is None:
+        raise click.ClickException("--all needs StateRedisURL in %s" % os.path.join(config_dir, "AService.cfg"))
+    url, prefix, ca_file = settings
+    try:
+        answers, receivers = fleet.ask(url, prefix, ca_file, request)
+    except redis.RedisError as e:
+        raise click.ClickException("Redis at %s does not answer: %s" % (redacted(url), e)) from None
+    good, errors = _answers(answers)
+    for problem in errors:
+        click.echo("process %s" % problem, err=True)
+    if len(answers) < receivers:
+        click.echo("%d of %d process(es) did not answer within %gs" % (receivers - len(answers), receivers,
+                                                                      fleet.ANSWER_WAIT), err=True)
+    if not good:
+        raise click.ClickException("no mmproxy process answered through Redis at %s" % redacted(url))
+    return good
+
+
+def _ask_everywhere(config_dir: str, request: dict, local: bool) -> list:
+    """``request`` to the whole fleet when StateRedisURL is set (unless ``local``), else to this box;
+    this box only, with a warning, when Redis does not answer."""
+    if not local and _fleet_settings(config_dir) is not None:
+        try:
+            return _ask_fleet(config_dir, request)
+        except click.ClickException as e:
+            click.echo("%s; asking this box only" % e.format_message(), err=True)
+    return _ask_running(config_dir, request)
+
+
+local_option = click.option("--local", is_flag=True,
+                            help="This box only, even when StateRedisURL names the fleet's Redis.")
 
 
 def _ask_running(config_dir: str, request: dict) -> list:
@@ -277,10 +344,17 @@ def _ask_running(config_dir: str, request: dict) -> list:
 @config_dir_option
 @click.option("--user", help="Only this login id (or, without @domain, its part before the @).")
 @click.option("--ip", help="Only clients from this address or network (10.0.0.0/8).")
+@all_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def who(config_dir: str, user: Optional[str], ip: Optional[str], as_json: bool) -> None:
-    """List logged-in (relayed) IMAP and POP sessions: user, client, store, service, since, bytes."""
-    rows = [s for _, a in _ask_running(config_dir, {"cmd": "who", "user": user, "ip": ip}) for s in a["sessions"]]
+def who(config_dir: str, user: Optional[str], ip: Optional[str], fleet_wide: bool, as_json: bool) -> None:
+    """List logged-in (relayed) IMAP and POP sessions: user, client, store, service, since, bytes
+    (with --all: of every proxy sharing StateRedisURL; the WORKER column names INSTANCE/PROCESS)."""
+    request = {"cmd": "who", "user": user, "ip": ip}
+    answers = _ask_fleet(config_dir, request) if fleet_wide else _ask_running(config_dir, request)
+    rows = [s for _, a in answers for s in a["sessions"]]
+    if fleet_wide:
+        for r in rows:
+            r["worker"] = "%s/%s" % (r.get("instance_name"), "main" if r["worker"] is None else "w%s" % r["worker"])
     rows.sort(key=lambda r: (r["user"], r["since"]))
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -298,20 +372,37 @@ def who(config_dir: str, user: Optional[str], ip: Optional[str], as_json: bool) 
 @main.command()
 @config_dir_option
 @click.argument("target")
-def kick(config_dir: str, target: str) -> None:
+@local_option
+def kick(config_dir: str, target: str, local: bool) -> None:
     """Close the logged-in sessions of a user (login id) or of a client address or network:
-    IMAP clients get "* BYE", POP clients "-ERR", where it cannot cut a response in two."""
+    IMAP clients get "* BYE", POP clients "-ERR", where it cannot cut a response in two.  With
+    StateRedisURL, on every proxy of the fleet (--local: this box only)."""
     import ipaddress
     try:
         ipaddress.ip_network(target, strict=False)
         request = {"cmd": "kick", "ip": target}
     except ValueError:
         request = {"cmd": "kick", "user": target}
-    answers = _ask_running(config_dir, request)
+    answers = _ask_everywhere(config_dir, request, local)
     for name, a in answers:
         click.echo("%s: %d session(s) closed" % (name, a["kicked"]))
     if len(answers) > 1:
         click.echo("total: %d session(s) closed" % sum(a["kicked"] for _, a in answers))
+
+
+@main.command()
+@config_dir_option
+@click.argument("user")
+@local_option
+def flush(config_dir: str, user: str, local: bool) -> None:
+    """Forget the cached directory entries of USER (login id, uid@domain or mail address) so that
+    the next login reads the directory again: after changing the user's mailHost, flush, then
+    kick USER (the clients reconnect to the new store).  With StateRedisURL, on every proxy of the
+    fleet (--local: this box only)."""
+    answers = _ask_everywhere(config_dir, {"cmd": "flush", "user": user}, local)
+    for name, a in answers:
+        click.echo("%s: %d cached entr%s dropped" % (name, a["dropped"], "y" if a["dropped"] == 1 else "ies"))
+    click.echo("flushed %s on %d process(es)" % (user, len(answers)))
 
 
 def _uptime(pid: int) -> Optional[int]:

@@ -35,7 +35,7 @@ import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from mmproxy import pump, stats
+from mmproxy import fleet, pump, stats
 from mmproxy.login import Relayed
 
 log = logging.getLogger("mmproxy.control")
@@ -151,12 +151,13 @@ def relayed() -> Iterable[Tuple[pump.Pump, Relayed]]:
             yield p, p.on_close
 
 
-def session_row(p: pump.Pump, r: Relayed, worker: Optional[int], now: float) -> Dict[str, Any]:
-    """One line of ``who``: bytes are the client's whole session, pre-login dialogue included."""
+def session_row(p: pump.Pump, r: Relayed, worker: Optional[int], now: float, proxy: str = "") -> Dict[str, Any]:
+    """One line of ``who``: bytes are the client's whole session, pre-login dialogue included;
+    ``proxy``: InstanceName (``instance`` is the ServiceList entry's)."""
     return {"user": r.user, "client": _hostport(r.client_ip, r.client_port), "store": _hostport(r.host, r.port),
             "service": r.service, "instance": r.instance,
             "since": round(time.time() - (now - r.started)), "bytes_in": r.received + p.bytes_up,
-            "bytes_out": r.sent + p.bytes_down, "worker": worker}
+            "bytes_out": r.sent + p.bytes_down, "worker": worker, "instance_name": proxy}
 
 
 def _hostport(host: str, port: int) -> str:
@@ -170,7 +171,12 @@ class Control:
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
         self.requests: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
-            "status": self.status, "who": self.who, "kick": self.kick}
+            "status": self.status, "who": self.who, "kick": self.kick, "flush": self.flush}
+
+    @property
+    def instance_name(self) -> str:
+        """InstanceName, else the host name (fleet.instance_name)."""
+        return fleet.instance_name(self.daemon.config.aservice)
 
     def answer(self, request: Any) -> Dict[str, Any]:
         """The answer to one decoded request; errors are answers too."""
@@ -189,7 +195,8 @@ class Control:
         the bytes of relays still running added."""
         d = self.daemon
         listeners = [{"service": svc.kind, "instance": svc.entry.spec.instance, "address": _hostport(host or "*", port),
-                      "tls": implicit} for (host, port), (svc, implicit) in sorted(d.routes.items())]
+                      "tls": implicit, "proxy_protocol": proxied}
+                     for (host, port), (svc, implicit, proxied) in sorted(d.routes.items())]
         sessions: Dict[str, Dict[str, int]] = {}
         for svc in [*d.services.values(), *d.retired]:          # retired: replaced by a refresh, sessions left
             row = sessions.setdefault(svc.kind, {"pre_login": 0, "relaying": 0})
@@ -203,12 +210,13 @@ class Control:
             row["up"] += p.bytes_up
             row["down"] += p.bytes_down
         return {"worker": d.worker, "pid": os.getpid(), "started": d.started, "listeners": listeners,
-                "sessions": sessions, "stats": snap}
+                "sessions": sessions, "stats": snap, "instance_name": self.instance_name}
 
     def who(self, request: Dict[str, Any]) -> Dict[str, Any]:
         f = Filter(request.get("user"), request.get("ip"))
         now = time.monotonic()
-        return {"sessions": [session_row(p, r, self.daemon.worker, now) for p, r in relayed() if f.matches(r)]}
+        return {"sessions": [session_row(p, r, self.daemon.worker, now, self.instance_name)
+                             for p, r in relayed() if f.matches(r)]}
 
     def kick(self, request: Dict[str, Any]) -> Dict[str, Any]:
         """Close the matching relayed sessions with the protocol's goodbye (``kick`` in GOODBYES)
@@ -222,6 +230,23 @@ class Control:
             r.log.info("kicked by the administrator (mmproxy kick)")
             p.end("kick", KICK_REASON)
         return {"kicked": len(victims), "worker": self.daemon.worker}
+
+
+    def flush(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """Forget the directory caches' entries of one user (directory.Directory.flush_user) in
+        every service of this process; the next login of that user asks the directory."""
+        user = request.get("user")
+        if not isinstance(user, str) or not user.strip() or len(user) > 1024:
+            raise ValueError("flush needs a user")
+        seen: set = set()
+        dropped = 0
+        for svc in [*self.daemon.services.values(), *self.daemon.retired]:
+            for r in svc.resources():
+                if id(r) not in seen and hasattr(r, "flush_user"):
+                    seen.add(id(r))
+                    dropped += r.flush_user(user)
+        log.info("flush %s: %d cached directory entries dropped", user, dropped)
+        return {"dropped": dropped, "worker": self.daemon.worker}
 
 
 # ---------------------------------------------------------------------- the server

@@ -605,6 +605,36 @@ class Directory:
             return value
         return self._single(key, load)
 
+    def flush_user(self, user: str) -> int:
+        """Forget what the caches hold of ``user`` (a login id, ``uid`` or ``uid@domain``, or a mail
+        address; case ignored) so that the next login asks the directory: its entries (found by the
+        search filter that names it, or by their uid, mail or mailAlternateAddress), the unknown-user
+        answers naming it, and the PreAuth results of its entries.  ``mmproxy flush``, after an
+        administrator changed the user's mailHost.  Matching more than one user only costs them a
+        lookup.  Returns how many cache entries were dropped."""
+        name = user.strip().lower()
+        wanted = {name, name.partition("@")[0]}
+        needles = ["=%s)" % ldap.filter.escape_filter_chars(v) for v in wanted]
+
+        def names(key: Any) -> bool:
+            return isinstance(key, tuple) and key[0] == "user" and any(n in key[2].lower() for n in needles)
+
+        def is_them(value: Any) -> bool:
+            return isinstance(value, User) and any(
+                v.lower() in wanted for a in ("uid", "mail", "mailAlternateAddress") for v in value.get(a))
+        dns = set()
+        dropped = 0
+        for key, item in list(self.cache.data.items()):
+            if names(key) or is_them(item[0]):
+                if isinstance(item[0], User):
+                    dns.add(item[0].dn.lower())
+                dropped += self.cache.data.pop(key, None) is not None
+        for key in [k for k in list(self.negative.keys()) if names(k)]:
+            dropped += self.negative.pop(key, _MISS) is not _MISS
+        for key in [k for k in list(self.auth_cache.data.keys()) if k[0] in dns]:
+            dropped += self.auth_cache.data.pop(key, None) is not None
+        return dropped
+
     def _or_stale(self, cache: _Cache, key: Any, fn: Callable[[], Any], what: str) -> Tuple[Any, bool]:
         """(fn(), True); when no directory host answers, (``cache``'s entry for ``key`` however old,
         False) if it has one (LdapStaleGrace), else the DirectoryUnavailable."""
@@ -791,7 +821,7 @@ class Directory:
         is not asked again."""
         if not password:
             raise AuthFailed("empty password")      # an empty password would be an anonymous bind
-        key = hmac.digest(self._auth_key, user.dn.encode() + b"\0" + password, "sha256")
+        key = (user.dn.lower(), hmac.digest(self._auth_key, user.dn.encode() + b"\0" + password, "sha256"))
         if self.auth_cache.get(key) is not _MISS:
             stats.cache("auth", True)
             return

@@ -37,8 +37,9 @@ SCRAPE_TIMEOUT = 5.0       # seconds one process may take to answer a scrape's q
 class Collector:
     """What a scrape shows: every serving process's status, added up."""
 
-    def __init__(self, config_dir: str) -> None:
+    def __init__(self, config_dir: str, instance: str = "") -> None:
         self.config_dir = config_dir
+        self.instance = instance
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's collector interface: every family, the processes' figures added up."""
@@ -50,11 +51,16 @@ class Collector:
                 for state, n in row.items():
                     into = sessions.setdefault(service, {})
                     into[state] = into.get(state, 0) + n
-        yield from families(total, sessions, len(answers))
+        for family in families(total, sessions, len(answers)):
+            if self.instance:
+                family.samples = [s._replace(labels={"instance_name": self.instance, **s.labels})
+                                  for s in family.samples]
+            yield family
 
 
 def families(snap: Dict[str, Any], sessions: Dict[str, Dict[str, int]], processes: int) -> List[Metric]:
-    """The metric families of a combined stats snapshot and session counts."""
+    """The metric families of a combined stats snapshot and session counts (the collector labels
+    every sample with ``instance_name``: InstanceName, else the host name)."""
     up = GaugeMetricFamily("mmproxy_processes", "Processes serving sessions that answered this scrape")
     up.add_metric([], processes)
     open_ = GaugeMetricFamily("mmproxy_sessions", "Open client sessions by service and state "
@@ -69,7 +75,8 @@ def families(snap: Dict[str, Any], sessions: Dict[str, Dict[str, int]], processe
         for outcome, n in sorted(row.items()):
             logins.add_metric([service, outcome], n)
     refusals = CounterMetricFamily("mmproxy_refusals", "Connections or logins refused, or answers delayed, by reason "
-                                   "(connlimits, tcpaccess, access_filter: TCPAccessAttr, badguys)",
+                                   "(connlimits, tcpaccess, access_filter: TCPAccessAttr, badguys, "
+                                   "proxy_protocol: ProxyProtocolPorts)",
                                    labels=["service", "reason"])
     for service, row in sorted(snap.get("refusals", {}).items()):
         for reason, n in sorted(row.items()):
@@ -89,7 +96,13 @@ def families(snap: Dict[str, Any], sessions: Dict[str, Dict[str, int]], processe
                            "binds as the user (failover included)", "op", snap.get("directory_seconds", {}))
     store = _histogram("mmproxy_store_login_seconds", "Logins at the store: connect, greeting, replayed login, "
                        "answer", "service", snap.get("store_seconds", {}))
-    return [up, open_, logins, refusals, hits, misses, relay, directory, store]
+    redis_rt = CounterMetricFamily("mmproxy_redis_requests", "Round trips to the fleet's Redis (StateRedisURL) by "
+                                   "operation: admit (ConnLimits with the BadGuys sentence), penalty, add_penalty, "
+                                   "release, forgive, login_record, writes (queued writes, pipelined), renew",
+                                   labels=["op"])
+    for op, n in sorted(snap.get("redis_requests", {}).items()):
+        redis_rt.add_metric([op], n)
+    return [up, open_, logins, refusals, hits, misses, relay, directory, store, redis_rt]
 
 
 def _histogram(name: str, doc: str, label: str, table: Dict[str, Dict[str, Any]]) -> HistogramMetricFamily:
@@ -111,9 +124,10 @@ class MetricsServer:
     """The HTTP endpoint of one process: :meth:`open` binds (while still root, as the listeners),
     :meth:`start` serves on the hub, :meth:`close` stops."""
 
-    def __init__(self, config_dir: str) -> None:
+    def __init__(self, config_dir: str, instance: str = "") -> None:
+        """``instance``: the value of every sample's ``instance_name`` label (none when empty)."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(Collector(config_dir))
+        registry.register(Collector(config_dir, instance))
         self.app = make_wsgi_app(registry)
         self.server: Optional[WSGIServer] = None
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tupl
 
 import gevent
 
-from mmproxy import hostnames, state, stats, tls
+from mmproxy import hostnames, proxyproto, state, stats, tls
 from mmproxy.access import Host
 from mmproxy.addresses import address_key
 from mmproxy.badguys import BadGuys
@@ -60,6 +60,7 @@ from mmproxy.errors import (
 )
 from mmproxy.linereader import LineReader, send_now
 from mmproxy.logs import DETAIL
+from mmproxy.proxyproto import Origin
 
 MAX_BAD_COMMANDS = 10      # then the session is closed (nginx max_errors, aiosmtpd BOGUS_LIMIT)
 MAX_AUTH_FAILURES = 3      # failed logins per connection before it is closed
@@ -122,6 +123,9 @@ class Request:
     lists: bool = False          # some argument is a parenthesised list (IMAP)
 
 
+_UNREAD = object()           # Session.sentence before a BadGuys sentence is read
+
+
 class Service:
     """One ServiceList entry at run time: its settings, TLS context, connection limits and sessions."""
 
@@ -134,6 +138,7 @@ class Service:
         self.cfg = entry.cfg
         self.tls: Optional[ssl.SSLContext] = tls.server_context(self.cfg) if self.cfg.SSLEnable else None
         self.ssl_ports = {(e.host, e.port) for e in (self.cfg.SSLPorts or [])}
+        self.proxy_ports = {(e.host, e.port) for e in (self.cfg.ProxyProtocolPorts or [])}
         self.sessions: set = set()
         self.limits = ConnLimits(self.cfg.ConnLimits or (), self.kind)
         self.badguys = BadGuys.from_cfg(self.cfg) if self.counts_failures() else None
@@ -148,9 +153,20 @@ class Service:
         """Whether the listener ``host:port`` is in SSLPorts (TLS from the first byte)."""
         return (host, port) in self.ssl_ports or ("", port) in self.ssl_ports
 
-    def handle(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> None:
-        """One accepted connection, start to end (the listener's handler)."""
-        if not self.admit(sock, addr, implicit_tls):
+    def proxy_protocol(self, host: str, port: int) -> bool:
+        """Whether connections to the listener ``host:port`` start with a PROXY header (ProxyProtocolPorts)."""
+        return (host, port) in self.proxy_ports or ("", port) in self.proxy_ports
+
+    def handle(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool, proxied: bool = False) -> None:
+        """One accepted connection, start to end (the listener's handler).  ``proxied``: the
+        listener is in ProxyProtocolPorts; the client is who the balancer's header names."""
+        origin = None
+        if proxied:
+            origin = self.read_origin(sock, addr, implicit_tls)
+            if origin is None:
+                return
+            addr = origin.client
+        if not self.admit(sock, addr, implicit_tls, origin):
             return
         admitted, release = self.limits.admit(addr[0])
         if not admitted:
@@ -160,7 +176,7 @@ class Service:
             self.refuse(sock, self.session_class.TOO_MANY_CONNECTIONS, implicit_tls)
             return
         try:
-            session = self.session_class(self, sock, addr)
+            session = self.session_class(self, sock, addr, origin)
         except (OSError, ValueError) as e:        # the client is gone already; an unusable vdmap.cfg value
             release()
             self.log.error("[%s:%d] cannot start a session: %s: %s", addr[0], addr[1], type(e).__name__, e,
@@ -192,15 +208,35 @@ class Service:
         finally:
             sock.close()
 
-    def admit(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> bool:
+    def read_origin(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> Optional[Origin]:
+        """The PROXY header of a connection to a ProxyProtocolPorts listener (proxyproto.py), read
+        within HandshakeTimeout; None: refused (a source not in ProxyProtocolFrom, no header or a bad
+        one), with the protocol's refusal where it can be said, one log line, the socket closed."""
+        if not proxyproto.trusted(addr[0], self.cfg.ProxyProtocolFrom):
+            stats.refused(self.kind, "proxy_protocol")
+            self.log.warning("[%s:%d] refused: not a load balancer in ProxyProtocolFrom, on a ProxyProtocolPorts "
+                             "listener", addr[0], addr[1])
+            self.refuse(sock, self.session_class.ACCESS_DENIED, implicit_tls, handshake=True)
+            return None
+        try:
+            return proxyproto.read_origin(sock, addr, float(self.cfg.HandshakeTimeout))
+        except proxyproto.HeaderError as e:
+            stats.refused(self.kind, "proxy_protocol")
+            self.log.warning("[%s:%d] refused: %s (ProxyProtocolPorts)", addr[0], addr[1], e)
+            self.refuse(sock, self.session_class.ACCESS_DENIED, implicit_tls)
+            return None
+
+    def admit(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool,
+              origin: Optional[Origin] = None) -> bool:
         """``TCPAccess`` (the virtual domain's own when vdmap.cfg sets one) for a new connection,
-        before anything else; ``ClientLookup`` starts the client's reverse DNS.  False: refused
+        before anything else; ``ClientLookup`` starts the client's reverse DNS.  ``origin``: what a
+        PROXY header said (the server address is the one the client connected to).  False: refused
         (the protocol's refusal sent, one log line, the socket closed)."""
         cfg = self.cfg
         if cfg.TCPAccess is None and not cfg.ClientLookup and getattr(self.entry, "vdomains", None) is None:
             return True                        # nothing to check (the common case: no system call)
         try:
-            server = sock.getsockname()
+            server = origin.server if origin is not None else sock.getsockname()
         except OSError:                        # gone already
             sock.close()
             return False
@@ -253,11 +289,14 @@ class Session:
     INTERNAL_ERROR = ""                     # the goodbye when a session cannot even start
     LOGIN_PHASE = "the dialogue before login"   # what LoginTimeout bounds, as the log says it
 
-    def __init__(self, service: Service, sock: socket.socket, addr: Tuple[str, int]) -> None:
+    def __init__(self, service: Service, sock: socket.socket, addr: Tuple[str, int],
+                 origin: Optional[Origin] = None) -> None:
+        """``addr``: the client (ip, port); ``origin``: what the load balancer's PROXY header said."""
         self.service = service
         self.sock = sock
         self.client_ip, self.client_port = addr[0], addr[1]
-        local = sock.getsockname()
+        self.origin = origin
+        local = origin.server if origin is not None else sock.getsockname()
         self.server_ip, self.server_port = local[0], local[1]
         self.id = "%s%d" % (_worker, next(_ids))
         self.greenlet = gevent.getcurrent()
@@ -275,7 +314,7 @@ class Session:
         self.reader = LineReader(sock, self.max_line, float(min(self.cfg.LoginIdleTimeout, self.cfg.Timeout)),
                                  self.flush)
         self.reader.set_deadline(float(self.cfg.LoginTimeout), self.LOGIN_PHASE)
-        self.tls_active = False
+        self.tls_active = origin is not None and origin.tls       # a balancer may have taken the TLS
         self.peer_cert: Optional[bytes] = None      # the client's certificate (DER), verified, when it sent one
         self.state = self.INITIAL
         self.end_state: Any = None          # where the session was when it ended
@@ -286,6 +325,7 @@ class Session:
         self.started = time.monotonic()
         self.tag = ""                       # IMAP: the tag of the command being read, once known
         self.implicit_tls = False           # on an SSLPorts port (access filters: imaps, pops, smtps)
+        self.sentence: Any = _UNREAD        # the BadGuys sentence last read for this client (bad_guys)
 
     release: Callable[[], None] = staticmethod(lambda: None)   # gives the ConnLimits slot back
 
@@ -558,10 +598,13 @@ class Session:
         key = address_key(self.client_ip)
         store = state.store()
         try:
-            sentence = store.penalty(self.kind, key)
+            if wait or self.sentence is _UNREAD:      # else: read by this attempt's waiting call just before
+                self.sentence = store.penalty(self.kind, key)
+            sentence = self.sentence
             delay = rules.sentence(sentence, store.clock()) if wait else 0.0
             if failed:
                 badness = store.add_penalty(self.kind, key, rules.after_failure, rules.keep, rules.decay)
+                self.sentence = _UNREAD
                 self.log.debug("BadGuys: %s now waits %.1fs", key, badness)
         except state.StateBusy as e:
             self.log.warning("BadGuys not applied: %s", e)
@@ -573,6 +616,7 @@ class Session:
         if not failed and forgive and sentence is not None:
             try:
                 store.forgive(self.kind, key)
+                self.sentence = None
             except state.StateBusy as e:
                 self.log.warning("BadGuys: %s not forgiven: %s", key, e)
 

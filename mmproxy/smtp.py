@@ -92,6 +92,7 @@ from mmproxy.errors import (
     ServerShutdown,
     UnknownCommand,
 )
+from mmproxy.proxyproto import Origin
 from mmproxy.session import Line, Request, Service, Session, State, Verb, one_line
 from mmproxy.smtpclient import REPLY_TIMEOUT, SETUP_TIMEOUT, RelayConnection, Reply
 from mmproxy.xclient import XCLIENT_VALUE_MAX, proxy_header, xclient_addr, xclient_commands, xtext
@@ -211,8 +212,9 @@ class SmtpSession(Session):
     LOGIN_PHASE = "the dialogue before EHLO"
     service: "SmtpService"
 
-    def __init__(self, service: "SmtpService", sock: socket.socket, addr: Tuple[str, int]) -> None:
-        super().__init__(service, sock, addr)
+    def __init__(self, service: "SmtpService", sock: socket.socket, addr: Tuple[str, int],
+                 origin: Optional[Origin] = None) -> None:
+        super().__init__(service, sock, addr, origin)
         self.relay: Optional[RelayConnection] = None
         self.relay_name = ""
         self.authenticated = False       # AUTH succeeded at the relay

@@ -17,8 +17,8 @@ with one warning.
 Connection counts are kept per worker process, so that the master can give back the slots of a
 worker that died (:meth:`LocalState.forget_worker`) before it starts its replacement.
 
-:class:`ClientState` is the small interface; :class:`LocalState` implements it for one box, a
-networked store (several boxes) can implement it too.  A daemon of one process (``NumThreads 1``)
+:class:`ClientState` is the small interface; :class:`LocalState` implements it for one box,
+:class:`redisstate.RedisState` for a fleet of boxes sharing a Redis.  A daemon of one process (``NumThreads 1``)
 shares its state with nobody: :class:`MemoryState` keeps it in dictionaries, the same rules
 without a database (a login touches the store three or four times).
 """
@@ -31,7 +31,7 @@ import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple
 
 import gevent
 
@@ -66,6 +66,7 @@ class ClientState(Protocol):
 
     def acquire(self, service: str, ip: str, limit: int) -> bool: ...
     def release(self, service: str, ip: str) -> None: ...
+    def connections(self, service: str, ip: str) -> int: ...
     def forget_worker(self, worker: int) -> int: ...
     def penalty(self, service: str, ip: str) -> Optional["Penalty"]: ...
     def add_penalty(self, service: str, ip: str, update: Callable[[Optional["Penalty"], float], float],
@@ -73,6 +74,9 @@ class ClientState(Protocol):
     def forgive(self, service: str, ip: str) -> None: ...
     def record_login(self, ip: str, user: str, ttl: float) -> None: ...
     def login_record(self, ip: str) -> Optional["Record"]: ...
+    def login_records(self) -> Iterable["Record"]: ...
+    def close(self) -> None: ...
+    def remove(self) -> None: ...
 
 
 class StateBusy(Exception):
@@ -382,7 +386,7 @@ class MemoryState:
                 del self.popauth[ip]
 
 
-Store = Union[LocalState, MemoryState]
+Store = ClientState
 _store: Optional[Store] = None
 
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 
 # seconds: Prometheus' default buckets, which span a cached answer to a store at its timeout
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-REFUSALS = ("connlimits", "tcpaccess", "access_filter", "badguys")
+REFUSALS = ("connlimits", "tcpaccess", "access_filter", "badguys", "proxy_protocol")
 
 _logins: Dict[str, Dict[str, int]] = {}           # service -> outcome -> logins
 _refusals: Dict[str, Dict[str, int]] = {}         # service -> reason -> connections or logins
@@ -25,6 +25,7 @@ _cache: Dict[str, List[int]] = {}                 # cache -> [hits, misses]
 _relayed: Dict[str, List[int]] = {}               # service -> [bytes client->store, store->client] of ended relays
 _directory: Dict[str, "Histogram"] = {}           # op -> seconds per request
 _store: Dict[str, "Histogram"] = {}               # service -> seconds from the connect to the store's login answer
+_redis: Dict[str, int] = {}                       # op -> round trips to the fleet's Redis (redisstate.py)
 
 
 class Histogram:
@@ -60,6 +61,13 @@ def refused(service: str, reason: str) -> None:
     """A connection refused (ConnLimits, TCPAccess), a login refused by the user's access filter
     (TCPAccessAttr), or an answer delayed by BadGuys: ``reason`` one of REFUSALS."""
     _add(_refusals, service, reason)
+
+
+def redis_request(op: str) -> None:
+    """One round trip to the fleet's Redis: ``op`` "admit" (ConnLimits with the BadGuys sentence),
+    "penalty", "add_penalty", "release", "forgive", "login_record", "writes" (queued writes in one
+    pipeline), "renew" (the lease)."""
+    _redis[op] = _redis.get(op, 0) + 1
 
 
 def cache(name: str, hit: bool) -> None:
@@ -108,6 +116,7 @@ def snapshot() -> Dict[str, Any]:
         "relayed_bytes": {s: {"up": row[0], "down": row[1]} for s, row in _relayed.items()},
         "directory_seconds": {k: {"counts": list(h.counts), "sum": h.sum} for k, h in _directory.items()},
         "store_seconds": {k: {"counts": list(h.counts), "sum": h.sum} for k, h in _store.items()},
+        "redis_requests": dict(_redis),
     }
 
 

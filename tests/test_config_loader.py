@@ -405,3 +405,33 @@ def test_authentication_server_checks(tmp_path):
     assert msgs(load_config(d), "warning") == [
         "%s/ImapProxyAService.cfg:1: warning: AuthenticationLdapAttributes is used only with AuthenticationServer: "
         "ignored" % d]
+
+
+def test_fleet_settings_are_checked_with_lines_and_no_password_repeated(tmp_path):
+    """StateRedisURL, ProxyProtocolPorts/ProxyProtocolFrom (issue 12): what is wrong, where."""
+    d = tree(tmp_path, aservice=IMAP_POP + "default:StateRedisURL http://:s3cret@redis.example:6379\n"
+             "default:InstanceName box-1\n",
+             ImapProxyAService="default:ProxyProtocolPorts 143|144\n",
+             PopProxyAService="default:ProxyProtocolFrom 10.0.0.0/8 junk\n")
+    config = load_config(d)
+    assert msgs(config, "error") == [
+        "%s/AService.cfg:2: StateRedisURL: the URL must start redis://, rediss:// (TLS) or unix://" % d,
+        "%s/ImapProxyAService.cfg:1: ProxyProtocolPorts needs ProxyProtocolFrom (the load balancers' addresses) "
+        "in the same file: nobody else may name the client" % d,
+        "%s/PopProxyAService.cfg:1: ProxyProtocolFrom: 'junk' is not an IP address" % d]
+    assert msgs(config, "warning") == [
+        "%s/ImapProxyAService.cfg:1: warning: ProxyProtocolPorts 144 is not among this service's ServiceList "
+        "ports (143): nothing listens there" % d]
+    assert "s3cret" not in "\n".join(msgs(config))
+    for bad, why in (("redis://:pw@/0", "no host in the URL"), ("redis://h:99999", "not a URL with a valid port"),
+                     ("redis://h/x", "the path must be a database number (/0)")):
+        d = tree(tmp_path, aservice=IMAP_POP + "default:StateRedisURL %s\n" % bad)
+        assert msgs(load_config(d), "error") == ["%s/AService.cfg:2: StateRedisURL: %s" % (d, why)]
+    d = tree(tmp_path, aservice=IMAP_POP + "default:StateRedisURL rediss://:pw@10.0.0.7:6380/2\n",
+             ImapProxyAService="default:ProxyProtocolPorts 143\n"
+                               "default:ProxyProtocolFrom 10.0.0.5 192.168.0.0|255.255.0.0\n")
+    config = load_config(d)
+    assert msgs(config) == []
+    assert config.aservice.StateRedisURL == "rediss://:pw@10.0.0.7:6380/2"
+    assert config.aservice.StateRedisPrefix == "mmproxy:"
+    assert [str(n) for n in imap(config).ProxyProtocolFrom] == ["10.0.0.5/32", "192.168.0.0/16"]

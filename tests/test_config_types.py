@@ -39,6 +39,8 @@ SUPPORTED += "LdapCAFile LdapNegativeCacheTTL LdapStaleGrace".split()   # direct
 SUPPORTED += ["MaxConcurrentConnectionAttempts"]                                       # issue 9
 SUPPORTED += ["ShutdownGrace"]                                                         # issue 10
 SUPPORTED += ["MetricsAddress"]                                                         # issue 10
+SUPPORTED += """ProxyProtocolPorts ProxyProtocolFrom InstanceName StateRedisURL StateRedisPrefix
+StateRedisCAFile""".split()                 # a fleet (issue 12)
 
 
 def test_registry_knows_every_legacy_name_with_its_spelling():

@@ -30,7 +30,7 @@ def scrape(port):
     with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
+    return {(s.name, frozenset((k, v) for k, v in s.labels.items() if k != "instance_name")): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
@@ -59,7 +59,7 @@ def test_metrics_after_real_logins(mail_stack):
     users = mail_stack.info()["users"]
     port = free_port("127.0.0.1")
     with Proxy(mail_stack.info(), pop={}, imap={"ConnLimits": "127.0.0.77|255.255.255.255:1", "BGPenalty": 1},
-               aservice={"MetricsAddress": "127.0.0.1:%d" % port}) as p:
+               aservice={"MetricsAddress": "127.0.0.1:%d" % port, "InstanceName": "box-7"}) as p:
         i = imap_login(p, "alice", users["alice"]["password"])
         o = pop_login(p, "bob", users["bob"]["password"])
         held = [bad_imap(p, source="127.0.0.33"), bad_imap(p, source="127.0.0.33"), bad_pop(p)]   # BadGuys: the
@@ -74,6 +74,9 @@ def test_metrics_after_real_logins(mail_stack):
         held += [g, first, over]
         i.send(b"x SELECT INBOX\r\n")
         i.skip_to(b"x OK")
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as r:
+            samples = [x for f in text_string_to_metric_families(r.read().decode()) for x in f.samples]
+        assert samples and all(x.labels.get("instance_name") == "box-7" for x in samples)   # InstanceName
         s = scrape(port)
         assert value(s, "mmproxy_processes") == 1
         assert value(s, "mmproxy_logins_total", service="imap", outcome="ok") == 1

@@ -100,7 +100,7 @@ def test_wheel_carries_the_templates_as_package_data(dists):
         meta = whl.read([n for n in whl.namelist() if n.endswith(".dist-info/METADATA")][0]).decode()
     requires = sorted(line.split(": ", 1)[1].split("<")[0].split(">")[0].strip()
                       for line in meta.splitlines() if line.startswith("Requires-Dist: "))
-    assert requires == ["cachetools", "click", "cryptography", "gevent", "prometheus_client", "python-ldap"]
+    assert requires == ["cachetools", "click", "cryptography", "gevent", "prometheus_client", "python-ldap", "redis"]
 
 
 def test_installed_console_script_runs_from_the_venv(venv, work):

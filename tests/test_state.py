@@ -2,6 +2,7 @@
 (badguys.py) and POP-before-SMTP records (authservice.py): with real forked processes and the
 real SQLite store, no mocks.  The rules that hold in one process hold for the one-process store
 (MemoryState) alike."""
+import itertools
 import os
 import time
 
@@ -11,7 +12,9 @@ from gevent import monkey
 from mmproxy import authservice, state
 from mmproxy.badguys import BadGuys
 from mmproxy.config.types import parse_network
+from mmproxy.redisstate import RedisState
 from mmproxy.state import LocalState, MemoryState, Penalty
+from mmproxy.testing.redis import RedisServer
 
 fork = monkey.get_original("os", "fork")
 real_sleep = monkey.get_original("time", "sleep")
@@ -26,10 +29,24 @@ def store():
     s.remove()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    with RedisServer(workdir=str(tmp_path_factory.mktemp("redis"))) as r:
+        yield r
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "memory", "redis"])
 def any_store(request):
-    """Either store, made the process's: the shared SQLite one and a one-process daemon's."""
-    s = LocalState.create() if request.param == "sqlite" else MemoryState()
+    """Any store, made the process's: the shared SQLite one, a one-process daemon's, and a fleet's
+    on a real redis-server (keys under a prefix of this test's own)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+        s = RedisState(url, "t%d:" % next(_prefixes), "test")
+    else:
+        s = LocalState.create() if request.param == "sqlite" else MemoryState()
     state.use(s)
     yield s
     state.use(None)
@@ -38,6 +55,8 @@ def any_store(request):
 
 def clocked(s, clock):
     """A store like ``s`` whose clock is ``clock``."""
+    if isinstance(s, RedisState):
+        return RedisState(s.url, s.prefix, "test", clock=clock)
     return LocalState(s.path, clock=clock) if isinstance(s, LocalState) else MemoryState(clock=clock)
 
 

@@ -306,6 +306,15 @@ def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: P
         if not any(_overlap(ep, listener) for listener in spec.listeners):
             problems.append(warning(*ssl_where, "SSLPorts %s is not among this service's ServiceList ports (%s): "
                                                 "nothing listens there" % (ep, Endpoints().render(spec.listeners))))
+    pp_where = _place(cfg, "ProxyProtocolPorts", file)
+    if cfg.ProxyProtocolPorts and not cfg.ProxyProtocolFrom:
+        problems.append(error(*pp_where, "ProxyProtocolPorts needs ProxyProtocolFrom (the load balancers' "
+                                         "addresses) in the same file: nobody else may name the client"))
+    for ep in cfg.ProxyProtocolPorts:
+        if not any(_overlap(ep, listener) for listener in spec.listeners):
+            problems.append(warning(*pp_where, "ProxyProtocolPorts %s is not among this service's ServiceList "
+                                               "ports (%s): nothing listens there"
+                                    % (ep, Endpoints().render(spec.listeners))))
     for ep in spec.listeners:
         if ep.port in IMPLICIT_TLS_PORTS and not any(
                 s.port == ep.port and (not s.host or s.host == ep.host) for s in cfg.SSLPorts):

@@ -91,6 +91,23 @@ _group(
      "added up); unset: no metrics endpoint", dict(_SUP, reload=False)),
 )
 _group(
+    "Several proxies (a fleet)",
+    ("InstanceName", t.Str(), None, "A",
+     "mmproxy extension: this proxy's name among several (status, who, metrics, log lines of the fleet); "
+     "unset: the host name", dict(_SUP, reload=False)),
+    ("StateRedisURL", t.RedisURL(), None, "A",
+     "mmproxy extension: the Redis every proxy of a fleet shares ConnLimits counts, BadGuys sentences and "
+     "POP-before-SMTP records through, and which carries flush, kick and --all requests to them all: "
+     "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS; unset: the state stays in this box. "
+     "While it does not answer, each process keeps its own state (one warning per change)",
+     dict(_SUP, reload=False)),
+    ("StateRedisPrefix", t.Str(), "mmproxy:", "A",
+     "mmproxy extension: what every Redis key and channel of this fleet starts with", dict(_SUP, reload=False)),
+    ("StateRedisCAFile", t.Path(must_exist="file"), None, "A",
+     "mmproxy extension: PEM file of the CA certificates a rediss:// server's certificate must chain to "
+     "(unset: the system's)", dict(_SUP, reload=False)),
+)
+_group(
     "Logging",
     ("LogDir", t.Path(), t.InstallPath("data/log"), "A I P S",
      "directory for the log files (ImapProxy_yyyymmdd.log...); default msg_svr_base/data/log", _SUP),
@@ -275,6 +292,16 @@ _group(
      "since 0.2 also DSN, SMTPUTF8 and CHUNKING); BINARYMIME, XCLIENT, XFORWARD are never passed", _SUP),
     ("FailoverTimeout", t.Int(min=0), 10, "S",
      "seconds to wait for a relay to accept and greet; a failed relay is then avoided as many minutes", _SUP),
+    ("ProxyProtocolPorts", t.Endpoints(), (), _IPS,
+     "mmproxy extension: [IP:]PORT|... (ServiceList listeners) where every connection starts with a PROXY "
+     "protocol v1 or v2 header from a load balancer in ProxyProtocolFrom, naming the client: its address is "
+     "then the client's everywhere (ConnLimits, BadGuys, access filters, logs, what stores and relays are "
+     "told); a connection from elsewhere, or without a header, is refused; a v2 header saying the balancer "
+     "took the client's TLS counts as TLS. Read within HandshakeTimeout, before TLS on SSLPorts ports",
+     dict(_SUP, security=True)),
+    ("ProxyProtocolFrom", t.Networks(hosts=True), "", _IPS,
+     "mmproxy extension: the load balancers' addresses (IP, IP/LEN or IP|MASK, comma or blank separated, or "
+     "a file of them) whose PROXY headers ProxyProtocolPorts believes", dict(_SUP, security=True)),
     ("SmtpRelayProxyProtocol", t.Int(0, 2), 0, "S",
      "mmproxy extension: 1 or 2 sends a PROXY protocol v1/v2 header naming the client to each relay (Postfix "
      "smtpd_upstream_proxy_protocol = haproxy); 0: XCLIENT only", _SUP),

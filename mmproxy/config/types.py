@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from mmproxy import access
 from mmproxy.addresses import is_host_name
@@ -486,6 +486,35 @@ class LdapURLType(Type):
         return str(value)
 
 
+class RedisURL(Type):
+    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://...`` (TLS) or ``unix:///PATH``;
+    errors never repeat the password."""
+
+    name = "redis[s]://[:PASSWORD@]HOST[:PORT][/DB]"
+
+    def convert(self, raw: str, ctx: Optional[Ctx] = None) -> str:
+        text = raw.strip()
+        try:
+            u = urlsplit(text)
+            port = u.port if u.scheme != "unix" else None
+        except ValueError:
+            raise ValueError("not a URL with a valid port") from None
+        if u.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("the URL must start redis://, rediss:// (TLS) or unix://")
+        if u.scheme == "unix":
+            if not u.path.startswith("/"):
+                raise ValueError("unix:// needs an absolute socket path")
+            return text
+        if not u.hostname:
+            raise ValueError("no host in the URL")
+        _host(u.hostname if ":" not in u.hostname else "[%s]" % u.hostname)
+        if port == 0:
+            raise ValueError("port 0")
+        if u.path not in ("", "/") and not re.fullmatch(r"/\d{1,5}", u.path):
+            raise ValueError("the path must be a database number (/0)")
+        return text
+
+
 # --- networks ---------------------------------------------------------------------------------------
 
 Network = Any  # ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -550,10 +579,19 @@ class Networks(Type):
 
     name = "IP|MASK ... or file"
 
+    def __init__(self, hosts: bool = False) -> None:
+        """``hosts``: a bare address is allowed too, meaning that one address."""
+        self.hosts = hosts
+        if hosts:
+            self.name = "IP[/LEN] ... or file"
+
     def convert(self, raw: str, ctx: Optional[Ctx] = None) -> Tuple[Network, ...]:
         nets = []
         for where, item in _items_or_file(raw, ctx, r"[,\s]+"):
             try:
+                if self.hosts and "/" not in item and "|" not in item:
+                    nets.append(ipaddress.ip_network(_ip(item.strip("[]"))))
+                    continue
                 nets.append(parse_network(item))
             except ValueError as e:
                 raise ValueError(where + str(e)) from None

@@ -31,6 +31,9 @@ APT_HINT = {
     "/usr/lib/dovecot/lmtp": "dovecot-lmtpd",
     "postfix": "postfix",
     "postconf": "postfix",
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
+    "haproxy": "haproxy",
 }
 # root's PATH has these, a normal user's often does not
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")

@@ -1,0 +1,159 @@
+"""The fleet's per-client state on a real redis-server (redisstate.py): every rule of the local
+stores holds across processes that share only the Redis (test_state.py runs the common rules on
+it too); slots of a process that dies expire with its lease; while Redis is hung or gone every
+operation falls back to the process's own store at once, with one log line per change of state,
+and never blocks the hub."""
+import itertools
+import logging
+import time
+
+import gevent
+import pytest
+from test_state import children
+
+from mmproxy import redisstate
+from mmproxy.badguys import BadGuys
+from mmproxy.redisstate import RedisState, SharedState, redacted
+from mmproxy.state import MemoryState
+from mmproxy.testing.certs import TestCA
+from mmproxy.testing.redis import RedisServer
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with RedisServer(password="pw with:/@ chars", workdir=str(tmp_path_factory.mktemp("redis"))) as r:
+        yield r
+
+
+@pytest.fixture
+def prefix():
+    return "rs%d-%d:" % (time.time_ns() % 10**9, next(_prefixes))
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_acquires_across_processes_never_exceed_the_limit(server, prefix):
+    """Four processes, each its own client of the Redis (as four proxies), race for 25 slots of
+    one address: exactly 25 are granted in all."""
+    def work(i):
+        gevent.reinit()                                   # a forked child: its own hub for the sockets
+        s = RedisState(server.url, prefix, "box%d" % i)
+        s.renew()
+        got = sum(s.acquire("imap", "192.0.2.9", 25) for _ in range(40))
+        return got <= 25
+    # the children's slots outlive them only by their lease: count before it ends
+    assert children(4, work) == [0, 0, 0, 0]
+    assert RedisState(server.url, prefix, "reader").connections("imap", "192.0.2.9") == 25
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_failures_across_processes_all_count(server, prefix):
+    """Two processes add 100 failures each for one address at once: all 200 count (the new
+    sentence is written only if nobody wrote since it was read)."""
+    rules = BadGuys(penalty=1, max_badness=10000, decay=900)
+
+    def work(i):
+        gevent.reinit()
+        s = RedisState(server.url, prefix, "box%d" % i)
+        for _ in range(100):
+            s.add_penalty("pop", "192.0.2.3", rules.after_failure, keep=10, expiry=900)
+        return True
+    assert children(2, work) == [0, 0]
+    assert RedisState(server.url, prefix, "reader").penalty("pop", "192.0.2.3").badness == 200
+
+
+@pytest.mark.timeout(60)
+def test_slots_of_a_process_that_dies_expire_with_its_lease(server, prefix):
+    a = RedisState(server.url, prefix, "a", lease=1.0)
+    b = RedisState(server.url, prefix, "b", lease=1.0)
+    a.renew()
+    b.renew()
+    assert a.acquire("imap", "192.0.2.1", 3) and a.acquire("imap", "192.0.2.1", 3)
+    assert b.acquire("imap", "192.0.2.1", 3)
+    assert not b.acquire("imap", "192.0.2.1", 3)          # the fleet holds 3
+    time.sleep(1.3)                                       # a "died": it renews no more
+    b.renew()
+    assert b.connections("imap", "192.0.2.1") == 1
+    assert b.acquire("imap", "192.0.2.1", 3) and b.acquire("imap", "192.0.2.1", 3)
+    assert not b.acquire("imap", "192.0.2.1", 3)
+    c = RedisState(server.url, prefix, "c", lease=60)
+    c.renew()
+    assert c.acquire("pop", "192.0.2.1", 2) and c.acquire("pop", "192.0.2.1", 2)
+    c.remove()                                            # a process that stops gives them back at once
+    assert not server.cli("KEYS", prefix + "alive:c/*")
+    b.renew()
+    assert b.connections("pop", "192.0.2.1") == 0
+    b.release("imap", "192.0.2.1")                        # releases never go below zero
+    for _ in range(3):
+        b.release("imap", "192.0.2.1")
+    assert b.connections("imap", "192.0.2.1") == 0
+
+
+@pytest.mark.timeout(60)
+def test_tls_and_password(tmp_path, prefix):
+    ca = TestCA(str(tmp_path / "ca"))
+    cert, key = ca.issue("redis", ips=["127.0.0.1"], dns=["localhost"])
+    with RedisServer(password="s3cret", tls=(cert, key, ca.path), workdir=str(tmp_path / "r")) as r:
+        assert r.url.startswith("rediss://")
+        s = RedisState(r.url, prefix, "tls", ca_file=ca.path)
+        s.record_login("192.0.2.5", "alice@example.com", 60)
+        assert s.login_record("192.0.2.5").user == "alice@example.com"
+        wrong = RedisState(r.url.replace("s3cret", "wrong"), prefix, "tls", ca_file=ca.path)
+        with pytest.raises(Exception) as e:
+            wrong.login_record("192.0.2.5")
+        assert "wrong" not in str(e.value)
+        assert redacted(r.url) == "rediss://:***@127.0.0.1:%d/0" % r.port
+
+
+@pytest.mark.timeout(90)
+def test_fallback_while_redis_is_hung_or_gone(tmp_path, prefix, caplog, monkeypatch):
+    """Redis stops answering (SIGSTOP), then dies, then comes back: every operation answers from
+    the process's own store within REDIS_TIMEOUT of the first failure and at once after it, the hub
+    keeps running, one warning per change of state, and a slot taken in Redis before the outage
+    is given back there once it answers."""
+    monkeypatch.setattr(redisstate, "PROBE_EVERY", 0.3)
+    caplog.set_level(logging.WARNING, logger="mmproxy.state")
+    with RedisServer(workdir=str(tmp_path / "r")) as r:
+        shared = SharedState(RedisState(r.url, prefix, "box"), MemoryState())
+        shared.start()
+        gevent.sleep(0.05)
+        assert shared.acquire("imap", "192.0.2.7", 1)                       # held in Redis
+        assert r.cli("HGETALL", prefix + "conn:imap:192.0.2.7")
+        ticks = []
+
+        def tick():
+            while True:
+                ticks.append(time.monotonic())
+                gevent.sleep(0.02)
+        ticker = gevent.spawn(tick)
+        try:
+            r.pause()
+            t = time.monotonic()
+            assert shared.penalty("imap", "192.0.2.8") is None               # from the local store
+            first = time.monotonic() - t
+            assert first < redisstate.REDIS_TIMEOUT + 0.4, first
+            assert sum(1 for x in ticks if x >= t) >= 5                      # the hub ran meanwhile
+            t = time.monotonic()
+            for i in range(50):
+                assert shared.acquire("pop", "192.0.2.%d" % i, 1)
+                shared.record_login("192.0.2.%d" % i, "u%d" % i, 60)
+            assert time.monotonic() - t < 0.2                               # no request waits for Redis now
+            assert shared.login_record("192.0.2.3").user == "u3"
+            shared.release("imap", "192.0.2.7")                              # a Redis slot: given back later
+            r.resume()
+            r.kill()
+            gevent.sleep(0.5)
+            r.start()
+            deadline = time.monotonic() + 10
+            while not shared.up and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+            assert shared.up
+        finally:
+            ticker.kill()
+        lines = [m.getMessage() for m in caplog.records if m.name == "mmproxy.state"]
+        assert len(lines) == 2, lines
+        assert "does not answer" in lines[0] and "answers again" in lines[1]
+        shared.acquire("imap", "192.0.2.7", 1)
+        assert not shared.acquire("imap", "192.0.2.7", 1)
+        shared.remove()
