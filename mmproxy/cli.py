@@ -236,7 +236,8 @@ def _worker_summary(name: str, a: dict) -> dict:
         per_service[kind] = dict(a["sessions"].get(kind, {"pre_login": 0, "relaying": 0}),
                                  logins=outcomes.get("ok", 0),
                                  failures=sum(n for o, n in outcomes.items() if o != "ok"))
-    return {"worker": name, "pid": a["pid"], "uptime_s": int(time.time() - a["started"]),
+    return {"worker": name, "instance_name": a.get("instance_name"), "pid": a["pid"],
+            "uptime_s": int(time.time() - a["started"]),
             "listeners": a["listeners"], "services": per_service, "logins_by_outcome": logins}
 
 
@@ -252,7 +253,9 @@ def _total(workers: list) -> dict:
 
 def _print_status(info: dict) -> None:
     pid = info["pid"]
-    click.echo("mmproxy %s" % ("running, pid %d, up %ss" % (pid, info["uptime_s"]) if pid else "not running"))
+    names = sorted({w["instance_name"] for w in info.get("workers", []) if w.get("instance_name")})
+    click.echo("mmproxy %s%s" % ("running, pid %d, up %ss" % (pid, info["uptime_s"]) if pid else "not running",
+                                 " (instance %s)" % ", ".join(names) if names else ""))
     for s in info["services"]:
         click.echo("  %-5s %-22s %s" % (s["service"], s["instance"], " ".join(s["listeners"])))
     if not pid:

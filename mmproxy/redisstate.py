@@ -468,16 +468,18 @@ class SharedState:
         result: Iterable[Record] = self._call("login_records")
         return result
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         for g in (self._renewer, self._probe):
             if g is not None:
                 g.kill(block=False)
+
+    def close(self) -> None:
+        self._stop()
         self.remote.close()
         self.local.close()
 
     def remove(self) -> None:
-        for g in (self._renewer, self._probe):
-            if g is not None:
-                g.kill(block=False)
+        """The daemon stops: this process's slots stop counting in the fleet, its own store goes."""
+        self._stop()
         self.remote.remove()
         self.local.remove()
