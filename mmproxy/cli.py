@@ -192,7 +192,7 @@ def status(config_dir: str, fleet_wide: bool, as_json: bool) -> None:
     from mmproxy.config import load_config
     from mmproxy.pidfile import running_pid
     if fleet_wide:
-        answers = _ask_fleet(config_dir, {"cmd": "status"})
+        answers, _ = _ask_fleet(config_dir, {"cmd": "status"})
         workers = [_worker_summary(name, a) for name, a in answers]
         info_all = {"config_dir": config_dir, "fleet": True, "workers": workers, "total": _total(workers)}
         if as_json:
@@ -288,9 +288,14 @@ def _fleet_settings(config_dir: str) -> Optional[Tuple[str, str, Optional[str]]]
     return (a.StateRedisURL, a.StateRedisPrefix, a.StateRedisCAFile) if a.StateRedisURL else None
 
 
-def _ask_fleet(config_dir: str, request: dict) -> list:
-    """``request`` to every serving process of the fleet through Redis: [(INSTANCE/PROCESS, answer)];
-    ClickException when StateRedisURL is unset, Redis does not answer, or no process does."""
+class RedisUnreachable(click.ClickException):
+    """The fleet's Redis does not answer (as opposed to processes answering with an error)."""
+
+
+def _ask_fleet(config_dir: str, request: dict) -> Tuple[list, bool]:
+    """``request`` to every serving process of the fleet through Redis: ([(INSTANCE/PROCESS,
+    answer)], whether every process holding a lease answered).  RedisUnreachable when Redis does
+    not answer; ClickException when StateRedisURL is unset or no process answers well."""
     import redis
 
     from mmproxy import fleet
@@ -300,29 +305,36 @@ def _ask_fleet(config_dir: str, request: dict) -> list:
         raise click.ClickException("--all needs StateRedisURL in %s" % os.path.join(config_dir, "AService.cfg"))
     url, prefix, ca_file = settings
     try:
-        answers, receivers = fleet.ask(url, prefix, ca_file, request)
+        answers, receivers, leases = fleet.ask(url, prefix, ca_file, request)
     except redis.RedisError as e:
-        raise click.ClickException("Redis at %s does not answer: %s" % (redacted(url), e)) from None
+        raise RedisUnreachable("Redis at %s does not answer: %s" % (redacted(url), e)) from None
     good, errors = _answers(answers)
     for problem in errors:
         click.echo("process %s" % problem, err=True)
+    whole = len(answers) >= receivers >= leases
     if len(answers) < receivers:
         click.echo("%d of %d process(es) did not answer within %gs" % (receivers - len(answers), receivers,
                                                                       fleet.ANSWER_WAIT), err=True)
+    if receivers < leases:
+        click.echo("%d process(es) hold a lease in Redis but did not receive the request (their subscription "
+                   "is being restored): run the command again" % (leases - receivers), err=True)
     if not good:
         raise click.ClickException("no mmproxy process answered through Redis at %s" % redacted(url))
-    return good
+    return good, whole
 
 
-def _ask_everywhere(config_dir: str, request: dict, local: bool) -> list:
-    """``request`` to the whole fleet when StateRedisURL is set (unless ``local``), else to this box;
-    this box only, with a warning, when Redis does not answer."""
+def _ask_everywhere(config_dir: str, request: dict, local: bool) -> Tuple[list, bool]:
+    """``request`` to the whole fleet when StateRedisURL is set (unless ``local``), else to this box:
+    (answers, whether everybody meant answered).  When Redis does not answer: this box only, said
+    on stderr, and not everybody."""
     if not local and _fleet_settings(config_dir) is not None:
         try:
             return _ask_fleet(config_dir, request)
-        except click.ClickException as e:
-            click.echo("%s; asking this box only" % e.format_message(), err=True)
-    return _ask_running(config_dir, request)
+        except RedisUnreachable as e:
+            click.echo("%s; asking this box only: the other proxies are not reached" % e.format_message(),
+                       err=True)
+            return _ask_running(config_dir, request), False
+    return _ask_running(config_dir, request), True
 
 
 local_option = click.option("--local", is_flag=True,
@@ -353,7 +365,7 @@ def who(config_dir: str, user: Optional[str], ip: Optional[str], fleet_wide: boo
     """List logged-in (relayed) IMAP and POP sessions: user, client, store, service, since, bytes
     (with --all: of every proxy sharing StateRedisURL; the WORKER column names INSTANCE/PROCESS)."""
     request = {"cmd": "who", "user": user, "ip": ip}
-    answers = _ask_fleet(config_dir, request) if fleet_wide else _ask_running(config_dir, request)
+    answers = _ask_fleet(config_dir, request)[0] if fleet_wide else _ask_running(config_dir, request)
     rows = [s for _, a in answers for s in a["sessions"]]
     if fleet_wide:
         for r in rows:
@@ -378,19 +390,22 @@ def who(config_dir: str, user: Optional[str], ip: Optional[str], fleet_wide: boo
 @local_option
 def kick(config_dir: str, target: str, local: bool) -> None:
     """Close the logged-in sessions of a user (login id) or of a client address or network:
-    IMAP clients get "* BYE", POP clients "-ERR", where it cannot cut a response in two.  With
-    StateRedisURL, on every proxy of the fleet (--local: this box only)."""
+    IMAP clients get "* BYE", POP clients "-ERR" (between responses, never inside one).  With
+    StateRedisURL, on every proxy of the fleet (--local: this box only); exit 1 when some proxy may
+    not have been reached."""
     import ipaddress
     try:
         ipaddress.ip_network(target, strict=False)
         request = {"cmd": "kick", "ip": target}
     except ValueError:
         request = {"cmd": "kick", "user": target}
-    answers = _ask_everywhere(config_dir, request, local)
+    answers, whole = _ask_everywhere(config_dir, request, local)
     for name, a in answers:
         click.echo("%s: %d session(s) closed" % (name, a["kicked"]))
     if len(answers) > 1:
         click.echo("total: %d session(s) closed" % sum(a["kicked"] for _, a in answers))
+    if not whole:
+        sys.exit(1)
 
 
 @main.command()
@@ -401,11 +416,15 @@ def flush(config_dir: str, user: str, local: bool) -> None:
     """Forget the cached directory entries of USER (login id, uid@domain or mail address) so that
     the next login reads the directory again: after changing the user's mailHost, flush, then
     kick USER (the clients reconnect to the new store).  With StateRedisURL, on every proxy of the
-    fleet (--local: this box only)."""
-    answers = _ask_everywhere(config_dir, {"cmd": "flush", "user": user}, local)
+    fleet (--local: this box only); exit 1 when some proxy may not have been reached."""
+    if not user.strip():
+        raise click.BadParameter("an empty user names nobody", param_hint="USER")
+    answers, whole = _ask_everywhere(config_dir, {"cmd": "flush", "user": user}, local)
     for name, a in answers:
         click.echo("%s: %d cached entr%s dropped" % (name, a["dropped"], "y" if a["dropped"] == 1 else "ies"))
     click.echo("flushed %s on %d process(es)" % (user, len(answers)))
+    if not whole:
+        sys.exit(1)
 
 
 def _uptime(pid: int) -> Optional[int]:

@@ -180,15 +180,17 @@ class Control:
 
     def answer(self, request: Any) -> Dict[str, Any]:
         """The answer to one decoded request; errors are answers too."""
+        worker = self.daemon.worker
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-            return {"ok": False, "error": 'a request is a JSON object with "cmd"'}
+            return {"ok": False, "error": 'a request is a JSON object with "cmd"', "worker": worker}
         handler = self.requests.get(request["cmd"])
         if handler is None:
-            return {"ok": False, "error": "unknown cmd %r (known: %s)" % (request["cmd"][:40], " ".join(self.requests))}
+            return {"ok": False, "error": "unknown cmd %r (known: %s)" % (request["cmd"][:40], " ".join(self.requests)),
+                    "worker": worker}
         try:
             return dict(handler(request), ok=True)
         except ValueError as e:
-            return {"ok": False, "error": str(e)}
+            return {"ok": False, "error": str(e), "worker": worker}
 
     def status(self, request: Dict[str, Any]) -> Dict[str, Any]:
         """pid, start time, listeners, sessions per service and phase, and stats.snapshot() with

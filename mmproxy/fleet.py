@@ -28,6 +28,7 @@ from mmproxy import redisstate
 log = logging.getLogger("mmproxy.fleet")
 
 ANSWER_WAIT = 5.0            # seconds a command waits for the fleet's answers
+HEALTH_EVERY = 10.0          # seconds between PINGs on a quiet subscription; 3 unanswered: resubscribe
 REPLY_TTL = 60               # seconds an answer list is kept if its asker is gone
 MAX_MESSAGE = 64 * 1024      # octets of a request message a process reads
 
@@ -70,9 +71,17 @@ class Subscriber:
                     log.warning("fleet: subscribed again to %s on %s", channel(self.prefix),
                                 redisstate.redacted(self.url))
                     down = False
-                for message in sub.listen():
-                    if message.get("type") == "message":
-                        self._answer(r, message["data"])
+                heard = time.monotonic()        # a connection lost without a word must be noticed
+                while True:
+                    message = sub.get_message(timeout=HEALTH_EVERY)
+                    if message is not None:
+                        heard = time.monotonic()
+                        if message.get("type") == "message":
+                            self._answer(r, message["data"])
+                        continue
+                    if time.monotonic() - heard > 3 * HEALTH_EVERY:
+                        raise redis.ConnectionError("no answer to PING for %gs" % (3 * HEALTH_EVERY))
+                    sub.ping()
             except redis.RedisError as e:
                 self.subscribed.clear()
                 if not down:
@@ -106,12 +115,18 @@ class Subscriber:
 
 
 def ask(url: str, prefix: str, ca_file: Optional[str], request: Dict[str, Any],
-        wait: float = ANSWER_WAIT) -> Tuple[List[Tuple[str, Dict[str, Any]]], int]:
+        wait: float = ANSWER_WAIT) -> Tuple[List[Tuple[str, Dict[str, Any]]], int, int]:
     """Publish ``request`` to every process of the fleet and collect their answers:
-    ([(``instance/worker``, answer)], how many processes received it).  Fewer answers than
-    receivers means some did not answer within ``wait`` seconds.  redis.RedisError when Redis
-    cannot be reached."""
-    r = redisstate.client(url, ca_file, timeout=wait + 5, pool_size=1)
+    ([(``instance/worker``, answer)], how many processes received it, how many hold a lease).
+    Fewer answers than receivers means some did not answer within ``wait`` seconds; fewer
+    receivers than leases, that some lost their subscription.  redis.RedisError when Redis cannot
+    be reached (within REDIS_TIMEOUT x 4: a hung Redis is not waited for)."""
+    quick = redisstate.client(url, ca_file, timeout=4 * redisstate.REDIS_TIMEOUT, pool_size=1)
+    try:
+        leases = sum(1 for _ in quick.scan_iter(match=prefix + "alive:*", count=1000))
+    finally:
+        quick.connection_pool.disconnect()
+    r = redisstate.client(url, ca_file, timeout=wait + 2, pool_size=1)
     try:
         reply = "%sreply:%s" % (prefix, os.urandom(8).hex())
         n = int(r.publish(channel(prefix), json.dumps({"request": request, "reply": reply})))
@@ -129,6 +144,6 @@ def ask(url: str, prefix: str, ca_file: Optional[str], request: Dict[str, Any],
             out.append(("%s/%s" % (answer.get("instance_name", "?"), "main" if worker is None else "w%s" % worker),
                         answer))
         r.delete(reply)
-        return out, n
+        return out, n, leases
     finally:
         r.connection_pool.disconnect()

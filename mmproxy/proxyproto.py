@@ -14,6 +14,7 @@ the session counts as TLS (RestrictPlainPasswords, no STARTTLS offered).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 
 import gevent
 
-from mmproxy.addresses import Network, in_network, unmapped
+from mmproxy.addresses import Address, Network, in_network, unmapped
 from mmproxy.xclient import PROXY_V2_SIGNATURE
 
 V1_MAX = 107                  # octets of a v1 line, CR LF included (the specification's bound)
@@ -129,13 +130,29 @@ def parse_v1(line: bytes, peer: Tuple[str, int], local: Tuple[str, int]) -> Orig
         raise HeaderError("malformed PROXY v1 line %r" % text[:V1_MAX])
     version = 4 if parts[1] == "TCP4" else 6
     try:
-        src, dst = ipaddress.ip_address(parts[2]), ipaddress.ip_address(parts[3])
+        src, dst = _address(parts[2]), _address(parts[3])
         sport, dport = _port(parts[4]), _port(parts[5])
     except ValueError as e:
         raise HeaderError("malformed PROXY v1 line %r: %s" % (text, e)) from None
     if src.version != version or dst.version != version:
         raise HeaderError("PROXY v1 line %r: the addresses are not %s" % (text, parts[1]))
-    return Origin((str(src), sport), (str(dst), dport), balancer=peer[0])
+    return Origin((_text(src), sport), (_text(dst), dport), balancer=peer[0])
+
+
+_ADDRESS = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
+
+
+def _address(text: str) -> Address:
+    """An address as the specification writes it: no IPv6 zone (``%eth0``), nothing else."""
+    if not _ADDRESS.match(text):
+        raise ValueError("%r is not an address" % text)
+    return ipaddress.ip_address(text)
+
+
+def _text(a: Address) -> str:
+    """How mmproxy spells a client address everywhere: an IPv4-mapped IPv6 address (a dual-stack
+    balancer) as the IPv4 one (addresses.unmapped)."""
+    return str(unmapped(str(a)))
 
 
 def _port(text: str) -> int:
@@ -171,7 +188,7 @@ def parse_v2(header: bytes, peer: Tuple[str, int], local: Tuple[str, int]) -> Or
     half = (size - 4) // 2
     src, dst = ipaddress.ip_address(body[:half]), ipaddress.ip_address(body[half:2 * half])
     sport, dport = struct.unpack("!HH", body[2 * half:size])
-    return Origin((str(src), sport), (str(dst), dport), tls, version, peer[0])
+    return Origin((_text(src), sport), (_text(dst), dport), tls, version, peer[0])
 
 
 def _tls(tlvs: bytes) -> Tuple[bool, str]:

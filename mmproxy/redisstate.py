@@ -6,11 +6,14 @@ behind a load balancer gets one allowance, not one per box.
 (cooperative under gevent's patched sockets: a request never blocks the hub).  Every update is
 atomic on the server: a Lua script, or a compare-and-set script after a read.
 
-* ConnLimits: one hash per (service, address), a field per process holding slots
-  (``<instance>/<token>/<worker>``, the token random per process: a restarted worker never takes
-  over its predecessor's count).  A process's slots count only while its ``alive`` key exists; it renews that key every
-  LEASE/3 seconds, so the slots of a process that died (its box lost power, say) expire within
-  LEASE seconds without anybody releasing them.
+* ConnLimits: one hash per (service, address), a field per slot held: ``<owner>|<n>``, the owner
+  ``<instance>/<token>/<worker>`` (the token random per process: a restarted worker never takes
+  over its predecessor's slots).  Taking a slot sets its field, giving it back deletes it: both
+  can be repeated without harm, so a request that timed out (Redis stalled: it may still run the
+  request later) is settled by sending the release again, and an admission that timed out is
+  cancelled by a tombstone its script honours whenever it runs.  A process's slots count only
+  while its ``alive`` key exists; it renews that key every LEASE/3 seconds, so the slots of a
+  process that died (its box lost power, say) expire within LEASE seconds.
 * BadGuys: one hash per (service, address) (badness, last failure), expiring BGDecay seconds after
   the last failure, and a sorted set per service of the addresses by last failure, which bounds
   them at BGMax.  The rules themselves stay in :mod:`mmproxy.badguys`: a failure reads the
@@ -26,6 +29,7 @@ touch keys of several addresses.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -47,33 +51,30 @@ POOL_SIZE = 16               # connections per process; a request waits at most 
 LEASE = 30.0                 # seconds a process's ConnLimits slots outlive its last renewal
 PROBE_EVERY = 2.0            # seconds between tries to reach Redis while it is down
 CONN_KEY_TTL = 86400 * 1000  # ms a connection-count hash outlives its last acquire (memory, not counts)
+CANCEL_TTL = 3600 * 1000     # ms a tombstone of an admission that timed out is kept
 PREFETCH_FRESH = 1.0         # seconds a sentence read with a connection's admission answers its login
 PREFETCHED_MAX = 4096        # such sentences kept at most (those of connections that never log in go)
 
-# KEYS[1] the address's count hash, KEYS[2] its BadGuys sentence; ARGV: owner, limit, alive-key
-# prefix, hash ttl (ms).  Returns {1 or 0 (admitted), badness, last} (the sentence read with it)
+# KEYS[1] the address's slots (hash), KEYS[2] its BadGuys sentence, KEYS[3] this slot's tombstone;
+# ARGV: the slot's field (owner|n), limit, alive-key prefix, hash ttl (ms), owner.  Returns
+# {1 or 0 (admitted), badness, last} (the sentence read with it)
 _ACQUIRE = """
 local s = redis.call('HMGET', KEYS[2], 'badness', 'last')
-local h = redis.call('HGETALL', KEYS[1])
-local total = 0
-for i = 1, #h, 2 do
-  if h[i] == ARGV[1] or redis.call('EXISTS', ARGV[3] .. h[i]) == 1 then
-    total = total + tonumber(h[i + 1])
-  else
-    redis.call('HDEL', KEYS[1], h[i])
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0, s[1], s[2]} end
+local total, alive = 0, {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local owner = string.match(f, '^(.*)|') or f
+  local live = alive[owner]
+  if live == nil then
+    live = owner == ARGV[5] or redis.call('EXISTS', ARGV[3] .. owner) == 1
+    alive[owner] = live
   end
+  if live then total = total + 1 else redis.call('HDEL', KEYS[1], f) end
 end
 if total >= tonumber(ARGV[2]) then return {0, s[1], s[2]} end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1], 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, s[1], s[2]}
-"""
-# KEYS[1] the address's count hash; ARGV: owner
-_RELEASE = """
-local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if n > 1 then return redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
-if n == 1 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 0
 """
 # KEYS[1] the address's sentence, KEYS[2] the service's addresses by last failure;
 # ARGV: last failure as read ('' when none), new badness, now, ttl (ms), keep, address, sentence-key prefix
@@ -101,12 +102,12 @@ return 1
 
 
 def redacted(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for logs and error messages."""
+    """``url`` with whatever comes before an ``@`` (a password, or one written where the user
+    goes) replaced by ``:***``, for logs and error messages."""
     u = urllib.parse.urlsplit(url)
-    if u.password is None:
+    if "@" not in u.netloc:
         return url
-    netloc = "%s:***@%s" % (u.username or "", u.netloc.rpartition("@")[2])
-    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+    return urllib.parse.urlunsplit((u.scheme, ":***@" + u.netloc.rpartition("@")[2], u.path, u.query, u.fragment))
 
 
 def client(url: str, ca_file: Optional[str] = None, timeout: Optional[float] = REDIS_TIMEOUT,
@@ -144,9 +145,11 @@ class RedisState:
         self.clock = clock
         self.redis = client(url, ca_file)
         self._acquire = self.redis.register_script(_ACQUIRE)
-        self._release = self.redis.register_script(_RELEASE)
         self._set_penalty = self.redis.register_script(_SET_PENALTY)
         self.worker = worker or 0
+        self._seq = itertools.count(1)
+        self._slots: Dict[Tuple[str, str], List[str]] = {}    # held through acquire(): (service, ip) -> fields
+        self.uncertain: List[Tuple[str, str, str]] = []        # admissions that timed out, to cancel
 
     @property
     def worker(self) -> int:
@@ -185,32 +188,63 @@ class RedisState:
     def acquire(self, service: str, ip: str, limit: int) -> bool:
         """One more connection of ``ip`` to ``service`` unless the fleet's live processes hold
         ``limit`` already; one round trip."""
-        return self.admit(service, ip, limit)[0]
+        ok, _, slot = self.admit(service, ip, limit)
+        if ok:
+            self._slots.setdefault((service, ip), []).append(slot)
+        return ok
 
-    def admit(self, service: str, ip: str, limit: int) -> Tuple[bool, Optional[Penalty]]:
+    def admit(self, service: str, ip: str, limit: int) -> Tuple[bool, Optional[Penalty], str]:
         """:meth:`acquire`, and the address's BadGuys sentence at ``service`` read in the same round
-        trip: (admitted, sentence or None)."""
+        trip: (admitted, sentence or None, the slot to give back with :meth:`release_slot`).  When
+        Redis does not answer, the slot is kept in ``uncertain`` for :meth:`cancel` (the request may
+        still run later) and redis.RedisError raised."""
         stats.redis_request("admit")
-        ok, badness, last = self._acquire(keys=[self.key("conn", service, ip), self.key("bg", service, ip)],
-                                          args=[self.owner, limit, self.key("alive", ""), CONN_KEY_TTL])
+        slot = "%s|%d" % (self.owner, next(self._seq))
+        try:
+            ok, badness, last = self._acquire(
+                keys=[self.key("conn", service, ip), self.key("bg", service, ip), self.key("cancel", slot)],
+                args=[slot, limit, self.key("alive", ""), CONN_KEY_TTL, self.owner])
+        except redis.RedisError:
+            self.uncertain.append((service, ip, slot))
+            raise
         return bool(ok), (Penalty(float(badness), float(last)) if badness is not None and last is not None
-                          else None)
+                          else None), slot
 
-    def release(self, service: str, ip: str, pipe: Any = None) -> None:
-        """Give back one of this process's slots (``pipe``: queued on that pipeline instead, as an
-        EVAL: redis-py would first ask the server whether the script is loaded, a round trip)."""
+    def release(self, service: str, ip: str) -> None:
+        """Give back a slot taken with :meth:`acquire`."""
+        slots = self._slots.get((service, ip))
+        if slots:
+            self.release_slot(service, ip, slots.pop())
+            if not slots:
+                del self._slots[(service, ip)]
+
+    def release_slot(self, service: str, ip: str, slot: str, pipe: Any = None) -> None:
+        """Give back ``slot`` (``pipe``: queued on that pipeline instead); again is harmless."""
         if pipe is None:
             stats.redis_request("release")
-            self._release(keys=[self.key("conn", service, ip)], args=[self.owner])
-        else:
-            pipe.eval(_RELEASE, 1, self.key("conn", service, ip), self.owner)
+        (pipe if pipe is not None else self.redis).hdel(self.key("conn", service, ip), slot)
+
+    def cancel(self) -> None:
+        """Settle the admissions that timed out: whenever Redis runs them, they take nothing."""
+        while self.uncertain:
+            service, ip, slot = self.uncertain[-1]
+            stats.redis_request("cancel")
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(self.key("cancel", slot), 1, px=CANCEL_TTL)
+            pipe.hdel(self.key("conn", service, ip), slot)
+            pipe.execute()
+            self.uncertain.pop()
 
     def connections(self, service: str, ip: str) -> int:
         """How many connections ``ip`` holds to ``service`` now, every live process together."""
-        fields = self.redis.hgetall(self.key("conn", service, ip))
-        alive = self.key("alive", "")
-        return sum(int(n) for who, n in fields.items()
-                   if _text(who) == self.owner or self.redis.exists(alive + _text(who)))
+        owners: Dict[str, bool] = {}
+        n = 0
+        for field in self.redis.hkeys(self.key("conn", service, ip)):
+            owner = _text(field).rpartition("|")[0]
+            if owner not in owners:
+                owners[owner] = owner == self.owner or bool(self.redis.exists(self.key("alive", owner)))
+            n += owners[owner]
+        return n
 
     def forget_worker(self, worker: int) -> int:
         """Nothing to do: the slots of a worker that died stop counting LEASE seconds after its
@@ -298,8 +332,8 @@ class SharedState:
         self.remote, self.local = remote, local
         self.up = True
         self.clock = remote.clock
-        self._held: Dict[Tuple[str, str], List[bool]] = {}    # slots held: True in Redis, False locally
-        self._unreleased: List[Tuple[str, str]] = []            # Redis slots to give back once it answers
+        self._held: Dict[Tuple[str, str], List[Optional[str]]] = {}   # slots: the Redis field, None: local
+        self._unreleased: List[Tuple[str, str, str]] = []       # Redis slots to give back once it answers
         self._queued: List[Tuple[str, Tuple[Any, ...]]] = []   # writes nobody waits for: (method, args)
         self._prefetched: Dict[Tuple[str, str], Tuple[Optional[Penalty], float]] = {}   # see acquire
         self._writer: Optional[gevent.Greenlet] = None
@@ -336,6 +370,7 @@ class SharedState:
         log.warning("shared state: Redis at %s does not answer (%s: %s): this process keeps ConnLimits, BadGuys "
                     "and POP-before-SMTP records to itself until it does", redacted(self.remote.url),
                     type(e).__name__, e)
+        self.remote.redis.connection_pool.disconnect()      # none of them is trusted again
         if self._probe is None or self._probe.dead:
             self._probe = gevent.spawn(self._probe_until_up)
 
@@ -344,8 +379,9 @@ class SharedState:
             gevent.sleep(PROBE_EVERY)
             try:
                 self.remote.renew()
+                self.remote.cancel()
                 while self._unreleased:
-                    self.remote.release(*self._unreleased[-1])
+                    self.remote.release_slot(*self._unreleased[-1])
                     self._unreleased.pop()
             except redis.RedisError:
                 continue
@@ -375,7 +411,7 @@ class SharedState:
                 except redis.RedisError as e:
                     self._down(e)
             for name, args in batch:                   # Redis does not answer: kept for later, or here
-                if name == "release":
+                if name == "release_slot":
                     self._unreleased.append(args)
                 else:
                     getattr(self.local, name)(*args)
@@ -392,31 +428,33 @@ class SharedState:
     def acquire(self, service: str, ip: str, limit: int) -> bool:
         """As the local stores; the address's BadGuys sentence comes in the same round trip and
         answers :meth:`penalty` for the same connection's login within PREFETCH_FRESH seconds."""
-        remote = self.up
-        if remote:
+        slot: Optional[str] = None
+        if self.up:
             try:
-                ok, sentence = self.remote.admit(service, ip, limit)
+                ok, sentence, slot = self.remote.admit(service, ip, limit)
                 self._remember(service, ip, sentence)
             except redis.RedisError as e:
                 self._down(e)
-                remote = False
-        if not remote:
+                slot = None
+        if slot is None:
             ok = self.local.acquire(service, ip, limit)
         if ok:
-            self._held.setdefault((service, ip), []).append(remote)
+            self._held.setdefault((service, ip), []).append(slot)
         return ok
 
     def release(self, service: str, ip: str) -> None:
+        """Give back a slot where it was taken; a Redis slot goes with the next queued writes
+        (never waited for here: a relayed session's end runs in an event-loop callback)."""
         held = self._held.get((service, ip))
-        remote = held.pop() if held else False
+        slot = held.pop() if held else None
         if held is not None and not held:
             del self._held[(service, ip)]
-        if not remote:
+        if slot is None:
             self.local.release(service, ip)
         elif self.up:
-            self._later("release", service, ip)
+            self._later("release_slot", service, ip, slot)
         else:
-            self._unreleased.append((service, ip))
+            self._unreleased.append((service, ip, slot))
 
     def connections(self, service: str, ip: str) -> int:
         return int(self._call("connections", service, ip))
@@ -434,9 +472,9 @@ class SharedState:
         self._prefetched[(service, ip)] = (sentence, now)
 
     def penalty(self, service: str, ip: str) -> Optional[Penalty]:
-        """The sentence read with this address's admission less than PREFETCH_FRESH seconds ago
-        (once), else read now."""
-        seen = self._prefetched.pop((service, ip), None)
+        """The sentence read with an admission of this address less than PREFETCH_FRESH seconds
+        ago (this process's own failures and forgiveness since drop it), else read now."""
+        seen = self._prefetched.get((service, ip))
         if seen is not None and time.monotonic() - seen[1] < PREFETCH_FRESH:
             return seen[0]
         result: Optional[Penalty] = self._call("penalty", service, ip)

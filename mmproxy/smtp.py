@@ -422,7 +422,7 @@ class SmtpSession(Session):
                 self.log.warning("relay %s does not take XCLIENT LOGIN (smtpd_sasl_auth_enable?): "
                                  "POP-before-SMTP login of %s not passed on", relay, self.login)
                 self.login = None
-        attrs += [("PORT", str(self.client_port)), ("DESTADDR", xtext(str(unmapped(self.server_ip)).encode())),
+        attrs += [("PORT", str(self.client_port)), ("DESTADDR", xtext(xclient_addr(self.server_ip).encode())),
                   ("DESTPORT", str(self.server_port)), ("NAME", self.client_name()),
                   ("ADDR", xclient_addr(self.client_ip))]
         if offered:

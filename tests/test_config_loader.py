@@ -424,7 +424,11 @@ def test_fleet_settings_are_checked_with_lines_and_no_password_repeated(tmp_path
         "ports (143): nothing listens there" % d]
     assert "s3cret" not in "\n".join(msgs(config))
     for bad, why in (("redis://:pw@/0", "no host in the URL"), ("redis://h:99999", "not a URL with a valid port"),
-                     ("redis://h/x", "the path must be a database number (/0)")):
+                     ("redis://h/x", "the path must be a database number (/0)"),
+                     ("redis://:pw@h:6379/0?socket_timeout=30", "no ?options or #fragment: mmproxy sets the timeouts "
+                      "and the TLS checks itself (StateRedisCAFile for the CA)"),
+                     ("redis://S3CRETpw@h:6379/0", "a user without a password before the @ (the password is "
+                      "written :PASSWORD@)")):
         d = tree(tmp_path, aservice=IMAP_POP + "default:StateRedisURL %s\n" % bad)
         assert msgs(load_config(d), "error") == ["%s/AService.cfg:2: StateRedisURL: %s" % (d, why)]
     d = tree(tmp_path, aservice=IMAP_POP + "default:StateRedisURL rediss://:pw@10.0.0.7:6380/2\n",
@@ -435,3 +439,14 @@ def test_fleet_settings_are_checked_with_lines_and_no_password_repeated(tmp_path
     assert config.aservice.StateRedisURL == "rediss://:pw@10.0.0.7:6380/2"
     assert config.aservice.StateRedisPrefix == "mmproxy:"
     assert [str(n) for n in imap(config).ProxyProtocolFrom] == ["10.0.0.5/32", "192.168.0.0/16"]
+
+
+def test_instance_names_and_a_catch_all_balancer(tmp_path):
+    d = tree(tmp_path, aservice=IMAP_POP + "default:InstanceName \"a b/c\"\n",
+             ImapProxyAService="default:ProxyProtocolPorts 143\ndefault:ProxyProtocolFrom 0.0.0.0/0\n")
+    config = load_config(d)
+    assert msgs(config, "error") == [
+        "%s/AService.cfg:2: InstanceName: 'a b/c': 1 to 64 letters, digits, '.', '-' or '_'" % d]
+    assert msgs(config, "warning") == [
+        "%s/ImapProxyAService.cfg:2: warning: ProxyProtocolFrom covers every address: any client may claim to be "
+        "any other (name only the load balancers)" % d]

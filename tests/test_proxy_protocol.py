@@ -44,12 +44,17 @@ def test_v1_lines():
     assert parse_v1(b"PROXY TCP4 192.0.2.1 198.51.100.2 40000 143\r\n", PEER, LOCAL) == \
         Origin(("192.0.2.1", 40000), ("198.51.100.2", 143), balancer="127.0.0.1")
     assert parse_v1(b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n", PEER, LOCAL).client == ("2001:db8::1", 1)
+    assert parse_v1(b"PROXY TCP6 ::ffff:192.0.2.130 ::ffff:127.0.0.1 1 2\r\n", PEER, LOCAL) == \
+        Origin(("192.0.2.130", 1), ("127.0.0.1", 2), balancer="127.0.0.1")      # a dual-stack balancer's
+    assert parse_v2(v2(family=0x21, src="::ffff:192.0.2.131", dst="::1"), PEER, LOCAL).client == ("192.0.2.131", 40000)
     assert parse_v1(b"PROXY UNKNOWN\r\n", PEER, LOCAL) == Origin(PEER, LOCAL, balancer="127.0.0.1")
     assert parse_v1(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", PEER, LOCAL).client == PEER
     for bad in (b"PROXY TCP4 192.0.2.1 198.51.100.2 40000\r\n", b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",
                 b"PROXY TCP4 192.0.2.1 198.51.100.2 040000 143\r\n", b"PROXY TCP4 192.0.2.1 198.51.100.2 65536 1\r\n",
                 b"PROXY TCP5 192.0.2.1 198.51.100.2 1 2\r\n", b"PROXY TCP4  192.0.2.1 198.51.100.2 1 2\r\n",
-                b"PROXY TCP4 192.0.2.1 198.51.100.2 -1 2\r\n", b"PROXY TCP4 192.0.2.\xe9 198.51.100.2 1 2\r\n"):
+                b"PROXY TCP4 192.0.2.1 198.51.100.2 -1 2\r\n", b"PROXY TCP4 192.0.2.\xe9 198.51.100.2 1 2\r\n",
+                b'PROXY TCP6 2001:db8::77%"\nINJECTED ::1 4242 143\r\n',          # a zone: the breaker's F5
+                b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n"):
         with pytest.raises(HeaderError):
             parse_v1(bad, PEER, LOCAL)
 
@@ -96,7 +101,7 @@ def test_trusted_sources():
 # ---------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def relay():
-    pf = relay_for_proxy()
+    pf = relay_for_proxy(inet_protocols="all")       # XCLIENT with IPv6 addresses needs IPv6 on
     pf.start()
     yield pf
     pf.close()
@@ -261,3 +266,15 @@ def test_pop_xclient_and_smtp_xclient_name_the_client(proxy, mail_stack, relay):
     s.skip_to(b"250 ")
     received = delivered(relay, subj).get_all("Received")[-1]
     assert "[192.0.2.41]" in received and "127.0.0.1" not in received, received
+    subj = subject()                 # a client of an IPv6 listener: DESTADDR=IPV6:... (the breaker's F4)
+    s = RawClient(proxy.host, proxy.smtp_port, source=BALANCER)
+    s.send(v2(family=0x21, src="2001:db8::21", dst="::1", ports=(8, 25)))
+    s.expect(b"220 ")
+    for line, code in ((b"EHLO client.example.net", b"250 "), (b"MAIL FROM:<someone@example.net>", b"250 "),
+                       (b"RCPT TO:<bob@example.com>", b"250 "), (b"DATA", b"354 ")):
+        s.send(line + b"\r\n")
+        s.skip_to(code)
+    s.send(message(subj).encode() + b"\r\n.\r\nQUIT\r\n")
+    s.skip_to(b"250 ")
+    received = delivered(relay, subj).get_all("Received")[-1]
+    assert "2001:db8::21" in received, received

@@ -104,6 +104,8 @@ def test_tls_and_password(tmp_path, prefix):
             wrong.login_record("192.0.2.5")
         assert "wrong" not in str(e.value)
         assert redacted(r.url) == "rediss://:***@127.0.0.1:%d/0" % r.port
+        assert redacted("redis://S3CRETpw@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+        assert redacted("redis://10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
 
 
 @pytest.mark.timeout(90)
@@ -157,3 +159,114 @@ def test_fallback_while_redis_is_hung_or_gone(tmp_path, prefix, caplog, monkeypa
         shared.acquire("imap", "192.0.2.7", 1)
         assert not shared.acquire("imap", "192.0.2.7", 1)
         shared.remove()
+
+
+@pytest.mark.timeout(90)
+def test_requests_that_timed_out_are_settled_once_redis_answers(tmp_path, prefix, monkeypatch):
+    """Redis stalls (SIGSTOP) with an admission and a release in its socket buffers, and runs them
+    when it wakes: the admission the proxy gave up on takes no slot (its tombstone), the release
+    sent again takes one slot away, not two (the breaker's F1 and F2)."""
+    monkeypatch.setattr(redisstate, "PROBE_EVERY", 0.3)
+    ip = "198.51.100.250"
+    with RedisServer(workdir=str(tmp_path / "r")) as r:
+        shared = SharedState(RedisState(r.url, prefix, "box"), MemoryState())
+        shared.start()
+        gevent.sleep(0.05)
+        other = RedisState(r.url, prefix, "other")
+        other.renew()
+        assert shared.acquire("pop", ip, 5) and shared.acquire("pop", ip, 5)
+        assert other.connections("pop", ip) == 2
+        r.pause()
+        try:
+            assert shared.acquire("pop", ip, 5)                 # timed out in Redis: counted here instead
+            shared.release("pop", ip)                           # that local slot
+            shared.release("pop", ip)                           # a Redis slot: sent when it answers
+            assert not shared.up
+        finally:
+            r.resume()
+        deadline = time.monotonic() + 10
+        while not shared.up and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert shared.up
+        gevent.sleep(0.5)
+        assert other.connections("pop", ip) == 1, r.cli("HGETALL", prefix + "conn:pop:" + ip)
+        shared.release("pop", ip)
+        gevent.sleep(0.3)
+        assert other.connections("pop", ip) == 0
+        assert r.cli("HLEN", prefix + "conn:pop:" + ip) == "0"
+        shared.remove()
+
+
+class Forwarder:
+    """A TCP forwarder to Redis on the hub that can lose every connection it carries without a
+    word (the Redis side closed, the client's side left open and silent: a partition, a host
+    that lost power), then forwards new connections as before."""
+
+    def __init__(self, port):
+        from gevent.server import StreamServer
+        self.target, self.carried = port, []
+        self.server = StreamServer(("127.0.0.1", 0), self.handle)
+        self.server.start()
+        self.port = self.server.server_port
+
+    def handle(self, down, addr):
+        import socket
+        up = socket.create_connection(("127.0.0.1", self.target))
+        rec = {"up": up, "dead": False}
+        self.carried.append(rec)
+
+        def pipe(a, b):
+            try:
+                while not rec["dead"]:
+                    data = a.recv(65536)
+                    if not data or rec["dead"]:
+                        break
+                    b.sendall(data)
+            except OSError:
+                pass
+        gevent.joinall([gevent.spawn(pipe, down, up), gevent.spawn(pipe, up, down)])
+        while rec["dead"]:
+            gevent.sleep(1)                    # the client's side stays open, silent
+
+    def lose_everything(self):
+        for rec in self.carried:
+            rec["dead"] = True
+            rec["up"].close()
+
+    def close(self):
+        self.lose_everything()
+        self.server.stop()
+
+
+class Answers:
+    """What a process's control.Control answers (the transport is what is tested here)."""
+
+    def answer(self, request):
+        return {"ok": True, "worker": None, "seen": request.get("cmd")}
+
+
+@pytest.mark.timeout(60)
+def test_a_subscription_lost_without_a_word_comes_back(tmp_path, prefix, monkeypatch):
+    """The fleet's requests reach a process again after its connection to Redis was lost silently
+    (the breaker's F3): quiet subscriptions are PINGed and one that stays unanswered is remade."""
+    from mmproxy import fleet
+    monkeypatch.setattr(fleet, "HEALTH_EVERY", 0.3)
+    monkeypatch.setattr(redisstate, "PROBE_EVERY", 0.3)
+    with RedisServer(workdir=str(tmp_path / "r")) as r:
+        fwd = Forwarder(r.port)
+        sub = fleet.Subscriber("redis://127.0.0.1:%d/0" % fwd.port, prefix, None, Answers(), "e")
+        sub.start()
+        try:
+            assert sub.subscribed.wait(5)
+            answers, receivers, _ = fleet.ask(r.url, prefix, None, {"cmd": "status"})
+            assert receivers == 1 and [(name, a["seen"]) for name, a in answers] == [("e/main", "status")]
+            fwd.lose_everything()
+            gevent.sleep(0.1)
+            assert fleet.ask(r.url, prefix, None, {"cmd": "status"}, wait=0.5)[:2] == ([], 0)
+            deadline = time.monotonic() + 10
+            while fleet.ask(r.url, prefix, None, {"cmd": "who"}, wait=0.5)[1] != 1:
+                assert time.monotonic() < deadline, "the subscription never came back"
+                gevent.sleep(0.2)
+        finally:
+            sub.close()
+            fwd.close()

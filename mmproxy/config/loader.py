@@ -310,6 +310,10 @@ def _check_service(spec: ServiceSpec, file: str, cfg: ServiceConfig, sl_where: P
     if cfg.ProxyProtocolPorts and not cfg.ProxyProtocolFrom:
         problems.append(error(*pp_where, "ProxyProtocolPorts needs ProxyProtocolFrom (the load balancers' "
                                          "addresses) in the same file: nobody else may name the client"))
+    if cfg.ProxyProtocolPorts and any(n.prefixlen == 0 for n in cfg.ProxyProtocolFrom or ()):
+        problems.append(warning(*_place(cfg, "ProxyProtocolFrom", file),
+                                "ProxyProtocolFrom covers every address: any client may claim to be any other "
+                                "(name only the load balancers)"))
     for ep in cfg.ProxyProtocolPorts:
         if not any(_overlap(ep, listener) for listener in spec.listeners):
             problems.append(warning(*pp_where, "ProxyProtocolPorts %s is not among this service's ServiceList "

@@ -92,7 +92,7 @@ _group(
 )
 _group(
     "Several proxies (a fleet)",
-    ("InstanceName", t.Str(), None, "A",
+    ("InstanceName", t.Name(), None, "A",
      "mmproxy extension: this proxy's name among several (status, who, metrics, log lines of the fleet); "
      "unset: the host name", dict(_SUP, reload=False)),
     ("StateRedisURL", t.RedisURL(), None, "A",

@@ -486,6 +486,18 @@ class LdapURLType(Type):
         return str(value)
 
 
+class Name(Type):
+    """A name of letters, digits, dots, hyphens and underscores (InstanceName)."""
+
+    name = "name"
+
+    def convert(self, raw: str, ctx: Optional[Ctx] = None) -> str:
+        text = raw.strip()
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+            raise ValueError("%r: 1 to 64 letters, digits, '.', '-' or '_'" % text[:80])
+        return text
+
+
 class RedisURL(Type):
     """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://...`` (TLS) or ``unix:///PATH``;
     errors never repeat the password."""
@@ -501,6 +513,11 @@ class RedisURL(Type):
             raise ValueError("not a URL with a valid port") from None
         if u.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("the URL must start redis://, rediss:// (TLS) or unix://")
+        if u.query or u.fragment or "?" in text or "#" in text:
+            raise ValueError("no ?options or #fragment: mmproxy sets the timeouts and the TLS checks itself "
+                             "(StateRedisCAFile for the CA)")
+        if "@" in u.netloc and u.password is None:
+            raise ValueError("a user without a password before the @ (the password is written :PASSWORD@)")
         if u.scheme == "unix":
             if not u.path.startswith("/"):
                 raise ValueError("unix:// needs an absolute socket path")
