@@ -207,8 +207,7 @@ class RedisState:
         except redis.RedisError:
             self.uncertain.append((service, ip, slot))
             raise
-        return bool(ok), (Penalty(float(badness), float(last)) if badness is not None and last is not None
-                          else None), slot
+        return bool(ok), _penalty(badness, last), slot
 
     def release(self, service: str, ip: str) -> None:
         """Give back a slot taken with :meth:`acquire`."""
@@ -256,9 +255,7 @@ class RedisState:
         """(the stored ``last`` exactly as stored, '' when none; the sentence or None)."""
         stats.redis_request("penalty")
         badness, last = self.redis.hmget(self.key("bg", service, ip), ["badness", "last"])
-        if badness is None or last is None:
-            return "", None
-        return _text(last), Penalty(float(badness), float(last))
+        return ("" if last is None else _text(last)), _penalty(badness, last)
 
     def penalty(self, service: str, ip: str) -> Optional[Penalty]:
         """The stored sentence of ``ip`` at ``service``, or None; one round trip."""
@@ -315,11 +312,21 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _penalty(badness: Any, last: Any) -> Optional[Penalty]:
+    try:
+        return Penalty(float(badness), float(last))
+    except (TypeError, ValueError):         # none, or not written by mmproxy
+        return None
+
+
 def _record(ip: str, raw: Any, now: float) -> Optional[Record]:
     if raw is None:
         return None
-    at, expires, user = _text(raw).split(" ", 2)
-    r = Record(ip, user, float(at), float(expires))
+    try:
+        at, expires, user = _text(raw).split(" ", 2)
+        r = Record(ip, user, float(at), float(expires))
+    except ValueError:                      # not written by mmproxy: no record
+        return None
     return r if r.expires > now else None
 
 
