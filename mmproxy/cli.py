@@ -187,19 +187,21 @@ def status(config_dir: str, fleet_wide: bool, as_json: bool) -> None:
 
     Sessions per service (before login, relaying) and logins (ok, failed) since start, per worker
     process and in total, as the running processes say over their control sockets (with --all:
-    every process of every proxy sharing StateRedisURL, named INSTANCE/PROCESS)."""
+    every process of every proxy sharing StateRedisURL, named INSTANCE/PROCESS; exit 1 when some
+    process did not answer)."""
     from mmproxy import control
     from mmproxy.config import load_config
     from mmproxy.pidfile import running_pid
     if fleet_wide:
-        answers, _ = _ask_fleet(config_dir, {"cmd": "status"})
+        answers, whole = _ask_fleet(config_dir, {"cmd": "status"})
         workers = [_worker_summary(name, a) for name, a in answers]
-        info_all = {"config_dir": config_dir, "fleet": True, "workers": workers, "total": _total(workers)}
+        info_all = {"config_dir": config_dir, "fleet": True, "workers": workers, "total": _total(workers),
+                    "every_process_answered": whole}
         if as_json:
             click.echo(json.dumps(info_all, indent=1))
         else:
             _print_workers(info_all)
-        return
+        sys.exit(0 if whole else 1)
     pid = running_pid(config_dir)
     config = load_config(config_dir)
     services = [{"service": e.spec.kind, "instance": e.spec.instance,
@@ -302,7 +304,8 @@ def _ask_fleet(config_dir: str, request: dict) -> Tuple[list, bool]:
     from mmproxy.redisstate import redacted
     settings = _fleet_settings(config_dir)
     if settings is None:
-        raise click.ClickException("--all needs StateRedisURL in %s" % os.path.join(config_dir, "AService.cfg"))
+        raise click.ClickException("--all needs a valid StateRedisURL in %s (mmproxy check-config says what is "
+                                   "wrong with it)" % os.path.join(config_dir, "AService.cfg"))
     url, prefix, ca_file = settings
     try:
         answers, receivers, leases = fleet.ask(url, prefix, ca_file, request)
@@ -363,9 +366,10 @@ def _ask_running(config_dir: str, request: dict) -> list:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def who(config_dir: str, user: Optional[str], ip: Optional[str], fleet_wide: bool, as_json: bool) -> None:
     """List logged-in (relayed) IMAP and POP sessions: user, client, store, service, since, bytes
-    (with --all: of every proxy sharing StateRedisURL; the WORKER column names INSTANCE/PROCESS)."""
+    (with --all: of every proxy sharing StateRedisURL; the WORKER column names INSTANCE/PROCESS;
+    exit 1 when some process did not answer)."""
     request = {"cmd": "who", "user": user, "ip": ip}
-    answers = _ask_fleet(config_dir, request)[0] if fleet_wide else _ask_running(config_dir, request)
+    answers, whole = _ask_fleet(config_dir, request) if fleet_wide else (_ask_running(config_dir, request), True)
     rows = [s for _, a in answers for s in a["sessions"]]
     if fleet_wide:
         for r in rows:
@@ -373,7 +377,7 @@ def who(config_dir: str, user: Optional[str], ip: Optional[str], fleet_wide: boo
     rows.sort(key=lambda r: (r["user"], r["since"]))
     if as_json:
         click.echo(json.dumps(rows, indent=1))
-        return
+        sys.exit(0 if whole else 1)
     click.echo("%-24s %-22s %-22s %-5s %-20s %9s %9s %s" % ("USER", "CLIENT", "STORE", "SERV", "SINCE (UTC)",
                                                          "IN", "OUT", "WORKER"))
     for r in rows:
@@ -382,6 +386,8 @@ def who(config_dir: str, user: Optional[str], ip: Optional[str], fleet_wide: boo
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["since"])), r["bytes_in"], r["bytes_out"],
             "-" if r["worker"] is None else r["worker"]))
     click.echo("%d session(s)" % len(rows))
+    if not whole:
+        sys.exit(1)
 
 
 @main.command()
@@ -394,6 +400,9 @@ def kick(config_dir: str, target: str, local: bool) -> None:
     StateRedisURL, on every proxy of the fleet (--local: this box only); exit 1 when some proxy may
     not have been reached."""
     import ipaddress
+    if not target.strip() or any(ord(c) < 32 or ord(c) == 127 for c in target):
+        raise click.BadParameter("an empty target, or one with control characters, names nobody",
+                                 param_hint="TARGET")
     try:
         ipaddress.ip_network(target, strict=False)
         request = {"cmd": "kick", "ip": target}
@@ -417,8 +426,8 @@ def flush(config_dir: str, user: str, local: bool) -> None:
     the next login reads the directory again: after changing the user's mailHost, flush, then
     kick USER (the clients reconnect to the new store).  With StateRedisURL, on every proxy of the
     fleet (--local: this box only); exit 1 when some proxy may not have been reached."""
-    if not user.strip():
-        raise click.BadParameter("an empty user names nobody", param_hint="USER")
+    if not user.strip() or any(ord(c) < 32 or ord(c) == 127 for c in user):
+        raise click.BadParameter("an empty user, or one with control characters, names nobody", param_hint="USER")
     answers, whole = _ask_everywhere(config_dir, {"cmd": "flush", "user": user}, local)
     for name, a in answers:
         click.echo("%s: %d cached entr%s dropped" % (name, a["dropped"], "y" if a["dropped"] == 1 else "ies"))

@@ -82,7 +82,7 @@ class Subscriber:
                     if time.monotonic() - heard > 3 * HEALTH_EVERY:
                         raise redis.ConnectionError("no answer to PING for %gs" % (3 * HEALTH_EVERY))
                     sub.ping()
-            except redis.RedisError as e:
+            except redisstate.TROUBLE as e:
                 self.subscribed.clear()
                 if not down:
                     log.warning("fleet: Redis at %s does not answer (%s): flush, kick and --all requests do not "
@@ -103,13 +103,18 @@ class Subscriber:
             return
         if not isinstance(reply, str) or not reply.startswith(self.prefix + "reply:") or len(reply) > 200:
             return
-        answer = dict(self.control.answer(request), instance_name=self.instance)
+        try:
+            answer = dict(self.control.answer(request), instance_name=self.instance)
+        except Exception as e:                   # a fault of ours must not end the subscription
+            log.error("fleet: %s request failed: %s: %s", str(request.get("cmd") if isinstance(request, dict)
+                                                             else "?")[:40], type(e).__name__, e)
+            answer = {"ok": False, "error": "internal error: %s" % type(e).__name__, "instance_name": self.instance}
         try:
             pipe = r.pipeline(transaction=False)
             pipe.rpush(reply, json.dumps(answer))
             pipe.expire(reply, REPLY_TTL)
             pipe.execute()
-        except redis.RedisError as e:
+        except redisstate.TROUBLE as e:
             log.warning("fleet: answer to %s not delivered: %s", request.get("cmd") if isinstance(request, dict)
                         else "?", e)
 

@@ -24,7 +24,7 @@ atomic on the server: a Lua script, or a compare-and-set script after a read.
 request fails or takes REDIS_TIMEOUT), every operation goes to the local store at once, no client
 is refused for it, and one warning is logged per change of state; a probe brings Redis back.
 Keys start with ``StateRedisPrefix`` so several fleets (or other programs) share one Redis.
-A single Redis server (or a Sentinel-managed primary) is assumed, not Redis Cluster: the scripts
+A single Redis server is assumed (not Redis Cluster, no Sentinel discovery): the scripts
 touch keys of several addresses.
 """
 from __future__ import annotations
@@ -51,6 +51,9 @@ POOL_SIZE = 16               # connections per process; a request waits at most 
 LEASE = 30.0                 # seconds a process's ConnLimits slots outlive its last renewal
 PROBE_EVERY = 2.0            # seconds between tries to reach Redis while it is down
 CONN_KEY_TTL = 86400 * 1000  # ms a connection-count hash outlives its last acquire (memory, not counts)
+# What a request to Redis may raise: the library's errors, and what a connection closed under a
+# request raises from inside it.  Any of them: Redis counts as down, nobody is refused for it.
+TROUBLE = (redis.RedisError, OSError, AttributeError, ValueError, TypeError, IndexError)
 CANCEL_TTL = 3600 * 1000     # ms a tombstone of an admission that timed out is kept
 PREFETCH_FRESH = 1.0         # seconds a sentence read with a connection's admission answers its login
 PREFETCHED_MAX = 4096        # such sentences kept at most (those of connections that never log in go)
@@ -204,7 +207,7 @@ class RedisState:
             ok, badness, last = self._acquire(
                 keys=[self.key("conn", service, ip), self.key("bg", service, ip), self.key("cancel", slot)],
                 args=[slot, limit, self.key("alive", ""), CONN_KEY_TTL, self.owner])
-        except redis.RedisError:
+        except TROUBLE:
             self.uncertain.append((service, ip, slot))
             raise
         return bool(ok), _penalty(badness, last), slot
@@ -366,7 +369,7 @@ class SharedState:
             if self.up:
                 try:
                     self.remote.renew()
-                except redis.RedisError as e:
+                except TROUBLE as e:
                     self._down(e)
             gevent.sleep(self.remote.lease / 3)
 
@@ -377,20 +380,23 @@ class SharedState:
         log.warning("shared state: Redis at %s does not answer (%s: %s): this process keeps ConnLimits, BadGuys "
                     "and POP-before-SMTP records to itself until it does", redacted(self.remote.url),
                     type(e).__name__, e)
-        self.remote.redis.connection_pool.disconnect()      # none of them is trusted again
         if self._probe is None or self._probe.dead:
             self._probe = gevent.spawn(self._probe_until_up)
 
     def _probe_until_up(self) -> None:
+        fresh = False
         while not self.up:
             gevent.sleep(PROBE_EVERY)
+            if not fresh:       # requests in flight at the loss have timed out by now: no pooled
+                self.remote.redis.connection_pool.disconnect()     # connection is trusted again
+                fresh = True
             try:
                 self.remote.renew()
                 self.remote.cancel()
                 while self._unreleased:
                     self.remote.release_slot(*self._unreleased[-1])
                     self._unreleased.pop()
-            except redis.RedisError:
+            except TROUBLE:
                 continue
             self.up = True
             log.warning("shared state: Redis at %s answers again: the state is shared with the fleet",
@@ -415,7 +421,7 @@ class SharedState:
                     stats.redis_request("writes")
                     pipe.execute(raise_on_error=False)
                     continue
-                except redis.RedisError as e:
+                except TROUBLE as e:
                     self._down(e)
             for name, args in batch:                   # Redis does not answer: kept for later, or here
                 if name == "release_slot":
@@ -427,7 +433,7 @@ class SharedState:
         if self.up:
             try:
                 return getattr(self.remote, name)(*args)
-            except redis.RedisError as e:
+            except TROUBLE as e:
                 self._down(e)
         return getattr(self.local, name)(*args)
 
@@ -440,7 +446,7 @@ class SharedState:
             try:
                 ok, sentence, slot = self.remote.admit(service, ip, limit)
                 self._remember(service, ip, sentence)
-            except redis.RedisError as e:
+            except TROUBLE as e:
                 self._down(e)
                 slot = None
         if slot is None:

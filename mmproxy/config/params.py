@@ -93,12 +93,13 @@ _group(
 _group(
     "Several proxies (a fleet)",
     ("InstanceName", t.Name(), None, "A",
-     "mmproxy extension: this proxy's name among several (status, who, metrics, log lines of the fleet); "
-     "unset: the host name", dict(_SUP, reload=False)),
+     "mmproxy extension: this proxy's name among several (status, who, metrics, log lines of the fleet): "
+     "1 to 64 letters, digits, '.', '-' or '_'; unset: the host name", dict(_SUP, reload=False)),
     ("StateRedisURL", t.RedisURL(), None, "A",
      "mmproxy extension: the Redis every proxy of a fleet shares ConnLimits counts, BadGuys sentences and "
      "POP-before-SMTP records through, and which carries flush, kick and --all requests to them all: "
-     "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS; unset: the state stays in this box. "
+     "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS, unix:///PATH (percent-encode # / ? @ : % "
+     "in the password; no ?options); unset: the state stays in this box. "
      "While it does not answer, each process keeps its own state (one warning per change)",
      dict(_SUP, reload=False)),
     ("StateRedisPrefix", t.Str(), "mmproxy:", "A",
