@@ -254,9 +254,18 @@ def test_pop_xclient_and_smtp_xclient_name_the_client(proxy, mail_stack, relay):
     assert r.readline().startswith(b"+OK"), "PASS refused"
     until(lambda: len(store_log_lines(mail_stack, "rip=192.0.2.40")) > before)
     assert "pop3-login" in store_log_lines(mail_stack, "rip=192.0.2.40")[-1]
+    received = received_for(proxy, relay, header(("192.0.2.41", 7), proxy.smtp_port))
+    assert "[192.0.2.41]" in received and "127.0.0.1" not in received, received
+    # a client of an IPv6 listener: XCLIENT DESTADDR=IPV6:... (the breaker's F4)
+    received = received_for(proxy, relay, v2(family=0x21, src="2001:db8::21", dst="::1", ports=(8, 25)))
+    assert "2001:db8::21" in received, received
+
+
+def received_for(proxy, relay, first):
+    """One message through the SMTP listener after the header ``first``: the relay's Received line."""
     subj = subject()
     s = RawClient(proxy.host, proxy.smtp_port, source=BALANCER)
-    s.send(header(("192.0.2.41", 7), proxy.smtp_port))
+    s.send(first)
     s.expect(b"220 ")
     for line, code in ((b"EHLO client.example.net", b"250 "), (b"MAIL FROM:<someone@example.net>", b"250 "),
                        (b"RCPT TO:<bob@example.com>", b"250 "), (b"DATA", b"354 ")):
@@ -264,17 +273,4 @@ def test_pop_xclient_and_smtp_xclient_name_the_client(proxy, mail_stack, relay):
         s.skip_to(code)
     s.send(message(subj).encode() + b"\r\n.\r\nQUIT\r\n")
     s.skip_to(b"250 ")
-    received = delivered(relay, subj).get_all("Received")[-1]
-    assert "[192.0.2.41]" in received and "127.0.0.1" not in received, received
-    subj = subject()                 # a client of an IPv6 listener: DESTADDR=IPV6:... (the breaker's F4)
-    s = RawClient(proxy.host, proxy.smtp_port, source=BALANCER)
-    s.send(v2(family=0x21, src="2001:db8::21", dst="::1", ports=(8, 25)))
-    s.expect(b"220 ")
-    for line, code in ((b"EHLO client.example.net", b"250 "), (b"MAIL FROM:<someone@example.net>", b"250 "),
-                       (b"RCPT TO:<bob@example.com>", b"250 "), (b"DATA", b"354 ")):
-        s.send(line + b"\r\n")
-        s.skip_to(code)
-    s.send(message(subj).encode() + b"\r\n.\r\nQUIT\r\n")
-    s.skip_to(b"250 ")
-    received = delivered(relay, subj).get_all("Received")[-1]
-    assert "2001:db8::21" in received, received
+    return delivered(relay, subj).get_all("Received")[-1]
