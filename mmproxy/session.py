@@ -126,6 +126,36 @@ class Request:
 _UNREAD = object()           # Session.sentence before a BadGuys sentence is read
 
 
+def linger_close(sock: socket.socket, seconds: float = LINGER) -> int:
+    """Close a client connection behind the last reply: a FIN right after it and, when the client
+    has sent more than was read (pipelined commands, the rest of an over-long line, junk before a
+    refusal), up to ``seconds`` of reading that away first, so that the close is not a reset that
+    could cost the client our last reply (a lingering close, as Apache's).  Returns the octets
+    read away."""
+    n = 0
+    try:
+        if not isinstance(sock, ssl.SSLSocket):
+            sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        sock.settimeout(0.0)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            n += len(data)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+    except (OSError, ValueError, gevent.GreenletExit):
+        pass                             # nothing more to read now, the client is gone, or we stop
+    try:
+        sock.close()
+    except OSError:
+        pass
+    return n
+
+
 class Service:
     """One ServiceList entry at run time: its settings, TLS context, connection limits and sessions."""
 
@@ -203,10 +233,11 @@ class Service:
             if not implicit_tls:
                 sock.settimeout(5)
                 sock.sendall(reply.encode() + b"\r\n")
+                linger_close(sock)
+                return
         except (OSError, ssl.SSLError, socket.timeout, tls.HandshakeTimeout):
             pass
-        finally:
-            sock.close()
+        sock.close()
 
     def read_origin(self, sock: socket.socket, addr: Tuple[str, int], implicit_tls: bool) -> Optional[Origin]:
         """The PROXY header of a connection to a ProxyProtocolPorts listener (proxyproto.py), read
@@ -469,28 +500,14 @@ class Session:
         client has sent more than was read (pipelined commands, the rest of an over-long line or a
         refused message), up to LINGER seconds of reading that away first, so that the close is not
         a reset that could cost the client our last reply (a lingering close, as Apache's)."""
-        try:
-            if not self.reader.eof:
-                if not isinstance(self.sock, ssl.SSLSocket):
-                    self.sock.shutdown(socket.SHUT_WR)
-                self.reader.take_pending()
-                deadline = time.monotonic() + LINGER
-                self.sock.settimeout(0.0)
-                while True:
-                    data = self.sock.recv(65536)
-                    if not data:
-                        break
-                    self.reader.received += len(data)
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.sock.settimeout(left)
-        except (OSError, ValueError, gevent.GreenletExit):
-            pass                             # nothing more to read now, the client is gone, or we stop
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        if self.reader.eof:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            return
+        self.reader.take_pending()
+        self.reader.received += linger_close(self.sock)
 
     def lookup(self, name: str) -> Verb:
         """The table row of a verb allowed now; UnknownCommand or NotNow (the state's refusal, else

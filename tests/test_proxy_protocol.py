@@ -274,3 +274,23 @@ def received_for(proxy, relay, first):
     s.send(message(subj).encode() + b"\r\n.\r\nQUIT\r\n")
     s.skip_to(b"250 ")
     return delivered(relay, subj).get_all("Received")[-1]
+
+
+@pytest.mark.timeout(60)
+def test_a_refusal_survives_what_the_client_sent_before_reading_it(proxy):
+    """A client that sent more than a header (pipelined commands, junk) before reading: the
+    refusal is followed by a FIN and what it sent is read away, never a reset that would destroy
+    the refusal in its receive buffer (the breaker's RST finding)."""
+    for source, first in ((STRANGER, header(("192.0.2.70", 1), proxy.imap_port)),
+                          (BALANCER, b"a LOGIN erin x\r\n")):
+        r = RawClient(proxy.host, proxy.imap_port, source=source)
+        r.send(first + b"b NOOP " + b"x" * 60000 + b"\r\n")
+        time.sleep(0.5)                          # the refusal and the close happen before we read
+        r.sock.settimeout(5)
+        got = b""
+        while True:
+            chunk = r.sock.recv(65536)           # a reset raises here
+            if not chunk:
+                break
+            got += chunk
+        assert got == b"* BYE Access denied\r\n"
