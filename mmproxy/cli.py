@@ -294,7 +294,8 @@ class RedisUnreachable(click.ClickException):
     """The fleet's Redis does not answer (as opposed to processes answering with an error)."""
 
 
-def _ask_fleet(config_dir: str, request: dict) -> Tuple[list, bool]:
+def _ask_fleet(config_dir: str, request: dict, settings: Optional[Tuple[str, str, Optional[str]]] = None,
+               ) -> Tuple[list, bool]:
     """``request`` to every serving process of the fleet through Redis: ([(INSTANCE/PROCESS,
     answer)], whether every process holding a lease answered).  RedisUnreachable when Redis does
     not answer; ClickException when StateRedisURL is unset or no process answers well."""
@@ -302,7 +303,7 @@ def _ask_fleet(config_dir: str, request: dict) -> Tuple[list, bool]:
 
     from mmproxy import fleet
     from mmproxy.redisstate import redacted
-    settings = _fleet_settings(config_dir)
+    settings = settings or _fleet_settings(config_dir)
     if settings is None:
         raise click.ClickException("--all needs a valid StateRedisURL in %s (mmproxy check-config says what is "
                                    "wrong with it)" % os.path.join(config_dir, "AService.cfg"))
@@ -330,9 +331,10 @@ def _ask_everywhere(config_dir: str, request: dict, local: bool) -> Tuple[list, 
     """``request`` to the whole fleet when StateRedisURL is set (unless ``local``), else to this box:
     (answers, whether everybody meant answered).  When Redis does not answer: this box only, said
     on stderr, and not everybody."""
-    if not local and _fleet_settings(config_dir) is not None:
+    settings = None if local else _fleet_settings(config_dir)
+    if settings is not None:
         try:
-            return _ask_fleet(config_dir, request)
+            return _ask_fleet(config_dir, request, settings)
         except RedisUnreachable as e:
             click.echo("%s; asking this box only: the other proxies are not reached" % e.format_message(),
                        err=True)

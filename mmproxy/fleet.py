@@ -82,11 +82,12 @@ class Subscriber:
                     if time.monotonic() - heard > 3 * HEALTH_EVERY:
                         raise redis.ConnectionError("no answer to PING for %gs" % (3 * HEALTH_EVERY))
                     sub.ping()
-            except redisstate.TROUBLE as e:
+            except Exception as e:              # whatever the client library raises: subscribe again
                 self.subscribed.clear()
                 if not down:
-                    log.warning("fleet: Redis at %s does not answer (%s): flush, kick and --all requests do not "
-                                "reach this process until it does", redisstate.redacted(self.url), e)
+                    log.warning("fleet: Redis at %s does not answer (%s: %s): flush, kick and --all requests do "
+                                "not reach this process until it does", redisstate.redacted(self.url),
+                                type(e).__name__, e)
                     down = True
             finally:
                 r.connection_pool.disconnect()

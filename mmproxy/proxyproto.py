@@ -18,7 +18,7 @@ import re
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import gevent
 
@@ -171,41 +171,40 @@ def parse_v2(header: bytes, peer: Tuple[str, int], local: Tuple[str, int]) -> Or
     command = ver_cmd & 0x0F
     if command not in (0, 1):
         raise HeaderError("PROXY v2 header with command %d" % command)
+    if command == 0 or family == 0x00:           # LOCAL (a health check), UNSPEC: the connection's own
+        return Origin(peer, local, balancer=peer[0])     # addresses; the block is discarded (2.2)
     body = header[16:]
     if family == 0x11:                           # TCP over IPv4
         size = 12
     elif family == 0x21:                         # TCP over IPv6
         size = 36
-    elif command == 0 or family == 0x00:         # LOCAL, or UNSPEC: the connection's own addresses
-        return Origin(peer, local, balancer=peer[0])
     else:
         raise HeaderError("PROXY v2 header for address family/protocol 0x%02x (only TCP is proxied)" % family)
     if len(body) < size:
         raise HeaderError("PROXY v2 header too short for its addresses")
     tls, version = _tls(body[size:])
-    if command == 0:                             # LOCAL: a health check; its addresses mean nothing
-        return Origin(peer, local, balancer=peer[0])
     half = (size - 4) // 2
     src, dst = ipaddress.ip_address(body[:half]), ipaddress.ip_address(body[half:2 * half])
     sport, dport = struct.unpack("!HH", body[2 * half:size])
     return Origin((_text(src), sport), (_text(dst), dport), tls, version, peer[0])
 
 
-def _tls(tlvs: bytes) -> Tuple[bool, str]:
+def _tls(area: bytes) -> Tuple[bool, str]:
     """(the balancer took the client's TLS, its version) from the TLVs after the addresses."""
     tls, version = False, ""
-    for kind, value in _tlvs(tlvs):
+    for kind, value in tlvs(area):
         if kind == PP2_TYPE_SSL:
             if len(value) < 5:
                 raise HeaderError("PROXY v2 SSL TLV too short")
             tls = bool(value[0] & PP2_CLIENT_SSL)
-            for sub, sub_value in _tlvs(value[5:]):
+            for sub, sub_value in tlvs(value[5:]):
                 if sub == PP2_SUBTYPE_SSL_VERSION:
                     version = sub_value.decode("ascii", "replace")[:32]
     return tls, version
 
 
-def _tlvs(data: bytes) -> Sequence[Tuple[int, bytes]]:
+def tlvs(data: bytes) -> Sequence[Tuple[int, bytes]]:
+    """The (type, value) pairs of a v2 header's TLV area (section 2.2.7); HeaderError when cut short."""
     out, i = [], 0
     while i < len(data):
         if len(data) - i < 3:
@@ -216,10 +215,3 @@ def _tlvs(data: bytes) -> Sequence[Tuple[int, bytes]]:
         out.append((kind, data[i + 3:i + 3 + length]))
         i += 3 + length
     return out
-
-
-def describe(origin: Optional[Origin]) -> str:
-    """How a log line names the balancer of a session (empty for a direct one)."""
-    if origin is None:
-        return ""
-    return "via %s%s" % (origin.balancer, " (TLS %s)" % origin.tls_version if origin.tls else "")

@@ -178,10 +178,6 @@ class RedisState:
             pass                                  # they expire within LEASE anyway
         self.close()
 
-    def ping(self) -> None:
-        """One round trip (redis.RedisError when Redis does not answer)."""
-        self.redis.ping()
-
     def renew(self) -> None:
         """This process's slots count for another ``lease`` seconds."""
         stats.redis_request("renew")

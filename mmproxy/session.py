@@ -496,10 +496,8 @@ class Session:
             gevent.idle()
 
     def close(self) -> None:
-        """Close the client connection behind the last reply: a FIN right after it and, when the
-        client has sent more than was read (pipelined commands, the rest of an over-long line or a
-        refused message), up to LINGER seconds of reading that away first, so that the close is not
-        a reset that could cost the client our last reply (a lingering close, as Apache's)."""
+        """Close the client connection behind the last reply (:func:`linger_close` unless the
+        client has closed already); what is read away counts as received."""
         if self.reader.eof:
             try:
                 self.sock.close()

@@ -214,6 +214,19 @@ def pop_login(p, user, password, source="127.0.0.1"):
     return c
 
 
+def ticker(every=0.02):
+    """A greenlet that notes the time every ``every`` seconds while the hub runs (a stalled hub
+    shows as a gap): ([monotonic times], the greenlet, to kill)."""
+    import gevent
+    ticks = []
+
+    def tick():
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(every)
+    return ticks, gevent.spawn(tick)
+
+
 def until(predicate, timeout=10):
     deadline = time.monotonic() + timeout
     while not predicate():

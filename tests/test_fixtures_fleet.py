@@ -14,18 +14,19 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from mmproxy import proxyproto
+from mmproxy.proxyproto import PP2_TYPE_SSL
 from mmproxy.testing.base import DaemonError
 from mmproxy.testing.certs import TestCA
 from mmproxy.testing.delayproxy import _original
 from mmproxy.testing.haproxy import Frontend, HAProxy, write_pem
 from mmproxy.testing.redis import RedisServer
+from mmproxy.xclient import PROXY_V2_SIGNATURE as PP2_SIGNATURE
 
 from helpers import until
 
 _start_thread = _original("_thread", "start_new_thread")
 _allocate_lock = _original("_thread", "allocate_lock")
-PP2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-PP2_TYPE_SSL = 0x20
 NO_RETRY = Retry(NoBackoff(), 0)       # redis-py retries timeouts 3 times by default
 
 
@@ -210,17 +211,13 @@ def recorder():
 
 
 def parse_v2(data):
-    """(src, dst, sport, dport, {tlv type: value}, rest) of a PROXY v2 PROXY/TCP4 header."""
+    """(src, dst, sport, dport, {tlv type: value}, rest) of a PROXY v2 PROXY/TCP4 header, read by
+    mmproxy's own parser (proxyproto.py)."""
     assert data[:12] == PP2_SIGNATURE, data[:40]
-    ver_cmd, fam, length = struct.unpack("!BBH", data[12:16])
-    assert (ver_cmd, fam) == (0x21, 0x11), data[:40]         # v2 PROXY, TCP over IPv4
-    src, dst, sport, dport = struct.unpack("!4s4sHH", data[16:28])
-    tlvs, i, end = {}, 28, 16 + length
-    while i < end:
-        typ, tlen = struct.unpack("!BH", data[i:i + 3])
-        tlvs[typ] = data[i + 3:i + 3 + tlen]
-        i += 3 + tlen
-    return socket.inet_ntoa(src), socket.inet_ntoa(dst), sport, dport, tlvs, data[end:]
+    assert data[12:14] == b"\x21\x11", data[:40]              # v2 PROXY, TCP over IPv4
+    end = 16 + struct.unpack("!H", data[14:16])[0]
+    o = proxyproto.parse_v2(data[:end], ("0.0.0.0", 0), ("0.0.0.0", 0))
+    return o.client[0], o.server[0], o.client[1], o.server[1], dict(proxyproto.tlvs(data[28:end])), data[end:]
 
 
 PAYLOAD = b"a1 LOGIN alice secret\r\n" + bytes(range(256))

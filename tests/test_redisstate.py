@@ -18,6 +18,8 @@ from mmproxy.state import MemoryState
 from mmproxy.testing.certs import TestCA
 from mmproxy.testing.redis import RedisServer
 
+from helpers import ticker
+
 _prefixes = itertools.count()
 
 
@@ -122,13 +124,7 @@ def test_fallback_while_redis_is_hung_or_gone(tmp_path, prefix, caplog, monkeypa
         gevent.sleep(0.05)
         assert shared.acquire("imap", "192.0.2.7", 1)                       # held in Redis
         assert r.cli("HGETALL", prefix + "conn:imap:192.0.2.7")
-        ticks = []
-
-        def tick():
-            while True:
-                ticks.append(time.monotonic())
-                gevent.sleep(0.02)
-        ticker = gevent.spawn(tick)
+        ticks, ticking = ticker()
         try:
             r.pause()
             t = time.monotonic()
@@ -152,7 +148,7 @@ def test_fallback_while_redis_is_hung_or_gone(tmp_path, prefix, caplog, monkeypa
                 gevent.sleep(0.05)
             assert shared.up
         finally:
-            ticker.kill()
+            ticking.kill()
         lines = [m.getMessage() for m in caplog.records if m.name == "mmproxy.state"]
         assert len(lines) == 2, lines
         assert "does not answer" in lines[0] and "answers again" in lines[1]
@@ -246,7 +242,7 @@ class Answers:
 
 
 @pytest.mark.timeout(60)
-def test_a_subscription_lost_without_a_word_comes_back(tmp_path, prefix, monkeypatch):
+def test_a_subscription_lost_without_a_word_comes_back(tmp_path, prefix, monkeypatch, caplog):
     """The fleet's requests reach a process again after its connection to Redis was lost silently
     (the breaker's F3): quiet subscriptions are PINGed and one that stays unanswered is remade."""
     from mmproxy import fleet
@@ -265,7 +261,8 @@ def test_a_subscription_lost_without_a_word_comes_back(tmp_path, prefix, monkeyp
             assert fleet.ask(r.url, prefix, None, {"cmd": "status"}, wait=0.5)[:2] == ([], 0)
             deadline = time.monotonic() + 10
             while fleet.ask(r.url, prefix, None, {"cmd": "who"}, wait=0.5)[1] != 1:
-                assert time.monotonic() < deadline, "the subscription never came back"
+                assert time.monotonic() < deadline, "the subscription never came back: %s" % [
+                    m.getMessage() for m in caplog.records if m.name == "mmproxy.fleet"]
                 gevent.sleep(0.2)
         finally:
             sub.close()

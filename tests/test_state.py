@@ -16,6 +16,8 @@ from mmproxy.redisstate import RedisState
 from mmproxy.state import LocalState, MemoryState, Penalty
 from mmproxy.testing.redis import RedisServer
 
+from helpers import ticker
+
 fork = monkey.get_original("os", "fork")
 real_sleep = monkey.get_original("time", "sleep")
 
@@ -270,7 +272,6 @@ def test_concurrent_failures_all_count(store):
 def test_a_busy_store_never_blocks_the_hub(store):
     """Another process holds the write lock for 0.6 s: an update waits for it from the hub (the
     retries sleep in gevent), and other greenlets keep running meanwhile."""
-    import gevent
     r, w = os.pipe()
     pid = fork()
     if pid == 0:
@@ -281,18 +282,12 @@ def test_a_busy_store_never_blocks_the_hub(store):
         db.rollback()
         os._exit(0)
     os.read(r, 1)
-    ticks = []
-
-    def tick():
-        while True:
-            ticks.append(time.monotonic())
-            gevent.sleep(0.02)
-    ticker = gevent.spawn(tick)
+    ticks, ticking = ticker()
     t = time.monotonic()
     try:
         assert store.acquire("imap", "127.0.0.8", 3)
     finally:
-        ticker.kill()
+        ticking.kill()
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
