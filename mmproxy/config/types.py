@@ -502,7 +502,7 @@ class RedisURL(Type):
     """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://...`` (TLS) or ``unix:///PATH``;
     errors never repeat the password."""
 
-    name = "redis[s]://[:PASSWORD@]HOST[:PORT][/DB]"
+    name = "redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH"
 
     def convert(self, raw: str, ctx: Optional[Ctx] = None) -> str:
         text = raw.strip()
