@@ -226,9 +226,9 @@ def test_tls_taken_by_the_balancer_counts_as_tls(proxy, mail_stack):
     """RestrictPlainPasswords: a v2 header with the SSL TLV lets LOGIN through and offers no
     STARTTLS; the same client without the TLV is refused a plaintext LOGIN."""
     erin = mail_stack.user("erin")
-    for tls in (True, False):
+    for tls, client in ((True, "192.0.2.30"), (False, "192.0.2.31")):   # two addresses: ConnLimits 1 each
         r = RawClient(proxy.host, proxy.imap_port, source=BALANCER)
-        r.send(header(("192.0.2.30", 5), proxy.imap_port, version=2, tls=tls))
+        r.send(header((client, 5), proxy.imap_port, version=2, tls=tls))
         greeting = r.expect(b"* OK")
         r.send(b'a LOGIN erin "%s"\r\n' % erin["password"].encode())
         answer = r.skip_to(b"a ")
